@@ -1,0 +1,211 @@
+"""The ``cae`` command: thin; parses settings and calls one function per subcommand.
+
+Errors the user can fix (:class:`cae.errors.CAEError`) print one line and exit with status 2;
+``--debug`` shows the stack trace instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cae import __version__
+from cae.errors import CAEError
+
+if TYPE_CHECKING:
+    from cae.config import Settings
+
+log = logging.getLogger("cae")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one setting (dotted name) of :class:`cae.config.Settings`."""
+
+    flag: str
+    setting: str
+    type: Callable[[str], Any] | None
+    help: str
+    action: str | None = None
+
+
+_DATA_FLAGS = [
+    Flag("--data", "data.path", Path, "folder of chunks or an .h5ad file (default data/demo)"),
+    Flag("--fields", "data.fields", str, "comma-separated metadata fields, e.g. cell_type,sex"),
+    Flag("--expression-glob", "data.expression_glob", str, "pattern of expression chunks"),
+    Flag("--metadata-glob", "data.metadata_glob", str, "pattern of metadata chunks"),
+    Flag("--null-values", "data.null_values", str, "comma-separated spellings of a missing value"),
+]
+
+_TRAIN_FLAGS = [
+    *_DATA_FLAGS,
+    Flag("--transform", "data.transform", str, "log1p_cp10k (raw counts) or none (normalised)"),
+    Flag("--val-fraction", "data.val_fraction", float, "fraction of each chunk held out"),
+    Flag("--val-chunks", "data.val_chunks", str, "comma-separated chunk ids held out whole"),
+    Flag("--num-workers", "data.num_workers", int, "background chunk-loading processes"),
+    Flag("--epochs", "train.epochs", int, "total epochs"),
+    Flag("--batch-size", "train.batch_size", int, "cells per mini-batch"),
+    Flag("--lr", "train.lr", float, "learning rate of the autoencoder"),
+    Flag("--seed", "train.seed", int, "random seed"),
+    Flag("--device", "train.device", str, "auto, cpu, cuda or cuda:N"),
+    Flag("--latent-dim", "model.latent_dim", int, "latent size of every head"),
+    Flag("--logit-scale", "model.logit_scale", float, "scale of the field heads' output"),
+    Flag("--out", "output.dir", Path, "output folder (default runs/<time>-<fields>)"),
+    Flag("--resume", "output.resume", None, "continue the training in --out", "store_true"),
+    Flag("--overwrite", "output.overwrite", None, "replace a training in --out", "store_true"),
+    Flag("--no-progress", "train.progress", None, "hide progress bars", "store_false"),
+]
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file of settings (see experiments/)")
+    for flag in flags:
+        if flag.action:
+            parser.add_argument(
+                flag.flag, dest=flag.setting, action=flag.action, default=None, help=flag.help
+            )
+        else:
+            parser.add_argument(
+                flag.flag, dest=flag.setting, type=flag.type, help=flag.help, metavar="X"
+            )
+
+
+def _overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str, Any]:
+    values = vars(args)
+    return {f.setting: values[f.setting] for f in flags if values.get(f.setting) is not None}
+
+
+def _settings(args: argparse.Namespace, flags: Sequence[Flag]) -> Settings:
+    from cae.config import load_settings
+
+    return load_settings(args.config, _overrides(args, flags))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    """Write synthetic chunks with known per-field effects and truth.json."""
+    from cae.data.synth import SynthConfig, generate
+
+    config = SynthConfig(
+        n_cells=args.cells, n_genes=args.genes, n_chunks=args.chunks, seed=args.seed
+    )
+    out = generate(args.out, config, h5ad=args.h5ad, overwrite=args.overwrite, progress=True)
+    print(f"wrote {args.cells:,} cells x {args.genes:,} genes in {args.chunks} chunks to {out}")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    """Build vocabularies and field specs for the requested fields and save them as JSON."""
+    from cae.data.store import DataStore
+    from cae.data.vocabulary import build_field_specs, save_preprocessed
+
+    settings = _settings(args, _DATA_FLAGS)
+    store = DataStore.open(settings.data)
+    specs = build_field_specs(
+        store.iter_metadata(settings.data.fields), settings.data.fields, settings.data.null_values
+    )
+    data_path = Path(settings.data.path)
+    out = args.out or (data_path if data_path.is_dir() else data_path.parent) / "preprocessed"
+    vocab_path, specs_path = save_preprocessed(out, specs)
+    for spec in specs.values():
+        status = "used" if spec.using else f"skipped: {spec.reason}"
+        print(
+            f"{spec.field:<24} {spec.cardinality:>6,} values  "
+            f"{spec.non_null_fraction:6.1%} known  {status}"
+        )
+    print(f"wrote {vocab_path} and {specs_path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a CAE and print where its checkpoint and contributions are."""
+    from cae.train.trainer import train
+
+    settings = _settings(args, _TRAIN_FLAGS)
+    result = train(settings)
+    final = result.final
+    print(f"trained {result.epochs} epochs; checkpoint {result.checkpoint}")
+    heads = ["base", *result.vocabularies.fields]
+    for head in heads:
+        print(
+            f"  {head:<24} contrib_l2 {final[f'contrib_l2/{head}']:9.4f}  "
+            f"share {final[f'contrib_share/{head}']:6.1%}"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cae`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="cae",
+        description="Context-conditioned cycle autoencoders for single-cell expression: "
+        "per-field additive contributions and counterfactuals.",
+        epilog="Settings come from flags, then CAE_* environment variables (CAE_TRAIN__EPOCHS=5), "
+        "then --config FILE.toml, then defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"cae {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show stack traces on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = commands.add_parser(
+        "synth",
+        help="write synthetic demo data with known truth",
+        description="Write synthetic count chunks whose per-field effects are known "
+        "(cell_type large, assay medium, sex small) and truth.json.",
+    )
+    synth.add_argument("--out", type=Path, required=True, help="folder to create")
+    synth.add_argument("--cells", type=int, default=6000, help="cells (default 6000)")
+    synth.add_argument("--genes", type=int, default=200, help="genes (default 200)")
+    synth.add_argument("--chunks", type=int, default=6, help="chunks (default 6)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--h5ad", action="store_true", help="also write synth.h5ad")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    synth.set_defaults(func=cmd_synth)
+
+    preprocess = commands.add_parser(
+        "preprocess",
+        help="build metadata vocabularies and field specs",
+        description="Read the metadata of every chunk and write vocabularies.json and "
+        "field_specs.json for the requested fields.",
+    )
+    _add_flags(preprocess, _DATA_FLAGS)
+    preprocess.add_argument("--out", type=Path, help="output folder (default <data>/preprocessed)")
+    preprocess.set_defaults(func=cmd_preprocess)
+
+    train = commands.add_parser(
+        "train",
+        help="train a CAE",
+        description="Train a context-conditioned cycle autoencoder; writes checkpoints, "
+        "settings, vocabularies, per-epoch metrics and a per-context contribution table.",
+    )
+    _add_flags(train, _TRAIN_FLAGS)
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cae`` command; returns the exit status (2 for errors the user can fix)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except CAEError as err:
+        if args.debug:
+            raise
+        print(f"cae {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Settings: one object that travels through data loading, the model, training and output.
+
+Sources, highest precedence first: command-line flags (passed as keyword overrides), environment
+variables with the ``CAE_`` prefix (nested with ``__``: ``CAE_TRAIN__EPOCHS=5``,
+``CAE_DATA__FIELDS=assay,sex``), a TOML file (``--config experiments/demo.toml``), then the defaults
+below. This replaces the seed's "copy template_main.py and edit EDIT_ME" step.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from cae.data.vocabulary import DEFAULT_NULL_VALUES
+from cae.errors import ConfigError
+
+Transform = Literal["log1p_cp10k", "none"]
+ValidationMode = Literal["full", "headers"]
+
+
+def _split_commas(value: Any) -> Any:
+    """Let list settings be written ``a,b,c`` on the command line and in environment variables."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the cells are and how to read them."""
+
+    path: Path = Field(
+        Path("data/demo"),
+        description="A folder of chunks (*_counts_N.npz + *_metadata_N.pkl|.parquet) "
+        "or an .h5ad file.",
+    )
+    expression_glob: str = Field("*_counts_*.npz", description="Pattern of expression chunks.")
+    metadata_glob: str = Field(
+        "*_metadata_*", description="Pattern of metadata chunks (.pkl or .parquet)."
+    )
+    fields: CommaList = Field(
+        ["cell_type", "assay", "sex"], description="Metadata fields that condition the model."
+    )
+    null_values: CommaList = Field(
+        list(DEFAULT_NULL_VALUES),
+        description="Spellings of a missing value (case-insensitive); they map to <unk>.",
+    )
+    transform: Transform = Field(
+        "log1p_cp10k",
+        description="log1p_cp10k: raw counts in, normalised to 10,000 per cell then log1p; "
+        "none: values are used as stored (already normalised, like Census chunks).",
+    )
+    h5ad_layer: str | None = Field(None, description="Layer of an .h5ad to read instead of .X.")
+    h5ad_chunk_size: int = Field(20_000, ge=1, description="Rows per chunk when reading .h5ad.")
+    val_chunks: CommaList = Field(
+        [], description="Chunk ids held out for validation (all their cells)."
+    )
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Fraction of each training chunk's cells held out."
+    )
+    validate_values: ValidationMode = Field(
+        "full",
+        description="full: read every chunk before training to check values; headers: shapes only.",
+    )
+    num_workers: int = Field(1, ge=0, description="Background processes prefetching chunks.")
+    prefetch_factor: int = Field(2, ge=1, description="Chunks each worker keeps ready.")
+
+    _split = field_validator("fields", "null_values", "val_chunks", mode="before")(_split_commas)
+
+    @field_validator("fields")
+    @classmethod
+    def _fields_unique(cls, fields: list[str]) -> list[str]:
+        if not fields:
+            raise ValueError("name at least one metadata field, e.g. fields=cell_type,sex")
+        repeated = sorted({f for f in fields if fields.count(f) > 1})
+        if repeated:
+            raise ValueError(f"field(s) listed twice: {', '.join(repeated)}")
+        return fields
+
+
+class ModelConfig(_Section):
+    """Shape of the cycle autoencoder and its context classifier."""
+
+    latent_dim: int = Field(64, ge=1, description="Latent size L of every head.")
+    logit_scale: float = Field(
+        0.0159, gt=0.0, description="Scale s of every field head's output (the seed's 0.0159)."
+    )
+    context_offsets: bool = Field(
+        True,
+        description="Per-context gene-space offsets in every field head "
+        "(False = the seed's design).",
+    )
+    classifier_hidden: int = Field(128, ge=1, description="Hidden width of the context classifier.")
+
+
+class LossWeights(_Section):
+    """Weights of the generator's loss terms and of the classifier's own loss."""
+
+    reconstruction: float = Field(1.0, ge=0.0, description="Cycle-2 output vs the input cell.")
+    integration: float = Field(1.0, ge=0.0, description="Hidden states of cycle 1 vs cycle 2.")
+    target: float = Field(1.0, ge=0.0, description="Frozen classifier on cycle 1 vs the targets.")
+    self_reconstruction: float = Field(
+        1.0,
+        ge=0.0,
+        description="Direct source-to-source reconstruction (0 = the seed's design exactly).",
+    )
+    parsimony: float = Field(
+        0.0,
+        ge=0.0,
+        description="Penalty on the field heads' squared output (0 = the seed's design exactly).",
+    )
+    classifier: float = Field(1.0, ge=0.0, description="Classifier's supervised loss.")
+
+
+class TrainConfig(_Section):
+    """Optimisation and the training loop."""
+
+    epochs: int = Field(10, ge=1, description="Total epochs (a resumed run continues up to this).")
+    batch_size: int = Field(128, ge=1, description="Cells per mini-batch.")
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
+    classifier_lr: float = Field(1e-3, gt=0.0, description="Learning rate of the classifier.")
+    weights: LossWeights = LossWeights()
+    seed: int = Field(0, description="Seed of initialisation, shuffling and target sampling.")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's).")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class OutputConfig(_Section):
+    """Where a training writes its checkpoints, settings and metrics."""
+
+    dir: Path | None = Field(None, description="Output folder (default runs/<time>-<fields>).")
+    resume: bool = Field(False, description="Continue from dir/checkpoints/last.pt.")
+    overwrite: bool = Field(False, description="Replace a folder that already holds a training.")
+
+
+_TOML_FILE: ContextVar[Path | None] = ContextVar("cae_toml_file", default=None)
+
+
+class Settings(BaseSettings):
+    """Every knob of a training, grouped by layer. Build one with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CAE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _TOML_FILE.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def flat(self) -> dict[str, str]:
+        """Return every setting as ``{"section.name": "value"}`` strings (MLflow params).
+
+        Lists are joined with commas; nested sections use dotted names (``train.weights.target``).
+        """
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{name}.")
+        elif isinstance(value, list):
+            yield name, ",".join(str(v) for v in value)
+        else:
+            yield name, "" if value is None else str(value)
+
+
+@contextmanager
+def _toml_source(path: Path | None) -> Iterator[None]:
+    token = _TOML_FILE.set(path)
+    try:
+        yield
+    finally:
+        _TOML_FILE.reset(token)
+
+
+def load_settings(
+    config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build the settings from a TOML file, ``CAE_`` environment variables and overrides.
+
+    Args:
+        config_file: optional TOML file with ``[data]``, ``[model]``, ``[train]``, ``[output]``
+            tables.
+        overrides: nested ``{"train": {"epochs": 3}}`` or dotted ``{"train.epochs": 3}`` values that
+            win over every other source (the command line passes its flags here).
+
+    Returns:
+        The validated :class:`Settings`.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, or a value is invalid; the message names
+            the setting, the value and the source to fix.
+    """
+    path = None
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist; check the path given to --config"
+            )
+        try:
+            tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    nested = nest(overrides or {})
+    with _toml_source(path):
+        try:
+            return Settings(**nested)
+        except ValidationError as err:
+            where = f" (sources: flags, CAE_* environment, {path})" if path else ""
+            raise ConfigError(describe_validation_error(err) + where) from None
+
+
+def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
+    """Rebuild settings saved with a checkpoint or a model (``Settings.model_dump(mode="json")``).
+
+    Raises:
+        ConfigError: the saved settings do not validate (written by an incompatible version).
+    """
+    try:
+        return Settings.model_validate(dict(values))
+    except ValidationError as err:
+        raise ConfigError(
+            f"settings saved in {source} are invalid: {describe_validation_error(err)}"
+        ) from None
+
+
+def nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn ``{"train.epochs": 3}`` into ``{"train": {"epochs": 3}}``; nested dicts pass through."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            value = nest(value)
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(value)
+        else:
+            node[leaf] = value
+    return out
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One clause per invalid setting: ``train.epochs = 0: Input should be greater than ...``."""
+    lines = []
+    for item in err.errors():
+        name = ".".join(str(part) for part in item["loc"])
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"{name}{shown}: {item['msg']}")
+    return "invalid settings: " + "; ".join(lines)

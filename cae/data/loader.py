@@ -1,0 +1,231 @@
+"""Two-level loading: whole chunks prefetched in the background, mini-batches sliced in memory.
+
+The outer :class:`torch.utils.data.DataLoader` (batch size 1 chunk, ``num_workers`` persistent
+background processes, ``prefetch_factor`` chunks each) only reads from disk. The inner
+:func:`iter_batches` slices mini-batches out of the in-memory CSR chunk and densifies each whole
+batch in one call (never row by row); the input transform runs per batch on the training device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cae.data.store import DataStore
+from cae.data.vocabulary import Vocabularies
+
+CP10K = 1e4
+
+
+@dataclass
+class LoadedChunk:
+    """One chunk in memory: its expression, encoded contexts and train/validation rows."""
+
+    chunk_id: str
+    expression: sp.csr_matrix  # (n_cells, G) float32
+    contexts: np.ndarray  # (n_cells, F) int64 vocabulary indices, 0 = <unk>
+    train_rows: np.ndarray  # int64 row indices used for training
+    val_rows: np.ndarray  # int64 row indices held out for validation
+
+
+@dataclass
+class Batch:
+    """A dense mini-batch on the training device."""
+
+    x: torch.Tensor  # (B, G) transformed expression
+    contexts: torch.Tensor  # (B, F) int64
+
+
+def split_rows(
+    chunk_id: str, n_cells: int, val_fraction: float, seed: int, held_out: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a chunk's rows into training and validation rows, the same way in every process.
+
+    Args:
+        chunk_id: the chunk's id (part of the split's seed, so chunks split independently).
+        n_cells: rows in the chunk.
+        val_fraction: fraction of rows held out from a training chunk.
+        seed: the training seed.
+        held_out: the whole chunk is a validation chunk.
+
+    Returns:
+        ``(train_rows, val_rows)``, sorted int64 index arrays.
+    """
+    rows = np.arange(n_cells, dtype=np.int64)
+    if held_out:
+        return rows[:0], rows
+    n_val = round(n_cells * val_fraction)
+    if n_val == 0:
+        return rows, rows[:0]
+    rng = np.random.default_rng([seed, int(chunk_id)])
+    val = np.zeros(n_cells, dtype=bool)
+    val[rng.choice(n_cells, size=n_val, replace=False)] = True
+    return rows[~val], rows[val]
+
+
+class ChunkDataset(Dataset[LoadedChunk]):
+    """Item ``i`` is chunk ``i`` of the store, read, checked and encoded (in loader workers)."""
+
+    def __init__(
+        self,
+        store: DataStore,
+        vocabularies: Vocabularies,
+        null_values: Sequence[str],
+        *,
+        val_chunks: Sequence[str],
+        val_fraction: float,
+        seed: int,
+    ) -> None:
+        self.store = store
+        self.vocabularies = vocabularies
+        self.null_values = tuple(null_values)
+        self.val_chunks = {int(c) for c in val_chunks}
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.store.chunks)
+
+    def __getitem__(self, index: int) -> LoadedChunk:
+        chunk = self.store.chunks[index]
+        expression = self.store.read_expression(chunk)
+        frame = self.store.read_metadata(chunk, self.vocabularies.fields)
+        contexts = self.vocabularies.encode(frame, self.null_values, source=chunk.metadata_name)
+        train_rows, val_rows = split_rows(
+            chunk.chunk_id,
+            chunk.n_cells,
+            self.val_fraction,
+            self.seed,
+            held_out=int(chunk.chunk_id) in self.val_chunks,
+        )
+        return LoadedChunk(chunk.chunk_id, expression, contexts, train_rows, val_rows)
+
+
+class EpochOrder(Sampler[int]):
+    """Chunk order for one epoch: the given chunk indices permuted by a seed of ``(seed, epoch)``,
+    so a resumed run visits chunks in the same order as an uninterrupted one."""
+
+    def __init__(self, indices: Sequence[int], seed: int) -> None:
+        self.indices = list(indices)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "chunks"))
+        permutation = torch.randperm(len(self.indices), generator=generator).tolist()
+        return iter([self.indices[i] for i in permutation])
+
+
+def _keep(item: LoadedChunk) -> LoadedChunk:
+    """Collate function of the chunk loader: chunks travel as they are."""
+    return item
+
+
+def chunk_loader(
+    dataset: ChunkDataset,
+    order: Sampler[int] | Sequence[int],
+    num_workers: int,
+    prefetch_factor: int,
+) -> DataLoader:
+    """The outer loader: one chunk per item, prefetched by persistent background workers.
+
+    Args:
+        dataset: the chunks.
+        order: which chunk comes when (an :class:`EpochOrder`, or a fixed list of indices).
+        num_workers: background processes (0 reads in the training process).
+        prefetch_factor: chunks each worker keeps ready.
+
+    Returns:
+        A ``DataLoader`` yielding :class:`LoadedChunk` objects.
+    """
+    workers = min(num_workers, len(order))
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=order,
+        collate_fn=_keep,
+        num_workers=workers,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+        persistent_workers=workers > 0,
+    )
+
+
+def densify(block: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    """Turn a whole CSR mini-batch into a dense float32 tensor on ``device`` in one call.
+
+    On an accelerator the sparse arrays travel and are densified there (less to copy for wide gene
+    spaces); on the CPU scipy densifies directly.
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(block.toarray())
+    sparse = torch.sparse_csr_tensor(
+        torch.from_numpy(block.indptr.astype(np.int64)),
+        torch.from_numpy(block.indices.astype(np.int64)),
+        torch.from_numpy(block.data),
+        size=block.shape,
+    )
+    return sparse.to(device, non_blocking=True).to_dense()
+
+
+def apply_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
+    """Apply the input transform to a dense batch.
+
+    Args:
+        x: (B, G) expression as stored.
+        transform: ``log1p_cp10k`` (counts -> log1p of counts per 10,000) or ``none``.
+
+    Returns:
+        (B, G) model-space expression.
+    """
+    if transform == "none":
+        return x
+    totals = x.sum(dim=1, keepdim=True).clamp_min(1e-12)  # (B, 1); all-zero cells stay zero
+    return torch.log1p(x * (CP10K / totals))
+
+
+def iter_batches(
+    chunk: LoadedChunk,
+    rows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    transform: str,
+    generator: torch.Generator | None = None,
+) -> Iterator[Batch]:
+    """Slice mini-batches of ``rows`` out of an in-memory chunk.
+
+    Args:
+        chunk: the loaded chunk.
+        rows: which rows to visit (its ``train_rows`` or ``val_rows``).
+        batch_size: cells per batch (the last batch may be smaller).
+        device: where the batch goes.
+        transform: the input transform applied to each batch on ``device``.
+        generator: shuffles the rows when given; in order otherwise.
+
+    Yields:
+        :class:`Batch` objects.
+    """
+    if generator is not None:
+        rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
+    contexts = torch.from_numpy(chunk.contexts)
+    for start in range(0, len(rows), batch_size):
+        index = rows[start : start + batch_size]
+        x = densify(chunk.expression[index], device)  # (B, G)
+        yield Batch(apply_transform(x, transform), contexts[index].to(device, non_blocking=True))
+
+
+def epoch_seed(seed: int, epoch: int, purpose: str) -> int:
+    """A seed for one purpose in one epoch, independent of every other (stable across runs)."""
+    purposes = {"chunks": 1, "rows": 2, "targets": 3, "validation": 4}
+    return int(np.random.SeedSequence([seed, epoch, purposes[purpose]]).generate_state(1)[0])

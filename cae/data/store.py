@@ -1,0 +1,412 @@
+"""The data set on disk: chunk discovery, pairing, validation and fingerprinting.
+
+Two layouts are accepted:
+
+* a folder of chunks, CELLxGENE Census style: ``<prefix>_counts_<N>.npz`` (a CSR matrix written
+  by ``scipy.sparse.save_npz``, cells x genes) beside ``<prefix>_metadata_<N>.pkl`` or
+  ``.parquet`` (the per-cell DataFrame, rows aligned with the matrix). Files pair by their chunk
+  id ``N``, never by sorted position. An optional ``genes.txt`` (one name per line) names the genes.
+* one ``.h5ad`` file (AnnData): its rows are read in chunks of ``h5ad_chunk_size`` cells.
+
+``.pkl`` metadata is unpickled, which can run code: read pickles only from sources you trust, and
+share metadata as ``.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cae.errors import DataError
+
+if TYPE_CHECKING:
+    from cae.config import DataConfig
+
+METADATA_SUFFIXES = (".pkl", ".parquet")
+_CHUNK_ID = re.compile(r"(\d+)$")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of cells: where its expression and metadata live and how big it is."""
+
+    chunk_id: str
+    expression: Path
+    metadata: Path | None  # None for .h5ad chunks, whose metadata is the file's obs
+    n_cells: int
+    n_genes: int
+    rows: tuple[int, int] | None = None  # row range inside an .h5ad
+
+    @property
+    def name(self) -> str:
+        """A name for messages: the expression file, with the row range for .h5ad chunks."""
+        if self.rows is not None:
+            return f"{self.expression.name}[{self.rows[0]}:{self.rows[1]}]"
+        return self.expression.name
+
+    @property
+    def metadata_name(self) -> str:
+        """The metadata file's name for messages (the .h5ad's obs for .h5ad chunks)."""
+        return self.metadata.name if self.metadata is not None else f"{self.name}.obs"
+
+
+class DataStore:
+    """A validated, chunked data set. Build one with :meth:`DataStore.open`."""
+
+    def __init__(
+        self,
+        path: Path,
+        chunks: Sequence[Chunk],
+        genes: Sequence[str],
+        kind: Literal["chunks", "h5ad"],
+        *,
+        obs: pd.DataFrame | None = None,
+        h5ad_layer: str | None = None,
+    ) -> None:
+        self.path = path
+        self.chunks = list(chunks)
+        self.genes = list(genes)
+        self.kind = kind
+        self._obs = obs
+        self._h5ad_layer = h5ad_layer
+
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (columns) in every chunk."""
+        return len(self.genes)
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells over all chunks."""
+        return sum(chunk.n_cells for chunk in self.chunks)
+
+    @classmethod
+    def open(cls, config: DataConfig) -> DataStore:
+        """Discover, pair and check the shapes of every chunk named by ``config``.
+
+        Args:
+            config: the data settings (``path``, globs, ``h5ad_layer``, ``h5ad_chunk_size``).
+
+        Returns:
+            The store, with row and gene counts checked for every chunk.
+
+        Raises:
+            DataError: nothing matched, a file is unreadable or unpaired, two files share a chunk
+                id, a chunk is empty, row counts of a pair differ, or gene counts differ between
+                chunks. The message names the file.
+        """
+        path = Path(config.path)
+        if not path.exists():
+            raise DataError(
+                f"data path {path} does not exist; give a folder of chunks or an .h5ad file "
+                "(`cae synth --out data/demo` writes the demo data)"
+            )
+        if path.is_file():
+            if path.suffix != ".h5ad":
+                raise DataError(f"{path} is a file but not an .h5ad; give an .h5ad or a folder")
+            return cls._open_h5ad(path, config.h5ad_layer, config.h5ad_chunk_size)
+        return cls._open_folder(path, config.expression_glob, config.metadata_glob)
+
+    @classmethod
+    def _open_folder(cls, path: Path, expression_glob: str, metadata_glob: str) -> DataStore:
+        expression = _by_chunk_id(sorted(path.glob(expression_glob)), "expression")
+        if not expression:
+            raise DataError(
+                f"no expression chunks match '{expression_glob}' in {path}; set "
+                "data.expression_glob (--expression-glob) to your files' pattern"
+            )
+        metadata_files = [
+            p for p in sorted(path.glob(metadata_glob)) if p.suffix in METADATA_SUFFIXES
+        ]
+        metadata = _by_chunk_id(metadata_files, "metadata")
+        unpaired = sorted(set(expression) - set(metadata), key=int)
+        if unpaired:
+            chunk_id = unpaired[0]
+            raise DataError(
+                f"{expression[chunk_id].name} has no metadata chunk with id {chunk_id} matching "
+                f"'{metadata_glob}' (.pkl or .parquet) in {path}; add it or move the file away"
+            )
+        orphans = sorted(set(metadata) - set(expression), key=int)
+        if orphans:
+            chunk_id = orphans[0]
+            raise DataError(
+                f"{metadata[chunk_id].name} has no expression chunk with id {chunk_id} matching "
+                f"'{expression_glob}' in {path}; add it or move the file away"
+            )
+        chunks = []
+        for chunk_id in sorted(expression, key=int):
+            n_cells, n_genes = _npz_shape(expression[chunk_id])
+            n_rows = _metadata_rows(metadata[chunk_id])
+            if n_cells == 0:
+                raise DataError(f"{expression[chunk_id].name} holds no cells; remove the chunk")
+            if n_rows != n_cells:
+                raise DataError(
+                    f"{metadata[chunk_id].name} has {n_rows:,} rows but "
+                    f"{expression[chunk_id].name} has {n_cells:,}; metadata rows must align "
+                    "one to one with expression rows"
+                )
+            chunks.append(
+                Chunk(chunk_id, expression[chunk_id], metadata[chunk_id], n_cells, n_genes)
+            )
+        _check_gene_counts(chunks)
+        genes = _read_genes(path / "genes.txt", chunks[0].n_genes)
+        return cls(path, chunks, genes, "chunks")
+
+    @classmethod
+    def _open_h5ad(cls, path: Path, layer: str | None, chunk_size: int) -> DataStore:
+        import anndata
+
+        try:
+            adata = anndata.read_h5ad(path, backed="r")
+        except Exception as err:  # h5py and anndata raise many kinds for a broken file
+            raise DataError(f"cannot read {path} as .h5ad: {err}") from None
+        try:
+            if layer is not None and layer not in adata.layers:
+                raise DataError(
+                    f"{path} has no layer '{layer}'; its layers: "
+                    f"{', '.join(adata.layers) or 'none'}"
+                )
+            if adata.n_obs == 0:
+                raise DataError(f"{path} holds no cells")
+            obs = adata.obs.reset_index(drop=True)
+            genes = [str(g) for g in adata.var_names]
+            chunks = [
+                Chunk(
+                    str(i),
+                    path,
+                    None,
+                    min(start + chunk_size, adata.n_obs) - start,
+                    len(genes),
+                    rows=(start, min(start + chunk_size, adata.n_obs)),
+                )
+                for i, start in enumerate(range(0, adata.n_obs, chunk_size))
+            ]
+        finally:
+            adata.file.close()
+        return cls(path, chunks, genes, "h5ad", obs=obs, h5ad_layer=layer)
+
+    def chunk(self, chunk_id: str) -> Chunk:
+        """Return the chunk with this id.
+
+        Raises:
+            DataError: no chunk has that id; the message lists the ids there are.
+        """
+        for chunk in self.chunks:
+            if int(chunk.chunk_id) == int(chunk_id):
+                return chunk
+        known = ", ".join(c.chunk_id for c in self.chunks[:20])
+        raise DataError(f"no chunk with id {chunk_id} in {self.path}; chunk ids: {known}")
+
+    def read_expression(self, chunk: Chunk) -> sp.csr_matrix:
+        """Read one chunk's expression as a float32 CSR matrix and check its values.
+
+        Raises:
+            DataError: the file is unreadable, or holds negative or non-finite values.
+        """
+        if chunk.rows is not None:
+            matrix = self._read_h5ad_rows(chunk)
+        else:
+            try:
+                matrix = sp.load_npz(chunk.expression)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+                raise DataError(
+                    f"cannot read {chunk.expression}: {err}; the file is truncated or was not "
+                    "written by scipy.sparse.save_npz"
+                ) from None
+        matrix = sp.csr_matrix(matrix, dtype=np.float32)
+        if matrix.shape != (chunk.n_cells, chunk.n_genes):
+            raise DataError(
+                f"{chunk.name} holds a {matrix.shape[0]:,} x {matrix.shape[1]:,} matrix but its "
+                f"header said {chunk.n_cells:,} x {chunk.n_genes:,}; the file changed while reading"
+            )
+        _check_values(matrix.data, chunk.name)
+        return matrix
+
+    def _read_h5ad_rows(self, chunk: Chunk) -> sp.csr_matrix:
+        import anndata
+
+        assert chunk.rows is not None
+        adata = anndata.read_h5ad(chunk.expression, backed="r")
+        try:
+            start, stop = chunk.rows
+            source = adata.X if self._h5ad_layer is None else adata.layers[self._h5ad_layer]
+            block = source[start:stop]
+        finally:
+            adata.file.close()
+        return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+    def read_metadata(self, chunk: Chunk, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Read one chunk's per-cell metadata (only ``columns`` when given, if present).
+
+        Raises:
+            DataError: the file is unreadable or does not hold a DataFrame.
+        """
+        if chunk.metadata is None:
+            assert self._obs is not None and chunk.rows is not None
+            frame = self._obs.iloc[chunk.rows[0] : chunk.rows[1]].reset_index(drop=True)
+        else:
+            frame = _read_metadata_file(chunk.metadata, columns)
+        if columns is not None:
+            frame = frame[[c for c in columns if c in frame.columns]]
+        return frame
+
+    def iter_metadata(self, columns: Sequence[str]) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Yield ``(metadata file name, DataFrame)`` for every chunk, in chunk order."""
+        for chunk in self.chunks:
+            yield chunk.metadata_name, self.read_metadata(chunk, columns)
+
+    def check_values(self, transform: str, progress: bool = False) -> None:
+        """Read every chunk once and check its values before training starts.
+
+        Args:
+            transform: the input transform; ``log1p_cp10k`` also rejects cells with zero counts.
+            progress: show a progress bar.
+
+        Raises:
+            DataError: naming the first chunk with negative, non-finite or (for ``log1p_cp10k``)
+                all-zero cells.
+        """
+        from tqdm.auto import tqdm
+
+        for chunk in tqdm(self.chunks, desc="checking chunks", unit="chunk", disable=not progress):
+            matrix = self.read_expression(chunk)
+            if transform == "log1p_cp10k":
+                totals = np.asarray(matrix.sum(axis=1)).ravel()
+                empty = np.flatnonzero(totals <= 0)
+                if empty.size:
+                    raise DataError(
+                        f"{chunk.name} has {empty.size:,} cells with zero total counts (first row "
+                        f"{empty[0]}); transform log1p_cp10k cannot normalise them: drop those "
+                        "cells, or set data.transform=none if the values are already normalised"
+                    )
+
+    def fingerprint(self) -> str:
+        """A short hash identifying the data set: file names, sizes and shapes of every chunk."""
+        digest = hashlib.sha256()
+        for chunk in self.chunks:
+            for file in (chunk.expression, chunk.metadata):
+                if file is not None:
+                    digest.update(f"{file.name}:{file.stat().st_size};".encode())
+            digest.update(
+                f"{chunk.chunk_id}:{chunk.rows}:{chunk.n_cells}x{chunk.n_genes};".encode()
+            )
+        digest.update("\n".join(self.genes).encode())
+        return digest.hexdigest()[:16]
+
+
+def _by_chunk_id(files: Sequence[Path], what: str) -> dict[str, Path]:
+    """Index files by the number at the end of their stem; ``_7`` and ``_007`` are the same id."""
+    found: dict[str, Path] = {}
+    for file in files:
+        match = _CHUNK_ID.search(file.stem)
+        if match is None:
+            raise DataError(
+                f"{file} matches the {what} pattern but its name does not end in a chunk number "
+                "(like human_counts_7.npz); rename it or narrow the pattern"
+            )
+        chunk_id = str(int(match.group(1)))
+        if chunk_id in found:
+            raise DataError(
+                f"{found[chunk_id].name} and {file.name} both have chunk id {chunk_id}; each "
+                f"{what} chunk needs its own id"
+            )
+        found[chunk_id] = file
+    return found
+
+
+def _npz_shape(path: Path) -> tuple[int, int]:
+    """Read a sparse .npz's shape from its header without loading the matrix."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            fmt = archive["format"].item()
+            shape = tuple(int(n) for n in archive["shape"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(
+            f"cannot read {path}: {err}; the file is truncated or was not written by "
+            "scipy.sparse.save_npz"
+        ) from None
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    if fmt not in ("csr", "csc", "coo") or len(shape) != 2:
+        raise DataError(f"{path} holds a sparse '{fmt}' matrix of shape {shape}; expected CSR 2-D")
+    return shape[0], shape[1]
+
+
+def _metadata_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:  # pyarrow raises its own error types for broken files
+            raise DataError(f"cannot read {path} as parquet: {err}") from None
+    return len(_read_metadata_file(path, None))
+
+
+def _read_metadata_file(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises its own error types for broken files
+            raise DataError(f"cannot read {path} as parquet: {err}") from None
+    try:
+        frame = pd.read_pickle(path)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+        raise DataError(
+            f"cannot unpickle {path}: {err}; the file is truncated or corrupt"
+        ) from None
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(
+            f"{path} holds a {type(frame).__name__}, not a pandas DataFrame; save the per-cell "
+            "metadata with DataFrame.to_pickle or to_parquet"
+        )
+    return frame
+
+
+def _check_gene_counts(chunks: Sequence[Chunk]) -> None:
+    first = chunks[0]
+    for chunk in chunks[1:]:
+        if chunk.n_genes != first.n_genes:
+            raise DataError(
+                f"{chunk.name} has {chunk.n_genes:,} genes but {first.name} has "
+                f"{first.n_genes:,}; every chunk must share one gene space"
+            )
+
+
+def _read_genes(path: Path, n_genes: int) -> list[str]:
+    if not path.exists():
+        return [f"gene_{i}" for i in range(n_genes)]
+    genes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(genes) != n_genes:
+        raise DataError(
+            f"{path} names {len(genes):,} genes but the chunks have {n_genes:,}; fix or remove it"
+        )
+    if len(set(genes)) != len(genes):
+        raise DataError(f"{path} names some genes twice; gene names must be unique")
+    return genes
+
+
+def _check_values(values: np.ndarray, name: str) -> None:
+    """Reject negative and non-finite stored values (vectorised over the CSR data array)."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = values[~finite]
+        raise DataError(
+            f"{name} holds {bad.size:,} non-finite values (e.g. {bad[0]}); expression must be "
+            "finite: fix or drop those cells"
+        )
+    negative = values < 0
+    if negative.any():
+        raise DataError(
+            f"{name} holds {int(negative.sum()):,} negative values (e.g. {values[negative][0]}); "
+            "expression must be counts or normalised values >= 0"
+        )

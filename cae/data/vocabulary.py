@@ -1,0 +1,764 @@
+"""Vocabularies of the categorical metadata fields the model conditions on.
+
+Per-cell metadata arrives as one pandas DataFrame per chunk (CELLxGENE Census style: ``assay``,
+``cell_type``, ``sex``, ...). For every field the model uses, preprocessing counts the values over
+all chunks (:class:`FieldCounter`, :func:`build_field_specs`), decides whether the field is usable
+(:class:`FieldSpec`), and freezes a vocabulary ``{value: index}`` (:class:`FieldVocabulary`,
+:class:`Vocabularies`) in which index 0 is the reserved ``<unk>`` for missing values.
+
+Missing values are NaN / None / ``pd.NA`` and any value whose ``str(value).strip().lower()`` is
+one of the configured null spellings (``"unknown"``, ``"na"``, ...), plus the literal ``"<unk>"``
+so that decoded values encode back to 0. Every other value is kept with its original spelling as
+``str(value)``.
+
+Everything here is vectorised: a column is factorised once (``pd.factorize``), the Python work is a
+loop over its *unique* values, and the per-row result is a lookup table indexed by the codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cae.errors import MetadataError
+
+UNK = "<unk>"
+UNK_INDEX = 0
+DEFAULT_NULL_VALUES: tuple[str, ...] = ("unknown", "na", "nan", "none", "null", "")
+
+VOCABULARIES_FILE = "vocabularies.json"
+FIELD_SPECS_FILE = "field_specs.json"
+
+_MAX_LISTED = 20
+
+
+# --------------------------------------------------------------------------------------------------
+# Canonical values of one column
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_tuple(null_values: Iterable[str] | str) -> tuple[str, ...]:
+    """The null spellings as a tuple; a single string is one spelling, not its characters."""
+    return (null_values,) if isinstance(null_values, str) else tuple(null_values)
+
+
+def _null_set(null_values: Iterable[str] | str) -> frozenset[str]:
+    """Normalised null spellings (stripped, lower case), always including ``<unk>``."""
+    return frozenset(str(v).strip().lower() for v in _as_tuple(null_values)) | {UNK}
+
+
+def _family_of_type(kind: type) -> str:
+    """The type family of a value type: numpy scalars count as their Python counterpart."""
+    if issubclass(kind, (bool, np.bool_)):
+        return "bool"
+    if issubclass(kind, (int, np.integer)):
+        return "int"
+    if issubclass(kind, (float, np.floating)):
+        return "float"
+    if issubclass(kind, str):  # np.str_ is a subclass of str
+        return "str"
+    return kind.__name__
+
+
+def _mixed_types_error(source: str, field: str, first: Any, second: Any) -> MetadataError:
+    return MetadataError(
+        f"{source}: field {field!r} mixes value types, e.g. {_describe(first)} and "
+        f"{_describe(second)}. Convert the column to strings before preprocessing, e.g. "
+        f"frame[{field!r}] = frame[{field!r}].astype(str), or give every value one type."
+    )
+
+
+# infer_dtype kinds in which every non-missing value has one type family.
+_SINGLE_FAMILY_KINDS = frozenset({"string", "integer", "floating", "boolean", "empty"})
+
+
+def _check_object_families(
+    column: pd.Series, known: np.ndarray, *, source: str, field: str
+) -> None:
+    """Raise if the non-null cells of an object column hold values of different type families.
+
+    ``pd.factorize`` merges equal values of different types (``True`` and ``1``, ``1`` and
+    ``1.0``), so the per-unique check can miss them. ``infer_dtype`` (Cython) clears the common
+    single-type columns; otherwise the types of the non-null cells are factorised.
+    """
+    if pd.api.types.infer_dtype(column, skipna=True) in _SINGLE_FAMILY_KINDS:
+        return
+    values = column.to_numpy(dtype=object)[known]
+    type_codes, types = pd.factorize(pd.Series(values, dtype=object).map(type))
+    families = [_family_of_type(kind) for kind in types]
+    for k, family in enumerate(families):
+        if family != families[0]:
+            first = values[int(np.argmax(type_codes == 0))]
+            second = values[int(np.argmax(type_codes == k))]
+            raise _mixed_types_error(source, field, first, second)
+
+
+def _is_scalar_na(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # pd.isna of an array-like value
+        return False
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _quote_list(values: Sequence[str], limit: int = _MAX_LISTED) -> str:
+    shown = ", ".join(repr(v) for v in values[:limit])
+    if len(values) > limit:
+        shown += f", ... and {len(values) - limit:,} more"
+    return shown or "(none)"
+
+
+@dataclass
+class _Canonical:
+    codes: np.ndarray  # int64, -1 for null
+    uniques: list[str]
+    family: str | None  # type family of the non-null values; None when all are null
+    example: Any  # one non-null original value, for messages
+
+
+def _canonicalise(
+    column: pd.Series, null_values: Iterable[str] | str, *, source: str, field: str
+) -> _Canonical:
+    if not isinstance(column, pd.Series):
+        raise MetadataError(
+            f"{source}: field {field!r} is a {type(column).__name__}, not a single column "
+            "(is the column name repeated in the file?). Give every metadata column a unique name."
+        )
+    nulls = _null_set(null_values)
+    raw_codes, raw_uniques = pd.factorize(column, use_na_sentinel=True)
+    raw_codes = np.asarray(raw_codes, dtype=np.int64)
+
+    # Python work happens per unique value only; the rows are remapped with one lookup table whose
+    # last entry (-1) is what the null code -1 indexes.
+    remap = np.full(len(raw_uniques) + 1, -1, dtype=np.int64)
+    uniques: list[str] = []
+    position: dict[str, int] = {}
+    family: str | None = None
+    example: Any = None
+    for i, value in enumerate(raw_uniques):
+        if value is None or _is_scalar_na(value):
+            continue
+        text = str(value)
+        if text.strip().lower() in nulls:
+            continue
+        value_family = _family_of_type(type(value))
+        if family is None:
+            family, example = value_family, value
+        elif value_family != family:
+            raise _mixed_types_error(source, field, example, value)
+        index = position.get(text)
+        if index is None:
+            index = position[text] = len(uniques)
+            uniques.append(text)
+        remap[i] = index
+    codes = remap[raw_codes]
+    if family is not None and column.dtype == object:
+        _check_object_families(column, codes >= 0, source=source, field=field)
+    return _Canonical(codes, uniques, family, example)
+
+
+def canonical_values(
+    column: pd.Series, null_values: Iterable[str] = DEFAULT_NULL_VALUES, *, source: str, field: str
+) -> tuple[np.ndarray, list[str]]:
+    """Factorise a metadata column into codes over its canonical (string) values.
+
+    Args:
+        column: one metadata column (object, str, categorical or numeric dtype).
+        null_values: spellings that mean "missing", compared case-insensitively after stripping
+            surrounding whitespace. NaN / None / ``pd.NA`` and ``"<unk>"`` are always null.
+        source: the file the column comes from, for error messages.
+        field: the column's name, for error messages.
+
+    Returns:
+        ``(codes, uniques)``: ``codes`` is an int64 array of ``len(column)`` indexing into
+        ``uniques`` (-1 for null cells); ``uniques`` lists each non-null value once, as
+        ``str(value)`` with its original spelling, in order of first appearance.
+
+    Raises:
+        MetadataError: the non-null values have different types (e.g. ``3`` and ``"3"``), or
+            ``column`` is not a Series.
+    """
+    canonical = _canonicalise(column, null_values, source=source, field=field)
+    return canonical.codes, canonical.uniques
+
+
+# --------------------------------------------------------------------------------------------------
+# Field statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise MetadataError(f"{where}: {name} must be a non-negative integer, got {value!r}.")
+    return int(value)
+
+
+@dataclass(kw_only=True)
+class FieldSpec:
+    """What preprocessing learnt about one metadata field, and whether the model uses it.
+
+    Attributes:
+        field: the column name.
+        kind: always ``"categorical"`` for now.
+        cardinality: the number of known (non-null) values, excluding ``<unk>``.
+        n_cells: cells seen.
+        n_null: cells whose value is null.
+        non_null_fraction: ``(n_cells - n_null) / n_cells`` (0.0 when no cells were seen).
+        counts: known value -> number of cells, sorted by value.
+        using: whether the model conditions on this field.
+        reason: why the field is not used (None when it is).
+    """
+
+    field: str
+    kind: str = "categorical"
+    cardinality: int
+    n_cells: int
+    n_null: int
+    non_null_fraction: float
+    counts: dict[str, int]
+    using: bool
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"field spec {self.field!r}"
+        if not isinstance(self.field, str) or not self.field:
+            raise MetadataError(
+                f"field spec: field must be a non-empty string, got {self.field!r}."
+            )
+        if not isinstance(self.kind, str):
+            raise MetadataError(f"{where}: kind must be a string, got {self.kind!r}.")
+        self.cardinality = _check_int("cardinality", self.cardinality, where)
+        self.n_cells = _check_int("n_cells", self.n_cells, where)
+        self.n_null = _check_int("n_null", self.n_null, where)
+        if not isinstance(self.counts, Mapping):
+            raise MetadataError(f"{where}: counts must be a mapping, got {self.counts!r}.")
+        counts = {}
+        for value, count in self.counts.items():
+            if not isinstance(value, str):
+                raise MetadataError(f"{where}: count key {value!r} is not a string.")
+            counts[value] = _check_int(f"count of {value!r}", count, where)
+        self.counts = dict(sorted(counts.items()))
+        if self.cardinality != len(self.counts):
+            raise MetadataError(
+                f"{where}: cardinality {self.cardinality} differs from the {len(self.counts)} "
+                "counted values. Re-run preprocessing to rebuild the field specs."
+            )
+        if self.n_null > self.n_cells or sum(self.counts.values()) != self.n_cells - self.n_null:
+            raise MetadataError(
+                f"{where}: counts sum to {sum(self.counts.values()):,} but n_cells - n_null is "
+                f"{self.n_cells - self.n_null:,}. Re-run preprocessing to rebuild the field specs."
+            )
+        if not isinstance(self.non_null_fraction, (int, float)) or isinstance(
+            self.non_null_fraction, bool
+        ):
+            raise MetadataError(
+                f"{where}: non_null_fraction must be a number, got {self.non_null_fraction!r}."
+            )
+        self.non_null_fraction = float(self.non_null_fraction)
+        if not isinstance(self.using, (bool, np.bool_)):
+            raise MetadataError(f"{where}: using must be true or false, got {self.using!r}.")
+        self.using = bool(self.using)
+        if self.reason is not None and not isinstance(self.reason, str):
+            raise MetadataError(f"{where}: reason must be a string or null, got {self.reason!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_dict` reads it back."""
+        return {
+            "field": self.field,
+            "kind": self.kind,
+            "cardinality": self.cardinality,
+            "n_cells": self.n_cells,
+            "n_null": self.n_null,
+            "non_null_fraction": self.non_null_fraction,
+            "using": self.using,
+            "reason": self.reason,
+            "counts": dict(self.counts),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FieldSpec:
+        """Rebuild a spec from :meth:`to_dict` output.
+
+        Raises:
+            MetadataError: a key is missing or a value has the wrong type or is inconsistent.
+        """
+        if not isinstance(d, Mapping):
+            raise MetadataError(f"field spec: expected a JSON object, got {type(d).__name__}.")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in d and name not in ("kind", "reason")]
+        if missing:
+            raise MetadataError(
+                f"field spec {d.get('field')!r}: missing {', '.join(missing)}. "
+                "Re-run preprocessing to rebuild the field specs."
+            )
+        return cls(**{name: d[name] for name in names if name in d})
+
+
+class FieldCounter:
+    """Counts one field's values over a stream of metadata chunks.
+
+    Call :meth:`update` once per chunk, then :meth:`finish` for the :class:`FieldSpec`. The Python
+    type of the field's values must stay the same across chunks.
+    """
+
+    def __init__(self, field: str, null_values: Iterable[str] = DEFAULT_NULL_VALUES) -> None:
+        """Start counting ``field``; ``null_values`` are the spellings that mean missing."""
+        self.field = field
+        self.null_values = _as_tuple(null_values)
+        self.n_cells = 0
+        self.n_null = 0
+        self.counts: dict[str, int] = {}
+        self._family: str | None = None
+        self._family_source: str | None = None
+        self._family_example: Any = None
+
+    def update(self, column: pd.Series, *, source: str) -> None:
+        """Add one chunk's column, read from the file ``source``.
+
+        Raises:
+            MetadataError: the column mixes value types, or its values have a different type than
+                in an earlier chunk.
+        """
+        canonical = _canonicalise(column, self.null_values, source=source, field=self.field)
+        if canonical.family is not None:
+            if self._family is None:
+                self._family = canonical.family
+                self._family_source = source
+                self._family_example = canonical.example
+            elif canonical.family != self._family:
+                hint = ""
+                if {canonical.family, self._family} == {"int", "float"}:
+                    hint = (
+                        " (integer columns with missing values are read as floats; store the "
+                        "column as strings or with pandas' nullable 'Int64' dtype)"
+                    )
+                raise MetadataError(
+                    f"field {self.field!r} holds {self._family} values in {self._family_source} "
+                    f"(e.g. {self._family_example!r}) but {canonical.family} values in {source} "
+                    f"(e.g. {canonical.example!r}){hint}. Give the column the same type in every "
+                    "metadata file, e.g. convert it to strings."
+                )
+        codes = canonical.codes
+        known = codes[codes >= 0]
+        per_value = np.bincount(known, minlength=len(canonical.uniques))
+        for value, count in zip(canonical.uniques, per_value.tolist(), strict=True):
+            self.counts[value] = self.counts.get(value, 0) + count
+        self.n_cells += len(codes)
+        self.n_null += len(codes) - len(known)
+
+    def finish(self) -> FieldSpec:
+        """The spec of everything counted so far; ``using`` is False with a reason when the field
+        has fewer than two known values. Does not reset the counter."""
+        cardinality = len(self.counts)
+        reason: str | None = None
+        if self.n_cells == 0:
+            reason = "no cells were read"
+        elif cardinality == 0:
+            reason = f"every value is null ({self.n_cells:,} cells)"
+        elif cardinality == 1:
+            (only,) = self.counts
+            reason = f"only one known value ('{only}') in {self.n_cells:,} cells"
+        return FieldSpec(
+            field=self.field,
+            cardinality=cardinality,
+            n_cells=self.n_cells,
+            n_null=self.n_null,
+            non_null_fraction=(self.n_cells - self.n_null) / self.n_cells if self.n_cells else 0.0,
+            counts=self.counts,
+            using=reason is None,
+            reason=reason,
+        )
+
+
+def _column(frame: pd.DataFrame, field: str, *, source: str) -> pd.Series:
+    """``frame[field]``, or a MetadataError naming the file, the field and the columns it has."""
+    if field not in frame.columns:
+        columns = [str(c) for c in frame.columns]
+        raise MetadataError(
+            f"{source}: metadata has no field {field!r}. Its columns are: "
+            f"{_quote_list(columns)}. Fix the field name in the settings or add the column."
+        )
+    return frame[field]
+
+
+def build_field_specs(
+    frames: Iterable[tuple[str, pd.DataFrame]],
+    fields: Sequence[str],
+    null_values: Iterable[str] = DEFAULT_NULL_VALUES,
+) -> dict[str, FieldSpec]:
+    """Count the requested fields over all metadata chunks.
+
+    Args:
+        frames: ``(source name, DataFrame)`` per chunk; only the columns in ``fields`` are read.
+        fields: the metadata fields to count.
+        null_values: spellings that mean missing (see :func:`canonical_values`).
+
+    Returns:
+        ``{field: FieldSpec}`` in the order of ``fields``.
+
+    Raises:
+        MetadataError: ``fields`` is empty or repeats a field; a frame lacks a field; a field mixes
+            value types within a chunk or between chunks.
+    """
+    if isinstance(fields, str):
+        fields = [fields]
+    fields = list(fields)
+    if not fields:
+        raise MetadataError(
+            "No metadata fields were requested. List the categorical fields to condition on "
+            "(e.g. cell_type, sex, assay) in the data settings."
+        )
+    repeated = sorted({f for f in fields if fields.count(f) > 1})
+    if repeated:
+        raise MetadataError(
+            f"Metadata fields are listed more than once: {_quote_list(repeated)}. "
+            "List each field once."
+        )
+    null_values = _as_tuple(null_values)
+    counters = {field: FieldCounter(field, null_values) for field in fields}
+    for source, frame in frames:
+        columns = [_column(frame, field, source=source) for field in fields]
+        for field, column in zip(fields, columns, strict=True):
+            counters[field].update(column, source=source)
+    return {field: counter.finish() for field, counter in counters.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabularies
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldVocabulary:
+    """The vocabulary of one field: ``<unk>`` is index 0 and ``values[i]`` is index ``i + 1``.
+
+    :meth:`Vocabularies.from_specs` builds vocabularies with sorted values; one read back with
+    :meth:`Vocabularies.from_dict` keeps the indices of the file.
+    """
+
+    field: str
+    values: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        values = tuple(self.values)
+        object.__setattr__(self, "values", values)
+        where = f"vocabulary of field {self.field!r}"
+        bad = [v for v in values if not isinstance(v, str)]
+        if bad:
+            raise MetadataError(f"{where}: values must be strings, got {_quote_list(bad)}.")
+        if UNK in values:
+            raise MetadataError(f"{where}: {UNK!r} is reserved for index {UNK_INDEX}.")
+        if len(set(values)) != len(values):
+            raise MetadataError(f"{where}: values are not unique.")
+
+    @property
+    def size(self) -> int:
+        """The number of indices, ``<unk>`` included."""
+        return len(self.values) + 1
+
+    def index_of(self) -> dict[str, int]:
+        """``{"<unk>": 0, value: index}``."""
+        return {UNK: UNK_INDEX, **{v: i + 1 for i, v in enumerate(self.values)}}
+
+    def _lookup(self) -> dict[str, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {v: i + 1 for i, v in enumerate(self.values)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    def encode(
+        self, column: pd.Series, null_values: Iterable[str] = DEFAULT_NULL_VALUES, *, source: str
+    ) -> np.ndarray:
+        """Indices of a column's values.
+
+        Args:
+            column: the field's column from one metadata chunk.
+            null_values: spellings that mean missing; null cells get index 0 (``<unk>``).
+            source: the file the column comes from, for error messages.
+
+        Returns:
+            An int64 array of ``len(column)``.
+
+        Raises:
+            MetadataError: a value is not in the vocabulary, or the column mixes value types.
+        """
+        codes, uniques = canonical_values(column, null_values, source=source, field=self.field)
+        lookup = self._lookup()
+        table = np.zeros(len(uniques) + 1, dtype=np.int64)  # last entry: the null code -1
+        unseen = []
+        for i, value in enumerate(uniques):
+            index = lookup.get(value)
+            if index is None:
+                unseen.append(value)
+            else:
+                table[i] = index
+        if unseen:
+            raise MetadataError(
+                f"{source}: field {self.field!r} has {len(unseen):,} value(s) the vocabulary does "
+                f"not know: {_quote_list(unseen, 5)}. Known values ({len(self.values):,}): "
+                f"{_quote_list(self.values)}. The vocabulary was built from other metadata; "
+                "rebuild it including this file, or map these values to known ones or to a null "
+                "spelling so they encode as <unk>."
+            )
+        return table[codes]
+
+    def encode_values(
+        self,
+        values: Sequence[str],
+        null_values: Iterable[str] = DEFAULT_NULL_VALUES,
+        *,
+        source: str,
+    ) -> np.ndarray:
+        """:meth:`encode` for a list of values (``"<unk>"`` and null spellings give 0)."""
+        if isinstance(values, str):
+            values = [values]
+        column = pd.Series(list(values), dtype=object)
+        return self.encode(column, null_values, source=source)
+
+    def decode(self, indices: np.ndarray) -> np.ndarray:
+        """The values of ``indices`` (any shape) as an object array of str; 0 gives ``"<unk>"``.
+
+        Raises:
+            MetadataError: ``indices`` are not integers or lie outside ``0 .. size - 1``.
+        """
+        indices = np.asarray(indices)
+        if indices.size and not np.issubdtype(indices.dtype, np.integer):
+            raise MetadataError(
+                f"field {self.field!r}: cannot decode indices of dtype {indices.dtype}; "
+                "expected integers."
+            )
+        if indices.size and (indices.min() < 0 or indices.max() >= self.size):
+            raise MetadataError(
+                f"field {self.field!r}: indices must lie in 0..{self.size - 1}, got "
+                f"{int(indices.min())}..{int(indices.max())}. Were they produced with another "
+                "vocabulary?"
+            )
+        table = np.array([UNK, *self.values], dtype=object)
+        return table[indices.astype(np.int64, copy=False)]
+
+
+@dataclass(frozen=True)
+class Vocabularies:
+    """The ordered fields the model conditions on and their vocabularies (in every checkpoint)."""
+
+    fields: tuple[str, ...]
+    by_field: dict[str, FieldVocabulary]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", tuple(self.fields))
+        if not self.fields:
+            raise MetadataError("Vocabularies need at least one field.")
+        if len(set(self.fields)) != len(self.fields):
+            raise MetadataError(f"Vocabularies list a field twice: {self.fields!r}.")
+        if set(self.by_field) != set(self.fields):
+            raise MetadataError(
+                f"Vocabularies: fields {self.fields!r} do not match the vocabularies of "
+                f"{tuple(self.by_field)!r}."
+            )
+        object.__setattr__(self, "by_field", {f: self.by_field[f] for f in self.fields})
+        for field, vocabulary in self.by_field.items():
+            if vocabulary.field != field:
+                raise MetadataError(
+                    f"Vocabularies: the entry for {field!r} is the vocabulary of "
+                    f"{vocabulary.field!r}."
+                )
+
+    @classmethod
+    def from_specs(cls, specs: Mapping[str, FieldSpec]) -> Vocabularies:
+        """Vocabularies (sorted values) of the specs with ``using=True``, in the specs' order.
+
+        Raises:
+            MetadataError: no spec is usable (the message gives each field's reason).
+        """
+        by_field: dict[str, FieldVocabulary] = {}
+        for key, spec in specs.items():
+            if key != spec.field:
+                raise MetadataError(f"Field specs: the entry {key!r} describes {spec.field!r}.")
+            if spec.using:
+                by_field[spec.field] = FieldVocabulary(spec.field, tuple(sorted(spec.counts)))
+        if not by_field:
+            reasons = "; ".join(f"{s.field!r}: {s.reason or 'not used'}" for s in specs.values())
+            raise MetadataError(
+                "None of the metadata fields can be used for conditioning ("
+                f"{reasons or 'no fields given'}). Choose fields with at least two known values."
+            )
+        return cls(tuple(by_field), by_field)
+
+    def encode(
+        self,
+        frame: pd.DataFrame,
+        null_values: Iterable[str] = DEFAULT_NULL_VALUES,
+        *,
+        source: str,
+    ) -> np.ndarray:
+        """Encode every field of a metadata chunk.
+
+        Returns:
+            An int64 array ``(n_cells, n_fields)`` with columns in the order of :attr:`fields`.
+
+        Raises:
+            MetadataError: a field is missing from ``frame`` or holds an unknown value.
+        """
+        columns = [_column(frame, field, source=source) for field in self.fields]
+        out = np.empty((len(frame), len(self.fields)), dtype=np.int64)
+        for j, (field, column) in enumerate(zip(self.fields, columns, strict=True)):
+            out[:, j] = self.by_field[field].encode(column, null_values, source=source)
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        """``{field: vocabulary size including <unk>}``."""
+        return {field: self.by_field[field].size for field in self.fields}
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        """``{field: {value: index}}`` including ``"<unk>": 0`` (the vocabularies.json format)."""
+        return {field: self.by_field[field].index_of() for field in self.fields}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = VOCABULARIES_FILE) -> Vocabularies:
+        """Read :meth:`to_dict` output back, keeping its indices.
+
+        Raises:
+            MetadataError (naming ``source``): not a mapping of mappings, ``"<unk>"`` is not 0, or
+                the other indices are not exactly ``1..K``.
+        """
+        redo = "Re-run preprocessing to rebuild it."
+        if not isinstance(d, Mapping) or not d:
+            raise MetadataError(f"{source}: expected a non-empty JSON object of fields. {redo}")
+        by_field: dict[str, FieldVocabulary] = {}
+        for field, mapping in d.items():
+            where = f"{source}: field {field!r}"
+            if not isinstance(mapping, Mapping):
+                raise MetadataError(f"{where}: expected an object {{value: index}}. {redo}")
+            if mapping.get(UNK) != UNK_INDEX or isinstance(mapping.get(UNK), bool):
+                raise MetadataError(
+                    f"{where}: {UNK!r} must have index {UNK_INDEX}, got {mapping.get(UNK)!r}. "
+                    + redo
+                )
+            items = [(v, i) for v, i in mapping.items() if v != UNK]
+            bad = [
+                (v, i)
+                for v, i in items
+                if not isinstance(v, str) or isinstance(i, bool) or not isinstance(i, int)
+            ]
+            if bad:
+                raise MetadataError(f"{where}: invalid entries {bad[:5]!r}. {redo}")
+            items.sort(key=lambda item: item[1])
+            if [i for _, i in items] != list(range(1, len(items) + 1)):
+                raise MetadataError(
+                    f"{where}: the indices of the known values must be 1..{len(items)} without "
+                    f"gaps or repeats, got {sorted(i for _, i in items)[:_MAX_LISTED]!r}. {redo}"
+                )
+            by_field[str(field)] = FieldVocabulary(str(field), tuple(v for v, _ in items))
+        return cls(tuple(by_field), by_field)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_json_atomic(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_preprocessed(out_dir: Path, specs: Mapping[str, FieldSpec]) -> tuple[Path, Path]:
+    """Write ``vocabularies.json`` (used fields) and ``field_specs.json`` (every spec).
+
+    Each file is written to a temporary file in ``out_dir`` and renamed into place, so a reader
+    never sees a half-written file. ``out_dir`` is created if needed.
+
+    Returns:
+        ``(vocabularies path, field specs path)``.
+
+    Raises:
+        MetadataError: no field is usable (nothing is written then).
+    """
+    vocabularies = Vocabularies.from_specs(specs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_path = out_dir / VOCABULARIES_FILE
+    specs_path = out_dir / FIELD_SPECS_FILE
+    _write_json_atomic(specs_path, [spec.to_dict() for spec in specs.values()])
+    _write_json_atomic(vocab_path, vocabularies.to_dict())
+    return vocab_path, specs_path
+
+
+def _read_json(path: Path) -> Any:
+    redo = "Re-run preprocessing to create it."
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: file not found. {redo}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"{path}: cannot be read ({exc}). {redo}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"{path}: is not valid JSON ({exc}). {redo}") from None
+
+
+def load_preprocessed(dir: Path) -> tuple[Vocabularies, dict[str, FieldSpec]]:
+    """Read what :func:`save_preprocessed` wrote in ``dir``.
+
+    Returns:
+        ``(vocabularies, {field: FieldSpec})``, specs in file order.
+
+    Raises:
+        MetadataError: a file is missing, corrupt, or the two files disagree (the message names
+            the file).
+    """
+    directory = Path(dir)
+    vocab_path = directory / VOCABULARIES_FILE
+    specs_path = directory / FIELD_SPECS_FILE
+    vocabularies = Vocabularies.from_dict(_read_json(vocab_path), source=str(vocab_path))
+
+    raw_specs = _read_json(specs_path)
+    if not isinstance(raw_specs, list):
+        raise MetadataError(
+            f"{specs_path}: expected a JSON list of field specs. Re-run preprocessing."
+        )
+    specs: dict[str, FieldSpec] = {}
+    for entry in raw_specs:
+        try:
+            spec = FieldSpec.from_dict(entry)
+        except MetadataError as exc:
+            raise MetadataError(f"{specs_path}: {exc}") from None
+        if spec.field in specs:
+            raise MetadataError(
+                f"{specs_path}: field {spec.field!r} appears twice. Re-run preprocessing."
+            )
+        specs[spec.field] = spec
+
+    used = [spec.field for spec in specs.values() if spec.using]
+    mismatch = list(vocabularies.fields) != used or any(
+        set(vocabularies.by_field[f].values) != set(specs[f].counts) for f in used
+    )
+    if mismatch:
+        raise MetadataError(
+            f"{vocab_path} and {specs_path} disagree about the fields or their values (were they "
+            "written by different runs?). Re-run preprocessing to rebuild both."
+        )
+    return vocabularies, specs

@@ -1,0 +1,169 @@
+"""The context-conditioned cycle autoencoder (CAE), readable in one sitting.
+
+Expression is explained additively, one term per head::
+
+    x_hat = x_hat_base + sum_f x_hat_f                                  # (B, G)
+
+* base head: a tied, bias-free linear autoencoder, ``h = x W^T`` and ``x_hat_base = h W``;
+* one head per metadata field f: an encoder ``E_f`` (G -> L), a decoder ``D_f`` (L -> G), both
+  bias-free and untied, and one L x L context map per category of f. Encoding with the source
+  contexts gives ``h_f = C_f[source](E_f x)``; decoding to the target contexts gives
+  ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale.
+
+Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimiser step).
+Context maps are applied to the whole batch at once, never in a Python loop over categories.
+Shapes: B cells, G genes, L latent size, K_f categories of field f (index 0 is ``<unk>``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+def apply_context_maps(h: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Multiply every cell's latent vector by its own context's map, for the whole batch at once.
+
+    Args:
+        h: (B, L) latent vectors.
+        maps: (K, L, L) one map per category.
+        index: (B,) int64 category of each cell.
+
+    Returns:
+        (B, L) with row b equal to ``h[b] @ maps[index[b]]``.
+    """
+    return torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)  # (B, 1, L) @ (B, L, L)
+
+
+class CAEOutput(NamedTuple):
+    """Everything one forward pass computes; contributions come free from the per-head outputs."""
+
+    output: torch.Tensor  # (B, G) base + sum of field heads
+    base: torch.Tensor  # (B, G) base head output
+    fields: dict[str, torch.Tensor]  # field -> (B, G) scaled field head output
+    base_hidden: torch.Tensor  # (B, L) base head latent
+    field_hidden: dict[str, torch.Tensor]  # field -> (B, L) latent after the source context map
+
+
+class FieldHead(nn.Module):
+    """One metadata field's encoder, decoder and per-category context maps (no output scale)."""
+
+    def __init__(self, n_genes: int, latent_dim: int, n_contexts: int, offsets: bool) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(n_genes, latent_dim, bias=False)  # E_f: G -> L
+        self.decoder = nn.Linear(latent_dim, n_genes, bias=False)  # D_f: L -> G
+        # Identity maps: every context starts out the same and learns to differ.
+        self.context_maps = nn.Parameter(torch.eye(latent_dim).repeat(n_contexts, 1, 1))
+        # Optional per-context gene-space offsets b_f[k] (K, G), zero at first.
+        self.offsets = nn.Parameter(torch.zeros(n_contexts, n_genes)) if offsets else None
+
+    def encode(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """(B, G), (B,) -> (B, L): the latent of each cell in its source context."""
+        return apply_context_maps(self.encoder(x), self.context_maps, source)
+
+    def decode(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, G): expression of each latent in its target context, unscaled."""
+        return self.decoder(apply_context_maps(h, self.context_maps, target))
+
+    def offset(self, target: torch.Tensor) -> torch.Tensor | None:
+        """(B,) -> (B, G) the target contexts' gene-space offsets, or None without offsets."""
+        return None if self.offsets is None else self.offsets[target]
+
+
+class CAE(nn.Module):
+    """Base head plus one :class:`FieldHead` per metadata field; all parameters non-negative.
+
+    Args:
+        n_genes: G, genes per cell.
+        latent_dim: L, latent size of every head.
+        field_sizes: ``{field: K_f}``, categories per field including the ``<unk>`` index 0, in the
+            column order of the context tensors.
+        logit_scale: s, the scale of every field head's decoder output (the seed's 0.0159).
+        context_offsets: give every context of every field a learned non-negative gene-space
+            offset added (unscaled) to its head's output: ``x_hat_f = s * D_f(...) + b_f[target]``.
+            An extension of the seed's design (False restores it); the output stays a sum of
+            per-field gene-space terms.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        latent_dim: int,
+        field_sizes: dict[str, int],
+        logit_scale: float,
+        context_offsets: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_genes = n_genes
+        self.latent_dim = latent_dim
+        self.fields: tuple[str, ...] = tuple(field_sizes)
+        self.logit_scale = logit_scale
+        self.base = nn.Parameter(torch.empty(latent_dim, n_genes))  # W: (L, G), tied
+        self.heads = nn.ModuleList(
+            FieldHead(n_genes, latent_dim, size, context_offsets) for size in field_sizes.values()
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Non-negative uniform weights sized so that an untrained base head roughly reproduces the
+        scale of its input (U(0, a) with a = 2 / sqrt(L G)); identity context maps."""
+        bound = 2.0 / math.sqrt(self.latent_dim * self.n_genes)
+        nn.init.uniform_(self.base, 0.0, bound)
+        for head in self.heads:
+            nn.init.uniform_(head.encoder.weight, 0.0, bound)
+            nn.init.uniform_(head.decoder.weight, 0.0, bound)
+
+    def forward(
+        self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor | None = None
+    ) -> CAEOutput:
+        """Encode ``x`` in its source contexts and decode it in the target contexts.
+
+        Args:
+            x: (B, G) model-space expression.
+            source: (B, F) int64 category of each cell for each field.
+            target: (B, F) int64 categories to decode into; ``None`` reconstructs in ``source``.
+
+        Returns:
+            A :class:`CAEOutput` with the summed output, every head's output and latents.
+        """
+        target = source if target is None else target
+        base_hidden = x @ self.base.T  # (B, L)
+        base = base_hidden @ self.base  # (B, G)
+        fields: dict[str, torch.Tensor] = {}
+        field_hidden: dict[str, torch.Tensor] = {}
+        for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
+            hidden = head.encode(x, source[:, column])  # (B, L)
+            field_hidden[field] = hidden
+            values = self.logit_scale * head.decode(hidden, target[:, column])  # (B, G)
+            offset = head.offset(target[:, column])
+            fields[field] = values if offset is None else values + offset
+        output = base + sum(fields.values()) if fields else base
+        return CAEOutput(output, base, fields, base_hidden, field_hidden)
+
+    @torch.no_grad()
+    def project_nonnegative(self) -> None:
+        """Clamp every parameter to >= 0 in place (call after each optimiser step)."""
+        torch._foreach_clamp_min_(list(self.parameters()), 0.0)
+
+    def field_sizes(self) -> dict[str, int]:
+        """``{field: K_f}`` as given at construction."""
+        return {
+            f: head.context_maps.shape[0] for f, head in zip(self.fields, self.heads, strict=True)
+        }
+
+
+def contribution_l2(out: CAEOutput) -> dict[str, torch.Tensor]:
+    """Per-cell L2 norm over genes of every head's output: ``{"base": (B,), field: (B,), ...}``."""
+    norms = {"base": torch.linalg.vector_norm(out.base, dim=1)}
+    for field, values in out.fields.items():
+        norms[field] = torch.linalg.vector_norm(values, dim=1)
+    return norms
+
+
+def heads(fields: Sequence[str]) -> list[str]:
+    """Names of all heads in report order: ``base`` then the fields."""
+    return ["base", *fields]

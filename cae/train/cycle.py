@@ -1,0 +1,156 @@
+"""One cycle-training step's pieces: target sampling and the loss terms.
+
+For each mini-batch every enabled field of every cell gets a target category, drawn uniformly from
+the field's other known categories (``<unk>`` is never a target). Cycle 1 maps ``(x, source ->
+target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
+
+* reconstruction: cycle-2 output vs ``x``;
+* integration: every head's latent in cycle 1 vs cycle 2 (the cell's identity survives the trip);
+* target consistency: the frozen classifier should read cycle-1 output as the targets;
+* self reconstruction (an extension of the seed's design, weight 0 restores it): ``(x, source ->
+  source)`` vs ``x``;
+* parsimony (an extension, weight 0 restores the seed): the mean squared output of the field heads
+  in the self pass, so that what the base head can explain stays there and each field's
+  contribution measures what only that field explains;
+* the classifier's own supervised loss on real cells (a separate optimiser).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cae.config import LossWeights
+from cae.data.vocabulary import UNK_INDEX
+from cae.model.cae import CAE, CAEOutput
+from cae.model.classifier import ContextClassifier
+
+
+@dataclass
+class GeneratorLosses:
+    """The autoencoder's loss terms for one batch (scalar tensors) and the outputs behind them."""
+
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    integration: torch.Tensor
+    target: torch.Tensor
+    self_reconstruction: torch.Tensor
+    parsimony: torch.Tensor
+    cycle1: CAEOutput
+    own: CAEOutput  # the cell in its own context: (x, source -> source)
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        """The named terms, for logging."""
+        return {
+            "loss": self.total,
+            "reconstruction": self.reconstruction,
+            "integration": self.integration,
+            "target": self.target,
+            "self_reconstruction": self.self_reconstruction,
+            "parsimony": self.parsimony,
+        }
+
+
+def sample_targets(
+    source: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw a target category for every field of every cell, uniform over the other known ones.
+
+    Args:
+        source: (B, F) int64 source categories, 0 = ``<unk>``.
+        sizes: (F,) int64 categories per field including ``<unk>`` (each field has >= 2 known).
+        generator: a CPU generator (draws happen on the CPU so that runs are reproducible on any
+            device).
+
+    Returns:
+        (B, F) int64 targets in ``1..K_f-1``, never equal to a known source.
+    """
+    source_cpu = source.cpu()
+    known = (sizes - 1).unsqueeze(0)  # (1, F) known categories per field
+    unknown_source = source_cpu == UNK_INDEX  # (B, F)
+    choices = torch.where(unknown_source, known, known - 1)  # (B, F) categories to choose from
+    draw = (torch.rand(source_cpu.shape, generator=generator) * choices).long()  # (B, F)
+    target = draw + 1  # skip <unk>
+    # Skip over the source category itself: values at or above it shift up by one.
+    target = torch.where(~unknown_source & (target >= source_cpu), target + 1, target)
+    return target.to(source.device)
+
+
+def generator_losses(
+    model: CAE,
+    classifier: ContextClassifier,
+    x: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    weights: LossWeights,
+) -> GeneratorLosses:
+    """Run both cycles (and the self pass) and weigh the autoencoder's loss terms.
+
+    The classifier's parameters must be frozen by the caller (``requires_grad_(False)``): its
+    output steers the autoencoder but it does not learn from generated cells.
+
+    Args:
+        model: the autoencoder.
+        classifier: the (frozen) context classifier.
+        x: (B, G) model-space expression.
+        source: (B, F) source categories.
+        target: (B, F) target categories from :func:`sample_targets`.
+        weights: the loss weights.
+
+    Returns:
+        The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
+    """
+    cycle1 = model(x, source, target)
+    cycle2 = model(cycle1.output, target, source)
+    reconstruction = F.mse_loss(cycle2.output, x)
+    latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
+    latents += [F.mse_loss(cycle2.field_hidden[f], cycle1.field_hidden[f]) for f in model.fields]
+    integration = torch.stack(latents).mean()
+    logits = classifier(cycle1.output)
+    target_terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]
+    target_loss = torch.stack(target_terms).mean() if target_terms else x.new_zeros(())
+    own = model(x, source)
+    self_reconstruction = F.mse_loss(own.output, x)
+    heads = [values.square().mean() for values in own.fields.values()]
+    parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
+    total = (
+        weights.reconstruction * reconstruction
+        + weights.integration * integration
+        + weights.target * target_loss
+        + weights.self_reconstruction * self_reconstruction
+        + weights.parsimony * parsimony
+    )
+    return GeneratorLosses(
+        total, reconstruction, integration, target_loss, self_reconstruction, parsimony, cycle1, own
+    )
+
+
+def classifier_loss(
+    classifier: ContextClassifier, x: torch.Tensor, source: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The classifier's supervised loss on real cells, ignoring ``<unk>`` labels.
+
+    Args:
+        classifier: the context classifier (trainable).
+        x: (B, G) real model-space expression.
+        source: (B, F) true categories.
+
+    Returns:
+        ``(loss, correct, labelled)``: the mean cross-entropy over fields, and per field (F,) the
+        count of correctly classified cells and of cells with a known label (accuracy =
+        correct / labelled; kept as counts so that epochs average exactly).
+    """
+    logits = classifier(x)
+    terms, correct, labelled = [], [], []
+    for i, logit in enumerate(logits):
+        labels = source[:, i]
+        known = labels != UNK_INDEX
+        # A sum over known labels divided by their count: no host sync, and 0 (not NaN) when a
+        # batch has no known label for a field.
+        ce = F.cross_entropy(logit, labels, ignore_index=UNK_INDEX, reduction="sum")
+        terms.append(ce / known.sum().clamp_min(1))
+        correct.append(((logit.argmax(dim=1) == labels) & known).sum())
+        labelled.append(known.sum())
+    return torch.stack(terms).mean(), torch.stack(correct), torch.stack(labelled)

@@ -1,0 +1,527 @@
+"""The training loop: epochs, validation, contributions, checkpoints and callbacks.
+
+``train(settings)`` is the one training path: the ``cae train`` command, the MLproject and Optuna
+objectives all call it. It knows nothing of MLflow: it emits events to :class:`Callback` objects
+(``cae.tracking`` provides the MLflow/TensorBoard one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from cae import __version__
+from cae.config import Settings, settings_from_dict
+from cae.data.loader import (
+    ChunkDataset,
+    EpochOrder,
+    LoadedChunk,
+    chunk_loader,
+    epoch_seed,
+    iter_batches,
+    split_rows,
+)
+from cae.data.store import DataStore
+from cae.data.vocabulary import FieldSpec, Vocabularies, build_field_specs, save_preprocessed
+from cae.errors import CAEError, CheckpointError, ConfigError
+from cae.model.cae import contribution_l2
+from cae.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    TrainedModel,
+    build_networks,
+    read_checkpoint,
+    save_checkpoint,
+)
+from cae.train.cycle import classifier_loss, generator_losses, sample_targets
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingError(CAEError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a training produced."""
+
+    out_dir: Path
+    checkpoint: Path
+    epochs: int  # epochs completed in total (resumed runs included)
+    history: list[dict[str, float]]  # one metrics dict per epoch
+    contributions: pd.DataFrame  # per field and context value, from the last evaluation
+    vocabularies: Vocabularies
+    field_specs: dict[str, FieldSpec]
+    data_fingerprint: str
+
+    @property
+    def final(self) -> dict[str, float]:
+        """The last epoch's metrics."""
+        return self.history[-1]
+
+
+class Callback:
+    """Receives training events; override what you need (every method is a no-op here)."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Called once data, vocabularies and networks are ready, before the first epoch."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        """Called after each epoch's validation with that epoch's metrics."""
+
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        """Called after a checkpoint was written."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """Called once after the last epoch."""
+
+
+class _Means:
+    """Sums and counts kept on the device; read back once per epoch (no per-step host sync)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor | float] = {}
+
+    def add(self, name: str, total: torch.Tensor, count: torch.Tensor | float) -> None:
+        self.sums[name] = self.sums.get(name, 0) + total.detach().float()
+        self.counts[name] = self.counts.get(name, 0) + count
+
+    def read(self, prefix: str) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        totals = torch.stack([self.sums[n] for n in names]).cpu().tolist()
+        counts = [float(c) for c in torch.tensor([float(self.counts[n]) for n in names]).tolist()]
+        return {f"{prefix}{n}": t / c for n, t, c in zip(names, totals, counts, strict=True) if c}
+
+
+class _ContextTable:
+    """Per field and context value: cells, and summed L2 of the field's head, base and all heads."""
+
+    def __init__(self, vocabularies: Vocabularies, device: torch.device) -> None:
+        self.vocabularies = vocabularies
+        sizes = vocabularies.sizes()
+        self.sums = {f: torch.zeros(sizes[f], 4, device=device) for f in vocabularies.fields}
+
+    def add(self, contexts: torch.Tensor, norms: dict[str, torch.Tensor]) -> None:
+        total = torch.stack(list(norms.values())).sum(dim=0)  # (B,)
+        for column, name in enumerate(self.vocabularies.fields):
+            values = torch.stack(
+                [torch.ones_like(total), norms[name], norms["base"], total], dim=1
+            )  # (B, 4)
+            self.sums[name].index_add_(0, contexts[:, column], values)
+
+    def frame(self) -> pd.DataFrame:
+        rows = []
+        for name in self.vocabularies.fields:
+            labels = ["<unk>", *self.vocabularies.by_field[name].values]
+            for index, (n, field_l2, base_l2, total) in enumerate(self.sums[name].cpu().tolist()):
+                if n > 0:
+                    rows.append(
+                        {
+                            "field": name,
+                            "value": labels[index],
+                            "n_cells": int(n),
+                            "contrib_l2": field_l2 / n,
+                            "contrib_share": field_l2 / total if total else 0.0,
+                            "base_l2": base_l2 / n,
+                        }
+                    )
+        return pd.DataFrame(
+            rows, columns=["field", "value", "n_cells", "contrib_l2", "contrib_share", "base_l2"]
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch reads it.
+
+    Raises:
+        ConfigError: a CUDA device was asked for but is not available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use cpu")
+    return device
+
+
+def default_out_dir(settings: Settings) -> Path:
+    """``runs/<UTC time>-<fields>`` under the working directory."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{'-'.join(settings.data.fields)}"
+
+
+class Trainer:
+    """Holds one training's data, networks and optimisers; :meth:`fit` runs the epochs.
+
+    Args:
+        settings: the settings.
+        callbacks: receivers of training events.
+
+    Raises:
+        CAEError: bad data, settings, or an output folder that would be overwritten.
+    """
+
+    def __init__(self, settings: Settings, callbacks: Sequence[Callback] = ()) -> None:
+        self.settings = settings
+        self.callbacks = list(callbacks)
+        cfg = settings
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
+        torch.set_flush_denormal(True)  # clamped weights near zero turn denormal and slow the CPU
+        self.device = resolve_device(cfg.train.device)
+        self.out_dir = Path(cfg.output.dir) if cfg.output.dir else default_out_dir(cfg)
+        self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+        resume_payload = self._check_out_dir()
+
+        self.store = DataStore.open(cfg.data)
+        for chunk_id in cfg.data.val_chunks:
+            self.store.chunk(chunk_id)
+        self.fingerprint = self.store.fingerprint()
+        if resume_payload is not None:
+            self.vocabularies = Vocabularies.from_dict(resume_payload["vocabularies"])
+            self.field_specs = {
+                d["field"]: FieldSpec.from_dict(d) for d in resume_payload["field_specs"]
+            }
+            if resume_payload.get("data_fingerprint") != self.fingerprint:
+                log.warning("resuming on data whose fingerprint differs from the checkpoint's")
+        else:
+            self.field_specs = build_field_specs(
+                self.store.iter_metadata(cfg.data.fields), cfg.data.fields, cfg.data.null_values
+            )
+            self.vocabularies = Vocabularies.from_specs(self.field_specs)
+        for spec in self.field_specs.values():
+            if not spec.using:
+                log.warning("field '%s' is skipped: %s", spec.field, spec.reason)
+        if cfg.data.validate_values == "full" and resume_payload is None:
+            self.store.check_values(cfg.data.transform, progress=cfg.train.progress)
+
+        torch.manual_seed(cfg.train.seed)
+        sizes = self.vocabularies.sizes()
+        self.model, self.classifier = build_networks(cfg, self.store.n_genes, sizes)
+        self.model.to(self.device)
+        self.classifier.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.classifier_optimizer = torch.optim.Adam(
+            self.classifier.parameters(), lr=cfg.train.classifier_lr
+        )
+        self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
+        self.history: list[dict[str, float]] = []
+        self.start_epoch = 1
+        if resume_payload is not None:
+            self._restore(resume_payload)
+
+        dataset = ChunkDataset(
+            self.store,
+            self.vocabularies,
+            cfg.data.null_values,
+            val_chunks=cfg.data.val_chunks,
+            val_fraction=cfg.data.val_fraction,
+            seed=cfg.train.seed,
+        )
+        train_idx, val_idx, self.n_train_cells, self.n_val_cells = self._split_counts()
+        if not train_idx:
+            raise ConfigError("every chunk is a validation chunk; leave some for training")
+        self.order = EpochOrder(train_idx, cfg.train.seed)
+        workers, prefetch = cfg.data.num_workers, cfg.data.prefetch_factor
+        self.train_loader = chunk_loader(dataset, self.order, workers, prefetch)
+        # Without held-out cells, epochs are evaluated on the training cells.
+        self.eval_rows = "val_rows" if val_idx else "train_rows"
+        self.eval_loader = chunk_loader(dataset, val_idx or train_idx, workers, prefetch)
+
+    def _check_out_dir(self) -> dict | None:
+        output = self.settings.output
+        has_checkpoint = self.checkpoint_path.is_file()
+        if output.resume:
+            if not has_checkpoint:
+                raise CheckpointError(
+                    f"cannot resume: no checkpoint at {self.checkpoint_path}; pass the --out "
+                    "folder of the training to continue"
+                )
+            payload = read_checkpoint(self.checkpoint_path)
+            saved = settings_from_dict(payload["settings"], str(self.checkpoint_path))
+            if saved.model != self.settings.model:
+                raise ConfigError(
+                    f"cannot resume {self.checkpoint_path} with other model settings: saved "
+                    f"{saved.model!r}, now {self.settings.model!r}"
+                )
+            if saved.data.fields != self.settings.data.fields:
+                raise ConfigError(
+                    f"cannot resume with fields {self.settings.data.fields}: the checkpoint was "
+                    f"trained on {saved.data.fields}"
+                )
+            return payload
+        if has_checkpoint and not output.overwrite:
+            raise CheckpointError(
+                f"{self.out_dir} already holds a training; pass --resume to continue it, "
+                "--overwrite to replace it, or --out to choose another folder"
+            )
+        return None
+
+    def _restore(self, payload: dict) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.classifier.load_state_dict(payload["classifier"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.classifier_optimizer.load_state_dict(payload["classifier_optimizer"])
+        self.history = list(payload["history"])
+        self.start_epoch = int(payload["epoch"]) + 1
+        if self.start_epoch > self.settings.train.epochs:
+            raise ConfigError(
+                f"{self.checkpoint_path} already finished {payload['epoch']} epochs; "
+                f"raise --epochs above {payload['epoch']} to train longer"
+            )
+        log.info("resuming %s after epoch %d", self.out_dir, payload["epoch"])
+
+    def _split_counts(self) -> tuple[list[int], list[int], int, int]:
+        data, seed = self.settings.data, self.settings.train.seed
+        held_out = {int(c) for c in data.val_chunks}
+        train_idx, val_idx, n_train, n_val = [], [], 0, 0
+        for index, chunk in enumerate(self.store.chunks):
+            train_rows, val_rows = split_rows(
+                chunk.chunk_id,
+                chunk.n_cells,
+                data.val_fraction,
+                seed,
+                held_out=int(chunk.chunk_id) in held_out,
+            )
+            if len(train_rows):
+                train_idx.append(index)
+            if len(val_rows):
+                val_idx.append(index)
+            n_train += len(train_rows)
+            n_val += len(val_rows)
+        return train_idx, val_idx, n_train, n_val
+
+    def _emit(self, event: str, *args: object) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    def fit(self) -> TrainResult:
+        """Train from the start (or the resumed epoch) to ``train.epochs``.
+
+        Returns:
+            The :class:`TrainResult`.
+
+        Raises:
+            TrainingError: a loss became non-finite (the last good checkpoint is kept).
+        """
+        cfg = self.settings
+        self._write_static_files()
+        self._emit("on_train_start")
+        table = pd.DataFrame()
+        for epoch in range(self.start_epoch, cfg.train.epochs + 1):
+            started = time.perf_counter()
+            metrics = {"epoch": float(epoch)}
+            metrics.update(self._train_epoch(epoch))
+            evaluation, table = self._evaluate()
+            metrics.update(evaluation)
+            seconds = time.perf_counter() - started
+            metrics["time/epoch_seconds"] = seconds
+            metrics["time/cells_per_second"] = self.n_train_cells / seconds
+            if not math.isfinite(metrics["train/loss"]):
+                raise TrainingError(
+                    f"the training loss became {metrics['train/loss']} in epoch {epoch}; the last "
+                    f"good checkpoint is kept at {self.checkpoint_path}; lower train.lr (--lr) "
+                    "or check the input transform"
+                )
+            self.history.append(metrics)
+            self._log_epoch(epoch, metrics)
+            self._save(epoch)
+            self._emit("on_epoch_end", epoch, metrics)
+            self._emit("on_checkpoint", self.checkpoint_path)
+        if table.empty:  # resumed at the last epoch: evaluate once for the table
+            _, table = self._evaluate()
+        table.to_csv(self.out_dir / "contributions.csv", index=False)
+        result = TrainResult(
+            self.out_dir,
+            self.checkpoint_path,
+            int(self.history[-1]["epoch"]) if self.history else 0,
+            self.history,
+            table,
+            self.vocabularies,
+            self.field_specs,
+            self.fingerprint,
+        )
+        self._emit("on_train_end", result)
+        return result
+
+    def _batches(
+        self, loader: Iterable[LoadedChunk], rows: str, generator: torch.Generator | None
+    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.settings
+        for chunk in loader:
+            for batch in iter_batches(
+                chunk,
+                getattr(chunk, rows),
+                cfg.train.batch_size,
+                self.device,
+                cfg.data.transform,
+                generator,
+            ):
+                yield batch.x, batch.contexts
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.settings
+        self.order.set_epoch(epoch)
+        rows_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, "rows"))
+        target_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, "targets"))
+        self.model.train()
+        self.classifier.train()
+        means = _Means()
+        bar = tqdm(
+            total=self.n_train_cells,
+            desc=f"epoch {epoch}/{cfg.train.epochs}",
+            unit="cell",
+            unit_scale=True,
+            disable=not cfg.train.progress,
+            leave=False,
+        )
+        with bar:
+            for x, source in self._batches(self.train_loader, "train_rows", rows_gen):
+                n = x.shape[0]
+                target = sample_targets(source, self.sizes, target_gen)
+                self.classifier.requires_grad_(False)
+                losses = generator_losses(
+                    self.model, self.classifier, x, source, target, cfg.train.weights
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                losses.total.backward()
+                self.optimizer.step()
+                self.model.project_nonnegative()
+                self.classifier.requires_grad_(True)
+
+                c_loss, _, _ = classifier_loss(self.classifier, x, source)
+                self.classifier_optimizer.zero_grad(set_to_none=True)
+                (cfg.train.weights.classifier * c_loss).backward()
+                self.classifier_optimizer.step()
+
+                for name, value in losses.terms().items():
+                    means.add(name, value * n, n)
+                means.add("classifier", c_loss * n, n)
+                bar.update(n)
+        return means.read("train/")
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[dict[str, float], pd.DataFrame]:
+        """Losses, classifier accuracies and contributions on the held-out cells (the training
+        cells when nothing is held out), with targets drawn the same way every epoch."""
+        cfg = self.settings
+        self.model.eval()
+        self.classifier.eval()
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation"))
+        means = _Means()
+        table = _ContextTable(self.vocabularies, self.device)
+        fields = self.vocabularies.fields
+        for x, source in self._batches(self.eval_loader, self.eval_rows, None):
+            n = x.shape[0]
+            target = sample_targets(source, self.sizes, generator)
+            losses = generator_losses(
+                self.model, self.classifier, x, source, target, cfg.train.weights
+            )
+            for name, value in losses.terms().items():
+                means.add(name, value * n, n)
+            c_loss, correct, labelled = classifier_loss(self.classifier, x, source)
+            means.add("classifier", c_loss * n, n)
+            target_logits = self.classifier(losses.cycle1.output)
+            for i, name in enumerate(fields):
+                means.add(f"accuracy/{name}", correct[i], labelled[i])
+                hits = (target_logits[i].argmax(dim=1) == target[:, i]).sum()
+                means.add(f"target_accuracy/{name}", hits, n)
+            norms = contribution_l2(losses.own)
+            for head, values in norms.items():
+                means.add(f"contrib_l2/{head}", values.sum(), n)
+            table.add(source, norms)
+        prefix = "val/" if self.eval_rows == "val_rows" else "eval/"
+        raw = means.read("")
+        metrics = {f"{prefix}{k}": v for k, v in raw.items() if not k.startswith("contrib")}
+        l2 = {k.removeprefix("contrib_l2/"): v for k, v in raw.items() if k.startswith("contrib")}
+        total = sum(l2.values())
+        for head, value in l2.items():
+            metrics[f"contrib_l2/{head}"] = value
+            metrics[f"contrib_share/{head}"] = value / total if total else 0.0
+        return metrics, table.frame()
+
+    def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        heads = ["base", *self.vocabularies.fields]
+        shares = " ".join(f"{h} {metrics.get(f'contrib_share/{h}', 0):.3f}" for h in heads)
+        val_key = "val/reconstruction" if "val/reconstruction" in metrics else "eval/reconstruction"
+        log.info(
+            "epoch %d/%d  train loss %.4f  %s %.4f  shares: %s  (%.1fs)",
+            epoch,
+            self.settings.train.epochs,
+            metrics["train/loss"],
+            val_key,
+            metrics.get(val_key, float("nan")),
+            shares,
+            metrics["time/epoch_seconds"],
+        )
+
+    def _write_static_files(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        settings_json = json.dumps(self.settings.model_dump(mode="json"), indent=1)
+        (self.out_dir / "settings.json").write_text(settings_json + "\n")
+        (self.out_dir / "genes.txt").write_text("\n".join(self.store.genes) + "\n")
+        save_preprocessed(self.out_dir, self.field_specs)
+
+    def _save(self, epoch: int) -> None:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "classifier": self.classifier.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "classifier_optimizer": self.classifier_optimizer.state_dict(),
+            "settings": self.settings.model_dump(mode="json"),
+            "vocabularies": self.vocabularies.to_dict(),
+            "field_specs": [spec.to_dict() for spec in self.field_specs.values()],
+            "genes": self.store.genes,
+            "history": self.history,
+            "data_fingerprint": self.fingerprint,
+        }
+        save_checkpoint(self.checkpoint_path, payload)
+        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
+
+    def trained_model(self) -> TrainedModel:
+        """The networks as they are now, with vocabularies and settings, for counterfactuals."""
+        return TrainedModel(
+            self.model,
+            self.classifier,
+            self.vocabularies,
+            self.field_specs,
+            self.settings,
+            self.store.genes,
+            int(self.history[-1]["epoch"]) if self.history else 0,
+            self.history,
+        )
+
+
+def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train a CAE: the one training path shared by the CLI, MLproject and tuning.
+
+    Args:
+        settings: every setting (see :mod:`cae.config`).
+        callbacks: receivers of training events (tracking, progress, pruning).
+
+    Returns:
+        The :class:`TrainResult` (output folder, checkpoint, per-epoch history, contributions).
+
+    Raises:
+        CAEError: bad data or settings (a message naming the file, field or value), an output
+            folder that would be overwritten, or a non-finite loss.
+    """
+    return Trainer(settings, callbacks).fit()

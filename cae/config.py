@@ -128,7 +128,7 @@ class LossWeights(_Section):
         description="Direct source-to-source reconstruction (0 = the seed's design exactly).",
     )
     parsimony: float = Field(
-        0.0,
+        0.1,
         ge=0.0,
         description="Penalty on the field heads' squared output (0 = the seed's design exactly).",
     )
@@ -140,7 +140,7 @@ class TrainConfig(_Section):
 
     epochs: int = Field(10, ge=1, description="Total epochs (a resumed run continues up to this).")
     batch_size: int = Field(128, ge=1, description="Cells per mini-batch.")
-    lr: float = Field(1e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
+    lr: float = Field(3e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
     classifier_lr: float = Field(1e-3, gt=0.0, description="Learning rate of the classifier.")
     weights: LossWeights = LossWeights()
     seed: int = Field(0, description="Seed of initialisation, shuffling and target sampling.")

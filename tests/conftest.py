@@ -1,0 +1,56 @@
+"""Shared fixtures: synthetic data sets with known truth, and one trained model per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cae.config import Settings, load_settings
+from cae.data.synth import SynthConfig, generate
+from cae.train.trainer import TrainResult, train
+
+
+def quick_settings(data: Path, out: Path, **overrides: Any) -> Settings:
+    """Settings for a fast, quiet training on ``data`` writing to ``out``."""
+    values = {
+        "data.path": str(data),
+        "data.num_workers": 0,
+        "output.dir": str(out),
+        "train.progress": False,
+        "train.epochs": 2,
+        "train.batch_size": 64,
+        "model.latent_dim": 8,
+        "model.classifier_hidden": 16,
+    }
+    values.update(overrides)
+    return load_settings(None, values)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 cells x 30 genes in 3 chunks: for behaviour, not learning."""
+    return generate(
+        tmp_path_factory.mktemp("small") / "data", SynthConfig(n_cells=600, n_genes=30, n_chunks=3)
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo data set (the defaults of `cae synth`): 6,000 cells x 200 genes in 6 chunks."""
+    return generate(tmp_path_factory.mktemp("demo") / "data", SynthConfig())
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """One training on the demo data with the demo preset (experiments/demo.toml)."""
+    settings = load_settings(
+        Path(__file__).parents[1] / "experiments" / "demo.toml",
+        {
+            "data.path": str(demo_data),
+            "output.dir": str(tmp_path_factory.mktemp("demo_run")),
+            "train.progress": False,
+        },
+    )
+    return train(settings)

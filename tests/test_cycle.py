@@ -1,0 +1,84 @@
+"""Cycle training pieces: target sampling and the loss terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cae.config import LossWeights
+from cae.model.cae import CAE
+from cae.model.classifier import ContextClassifier
+from cae.train.cycle import classifier_loss, generator_losses, sample_targets
+
+SIZES = torch.tensor([5, 3, 4])  # <unk> + 4, <unk> + 2, <unk> + 3 known values
+
+
+def test_targets_are_known_and_differ_from_a_known_source():
+    generator = torch.Generator().manual_seed(0)
+    source = torch.stack([torch.randint(0, int(k), (5000,), generator=generator) for k in SIZES], 1)
+    target = sample_targets(source, SIZES, generator)
+    assert (target >= 1).all(), "<unk> (index 0) is never a target"
+    assert (target < SIZES).all()
+    known = source != 0
+    assert not (target == source)[known].any()
+
+
+def test_targets_are_uniform_over_the_other_known_values():
+    generator = torch.Generator().manual_seed(1)
+    source = torch.full((30_000, 3), 2)
+    source[:, 2] = 0  # an unknown source may go to any known value
+    target = sample_targets(source, SIZES, generator)
+    first = torch.bincount(target[:, 0], minlength=5).float() / len(target)
+    torch.testing.assert_close(first, torch.tensor([0, 1 / 3, 0, 1 / 3, 1 / 3]), atol=0.015, rtol=0)
+    assert set(target[:, 1].tolist()) == {1}, "two known values: the other one every time"
+    third = torch.bincount(target[:, 2], minlength=4).float() / len(target)
+    torch.testing.assert_close(third, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3]), atol=0.015, rtol=0)
+
+
+def test_target_sampling_is_reproducible():
+    source = torch.ones(50, 3, dtype=torch.long)
+    a = sample_targets(source, SIZES, torch.Generator().manual_seed(7))
+    b = sample_targets(source, SIZES, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def networks() -> tuple[CAE, ContextClassifier]:
+    torch.manual_seed(0)
+    sizes = {"a": 5, "b": 3, "c": 4}
+    return CAE(10, 4, sizes, 0.5, context_offsets=True), ContextClassifier(10, 8, sizes)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [LossWeights(), LossWeights(self_reconstruction=0, parsimony=0), LossWeights(target=3.0)],
+)
+def test_total_is_the_weighted_sum_of_the_terms(weights):
+    model, classifier = networks()
+    x = torch.rand(16, 10) * 3
+    source = torch.ones(16, 3, dtype=torch.long)
+    target = sample_targets(source, SIZES, torch.Generator().manual_seed(0))
+    losses = generator_losses(model, classifier, x, source, target, weights)
+    expected = (
+        weights.reconstruction * losses.reconstruction
+        + weights.integration * losses.integration
+        + weights.target * losses.target
+        + weights.self_reconstruction * losses.self_reconstruction
+        + weights.parsimony * losses.parsimony
+    )
+    torch.testing.assert_close(losses.total, expected)
+    assert all(torch.isfinite(v) and v >= 0 for v in losses.terms().values())
+
+
+def test_classifier_loss_ignores_unknown_labels():
+    _, classifier = networks()
+    x = torch.rand(8, 10)
+    unknown = torch.zeros(8, 3, dtype=torch.long)
+    loss, correct, labelled = classifier_loss(classifier, x, unknown)
+    assert loss.item() == 0.0, "no known label: no loss (and no NaN)"
+    assert labelled.tolist() == [0, 0, 0] and correct.tolist() == [0, 0, 0]
+
+    labels = torch.ones(8, 3, dtype=torch.long)
+    labels[:4, 0] = 0
+    loss, _, labelled = classifier_loss(classifier, x, labels)
+    assert loss.item() > 0
+    assert labelled.tolist() == [4, 8, 8]

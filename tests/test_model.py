@@ -1,0 +1,134 @@
+"""The CAE and the classifier: grouped context maps, additivity, non-negativity, shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cae.model.cae import CAE, apply_context_maps, contribution_l2
+from cae.model.classifier import ContextClassifier
+
+SIZES = {"cell_type": 6, "assay": 4, "sex": 3}
+
+
+def naive_context_maps(h: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The seed's approach: group cells by category and loop over categories in Python."""
+    out = torch.empty_like(h)
+    for category in index.unique().tolist():
+        rows = index == category
+        out[rows] = h[rows] @ maps[category]
+    return out
+
+
+@pytest.mark.parametrize(("n_categories", "batch", "latent"), [(3, 17, 4), (26, 256, 16)])
+def test_grouped_context_maps_equal_the_naive_loop(n_categories, batch, latent):
+    generator = torch.Generator().manual_seed(n_categories)
+    h = torch.rand(batch, latent, generator=generator, requires_grad=True)
+    maps = torch.rand(n_categories, latent, latent, generator=generator, requires_grad=True)
+    index = torch.randint(0, n_categories, (batch,), generator=generator)
+
+    grouped = apply_context_maps(h, maps, index)
+    naive = naive_context_maps(h, maps, index)
+    torch.testing.assert_close(grouped, naive)
+
+    weights = torch.rand(batch, latent, generator=generator)
+    grads_grouped = torch.autograd.grad((grouped * weights).sum(), (h, maps))
+    grads_naive = torch.autograd.grad((naive * weights).sum(), (h, maps))
+    for a, b in zip(grads_grouped, grads_naive, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def make_model(offsets: bool = True) -> CAE:
+    torch.manual_seed(0)
+    model = CAE(
+        n_genes=12, latent_dim=5, field_sizes=SIZES, logit_scale=0.5, context_offsets=offsets
+    )
+    with torch.no_grad():  # make the heads differ per context, as after training
+        for head in model.heads:
+            head.context_maps.add_(torch.rand_like(head.context_maps))
+            if head.offsets is not None:
+                head.offsets.add_(torch.rand_like(head.offsets))
+    return model
+
+
+def contexts(batch: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [torch.randint(0, k, (batch,), generator=generator) for k in SIZES.values()], dim=1
+    )
+
+
+def test_forward_shapes_and_output_is_the_sum_of_heads():
+    model = make_model()
+    x = torch.rand(7, 12)
+    out = model(x, contexts(7), contexts(7, seed=1))
+    assert out.output.shape == (7, 12)
+    assert out.base.shape == (7, 12) and out.base_hidden.shape == (7, 5)
+    assert list(out.fields) == list(SIZES) and list(out.field_hidden) == list(SIZES)
+    assert all(v.shape == (7, 12) for v in out.fields.values())
+    assert all(v.shape == (7, 5) for v in out.field_hidden.values())
+    torch.testing.assert_close(out.output, out.base + sum(out.fields.values()))
+
+
+def test_changing_one_fields_target_changes_only_that_fields_term():
+    model = make_model()
+    x = torch.rand(9, 12)
+    source = contexts(9)
+    target = source.clone()
+    target[:, 1] = (source[:, 1] % 3) + 1  # another assay for every cell
+    own = model(x, source)
+    moved = model(x, source, target)
+    torch.testing.assert_close(moved.base, own.base)
+    torch.testing.assert_close(moved.fields["cell_type"], own.fields["cell_type"])
+    torch.testing.assert_close(moved.fields["sex"], own.fields["sex"])
+    assert not torch.allclose(moved.fields["assay"], own.fields["assay"])
+
+
+def test_target_none_reconstructs_in_the_source_contexts():
+    model = make_model()
+    x, source = torch.rand(5, 12), contexts(5)
+    torch.testing.assert_close(model(x, source).output, model(x, source, source).output)
+
+
+def test_project_nonnegative_clamps_every_parameter():
+    model = make_model()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.sub_(0.5)
+    assert any((p < 0).any() for p in model.parameters())
+    model.project_nonnegative()
+    assert all((p >= 0).all() for p in model.parameters())
+
+
+def test_fresh_model_is_nonnegative_with_identity_maps():
+    model = CAE(n_genes=12, latent_dim=5, field_sizes=SIZES, logit_scale=0.0159)
+    assert all((p >= 0).all() for p in model.parameters())
+    for head in model.heads:
+        torch.testing.assert_close(head.context_maps[2], torch.eye(5))
+        assert head.offsets is None  # the seed's design unless asked for
+    assert model.field_sizes() == SIZES
+
+
+def test_offsets_are_per_context_and_unscaled():
+    model = make_model(offsets=True)
+    with torch.no_grad():
+        for head in model.heads:
+            head.decoder.weight.zero_()  # leave only the offsets in the field terms
+    x, source = torch.rand(4, 12), contexts(4)
+    out = model(x, source)
+    for column, (field, head) in enumerate(zip(model.fields, model.heads, strict=True)):
+        torch.testing.assert_close(out.fields[field], head.offsets[source[:, column]])
+
+
+def test_contribution_l2_is_the_gene_wise_norm_of_each_head():
+    model = make_model()
+    out = model(torch.rand(6, 12), contexts(6))
+    norms = contribution_l2(out)
+    assert list(norms) == ["base", *SIZES]
+    torch.testing.assert_close(norms["sex"], out.fields["sex"].pow(2).sum(dim=1).sqrt())
+
+
+def test_classifier_has_one_head_per_field():
+    classifier = ContextClassifier(n_genes=12, hidden=8, field_sizes=SIZES)
+    logits = classifier(torch.rand(3, 12))
+    assert [tuple(t.shape) for t in logits] == [(3, k) for k in SIZES.values()]

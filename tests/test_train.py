@@ -1,0 +1,204 @@
+"""Training end to end: it learns, ranks fields as the truth does, moves cells toward the true
+target, resumes exactly, is deterministic, handles <unk>, and protects existing outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cae.config import DataConfig
+from cae.data.store import DataStore
+from cae.data.synth import expected_expression
+from cae.errors import CheckpointError, ConfigError, MetadataError
+from cae.train.checkpoint import load_checkpoint, read_checkpoint
+from cae.train.trainer import TrainResult, train
+from tests.conftest import quick_settings
+
+
+def r2(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """R² of a predicted mean expression profile against the true one, over genes."""
+    return float(1 - ((predicted - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum())
+
+
+def load_cells(data: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    store = DataStore.open(DataConfig(path=data))
+    x = sp.vstack([store.read_expression(c) for c in store.chunks]).toarray()
+    meta = pd.concat([store.read_metadata(c) for c in store.chunks], ignore_index=True)
+    return x, meta
+
+
+def log1p_cp10k(x: np.ndarray) -> np.ndarray:
+    return np.log1p(x / x.sum(axis=1, keepdims=True) * 1e4)
+
+
+# --- learning (one demo training per session, shared) -------------------------------------------
+
+
+def test_validation_reconstruction_falls_well_below_the_first_epoch(demo_run: TrainResult):
+    curve = [epoch["val/reconstruction"] for epoch in demo_run.history]
+    assert curve[-1] < 0.6 * curve[0], curve
+
+
+def test_contribution_ranking_matches_the_true_effect_sizes(demo_data: Path, demo_run):
+    truth = json.loads((demo_data / "truth.json").read_text())
+    final = demo_run.final
+    ranked = sorted(truth["ranking"], key=lambda f: -final[f"contrib_l2/{f}"])
+    assert ranked == truth["ranking"] == ["cell_type", "assay", "sex"]
+    shares = sum(final[f"contrib_share/{h}"] for h in ["base", *truth["ranking"]])
+    assert shares == pytest.approx(1.0)
+
+
+def test_counterfactual_cells_are_closer_to_the_true_target_than_unchanged_cells(
+    demo_data: Path, demo_run: TrainResult
+):
+    truth = json.loads((demo_data / "truth.json").read_text())
+    trained = load_checkpoint(demo_run.checkpoint)
+    x, meta = load_cells(demo_data)
+    source = {"cell_type": "B", "assay": "10x 3' v3", "sex": "female"}
+    rows = np.ones(len(meta), dtype=bool)
+    for name, value in source.items():
+        rows &= (meta[name] == value).to_numpy()
+    assert rows.sum() > 100
+    true_target = expected_expression(truth, {**source, "cell_type": "T"}, n_cells=2000)
+    moved = trained.counterfactual(x[rows], meta[rows], {"cell_type": "T"}).output.mean(0)
+    unchanged = log1p_cp10k(x[rows]).mean(0)
+    r2_model, r2_identity = r2(moved.numpy(), true_target), r2(unchanged, true_target)
+    print(
+        f"R² of mean expression vs true target: model {r2_model:.3f}, unchanged {r2_identity:.3f}"
+    )
+    assert r2_model > r2_identity + 0.2
+
+
+def test_training_writes_its_outputs(demo_run: TrainResult):
+    out = demo_run.out_dir
+    for name in ["settings.json", "vocabularies.json", "field_specs.json", "history.json",
+                 "contributions.csv", "genes.txt", "checkpoints/last.pt"]:  # fmt: skip
+        assert (out / name).is_file(), name
+    table = pd.read_csv(out / "contributions.csv")
+    assert set(table["field"]) == {"cell_type", "assay", "sex"}
+    assert "<unk>" in set(table.loc[table["field"] == "sex", "value"]), "unknown sex is reported"
+    assert len(demo_run.history) == 15
+    assert {"val/accuracy/sex", "val/target_accuracy/assay", "train/target"} <= set(demo_run.final)
+
+
+# --- resume, determinism ------------------------------------------------------------------------
+
+
+def weights(result: TrainResult) -> dict[str, torch.Tensor]:
+    return read_checkpoint(result.checkpoint)["model"]
+
+
+def test_two_epochs_plus_resume_equals_three_epochs(small_data: Path, tmp_path: Path):
+    straight = train(quick_settings(small_data, tmp_path / "a", **{"train.epochs": 3}))
+    train(quick_settings(small_data, tmp_path / "b", **{"train.epochs": 2}))
+    resumed = train(
+        quick_settings(small_data, tmp_path / "b", **{"train.epochs": 3, "output.resume": True})
+    )
+    assert resumed.epochs == 3 and [e["epoch"] for e in resumed.history] == [1, 2, 3]
+    for name, tensor in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], tensor, rtol=1e-5, atol=1e-6)
+    assert resumed.final["val/loss"] == pytest.approx(straight.final["val/loss"], rel=1e-5)
+
+
+def test_same_seed_same_model_other_seed_other_model(small_data: Path, tmp_path: Path):
+    a = weights(train(quick_settings(small_data, tmp_path / "a")))
+    b = weights(train(quick_settings(small_data, tmp_path / "b")))
+    c = weights(train(quick_settings(small_data, tmp_path / "c", **{"train.seed": 1})))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_background_workers_give_the_same_model(small_data: Path, tmp_path: Path):
+    inline = weights(train(quick_settings(small_data, tmp_path / "a")))
+    workers = weights(train(quick_settings(small_data, tmp_path / "b", **{"data.num_workers": 1})))
+    assert all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
+# --- <unk>, skipped fields, counterfactual errors ------------------------------------------------
+
+
+def test_unknown_contexts_train_and_can_be_moved_but_never_targeted(small_data: Path, tmp_path):
+    result = train(quick_settings(small_data, tmp_path / "run"))
+    trained = load_checkpoint(result.out_dir)
+    assert trained.vocabularies.to_dict()["sex"]["<unk>"] == 0
+    x, meta = load_cells(small_data)
+    unknown = (meta["sex"] == "unknown").to_numpy()
+    assert unknown.sum() > 0
+    moved = trained.counterfactual(x[unknown], meta[unknown], {"sex": "female"})
+    own = trained.counterfactual(x[unknown], meta[unknown], {})
+    assert torch.isfinite(moved.output).all()
+    assert not torch.allclose(moved.fields["sex"], own.fields["sex"])
+    with pytest.raises(MetadataError, match="<unk>"):
+        trained.counterfactual(x[:3], meta[:3], {"sex": "<unk>"})
+    with pytest.raises(MetadataError, match="female"):  # the message lists the known values
+        trained.counterfactual(x[:3], meta[:3], {"sex": "hermaphrodite"})
+    with pytest.raises(MetadataError, match="tissue"):
+        trained.counterfactual(x[:3], meta[:3], {"tissue": "lung"})
+
+
+def test_a_field_with_one_known_value_is_skipped(small_data: Path, tmp_path: Path, caplog):
+    data = tmp_path / "one_assay"
+    data.mkdir()
+    for file in small_data.iterdir():
+        if file.name.endswith(".pkl"):
+            frame = pd.read_pickle(file)
+            frame["assay"] = "10x 3' v3"
+            frame.to_pickle(data / file.name)
+        elif file.is_file():
+            (data / file.name).write_bytes(file.read_bytes())
+    with caplog.at_level(logging.WARNING):
+        result = train(quick_settings(data, tmp_path / "run", **{"train.epochs": 1}))
+    assert result.vocabularies.fields == ("cell_type", "sex")
+    assert "assay" in caplog.text and "one known value" in caplog.text
+    with pytest.raises(MetadataError, match="assay"):
+        train(quick_settings(data, tmp_path / "run2", **{"data.fields": "assay"}))
+
+
+# --- output folders -----------------------------------------------------------------------------
+
+
+def test_an_existing_training_is_never_overwritten_by_accident(small_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    first = train(quick_settings(small_data, out, **{"train.epochs": 1}))
+    before = first.checkpoint.read_bytes()
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(quick_settings(small_data, out, **{"train.epochs": 1}))
+    assert first.checkpoint.read_bytes() == before
+    train(quick_settings(small_data, out, **{"train.epochs": 1, "output.overwrite": True}))
+
+
+def test_resume_needs_a_checkpoint_and_the_same_model(small_data: Path, tmp_path: Path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(quick_settings(small_data, tmp_path / "none", **{"output.resume": True}))
+    train(quick_settings(small_data, tmp_path / "run", **{"train.epochs": 1}))
+    with pytest.raises(ConfigError, match="model settings"):
+        train(
+            quick_settings(
+                small_data, tmp_path / "run", **{"output.resume": True, "model.latent_dim": 9}
+            )
+        )
+    with pytest.raises(ConfigError, match="already finished 1 epochs"):
+        train(
+            quick_settings(
+                small_data, tmp_path / "run", **{"output.resume": True, "train.epochs": 1}
+            )
+        )
+
+
+def test_h5ad_input_trains(small_data: Path, tmp_path: Path):
+    import anndata
+
+    x, meta = load_cells(small_data)
+    meta.index = meta.index.astype(str)
+    anndata.AnnData(sp.csr_matrix(x), obs=meta).write_h5ad(tmp_path / "cells.h5ad")
+    result = train(
+        quick_settings(tmp_path / "cells.h5ad", tmp_path / "run", **{"data.h5ad_chunk_size": 250})
+    )
+    assert result.epochs == 2 and np.isfinite(result.final["val/loss"])

@@ -2,9 +2,10 @@
 
 The public API, for people who want Python rather than the ``cae`` command::
 
-    from cae import Settings, train, load_checkpoint
+    from cae import load_settings
+    from cae.train import load_checkpoint, train
 
-    result = train(Settings(data={"path": "data/demo", "fields": ["cell_type", "sex"]}))
+    result = train(load_settings(overrides={"data.fields": "cell_type,sex"}))
     trained = load_checkpoint(result.checkpoint)
     cf = trained.counterfactual(x, source={"sex": ["male"] * len(x)}, targets={"sex": "female"})
 """
@@ -17,3 +18,17 @@ try:
     __version__ = version("cae")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
+
+# ``train`` itself lives in ``cae.train`` (the subpackage's name would shadow it here).
+_API = {"Settings": "cae.config", "load_settings": "cae.config"}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> object:
+    """Import the settings API lazily, so that ``cae --version`` stays fast."""
+    if name in _API:
+        from importlib import import_module
+
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'cae' has no attribute {name!r}")

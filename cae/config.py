@@ -22,6 +22,7 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -89,6 +90,14 @@ class DataConfig(_Section):
     prefetch_factor: int = Field(2, ge=1, description="Chunks each worker keeps ready.")
 
     _split = field_validator("fields", "null_values", "val_chunks", mode="before")(_split_commas)
+
+    @field_validator("val_chunks")
+    @classmethod
+    def _chunk_ids_are_numbers(cls, ids: list[str]) -> list[str]:
+        for chunk_id in ids:
+            if not chunk_id.isdigit():
+                raise ValueError(f"chunk id {chunk_id!r} is not a number (human_counts_7 has id 7)")
+        return ids
 
     @field_validator("fields")
     @classmethod
@@ -158,6 +167,8 @@ class OutputConfig(_Section):
 
 
 _TOML_FILE: ContextVar[Path | None] = ContextVar("cae_toml_file", default=None)
+# Off while rebuilding saved settings: a checkpoint's settings must not pick up CAE_* variables.
+_READ_ENVIRONMENT: ContextVar[bool] = ContextVar("cae_read_environment", default=True)
 
 
 class Settings(BaseSettings):
@@ -184,6 +195,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if not _READ_ENVIRONMENT.get():
+            return (init_settings,)
         toml_file = _TOML_FILE.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml_file is not None:
@@ -254,6 +267,11 @@ def load_settings(
         except ValidationError as err:
             where = f" (sources: flags, CAE_* environment, {path})" if path else ""
             raise ConfigError(describe_validation_error(err) + where) from None
+        except SettingsError as err:  # e.g. CAE_TRAIN='{bad json'
+            raise ConfigError(
+                f"cannot read settings: {err}; a whole-section CAE_* variable must be JSON, or set "
+                "single values with CAE_SECTION__NAME"
+            ) from None
 
 
 def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
@@ -262,12 +280,15 @@ def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
     Raises:
         ConfigError: the saved settings do not validate (written by an incompatible version).
     """
+    token = _READ_ENVIRONMENT.set(False)
     try:
-        return Settings.model_validate(dict(values))
+        return Settings(**dict(values))
     except ValidationError as err:
         raise ConfigError(
             f"settings saved in {source} are invalid: {describe_validation_error(err)}"
         ) from None
+    finally:
+        _READ_ENVIRONMENT.reset(token)
 
 
 def nest(values: Mapping[str, Any]) -> dict[str, Any]:

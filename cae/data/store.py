@@ -18,6 +18,7 @@ import hashlib
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from cae.config import DataConfig
 
 METADATA_SUFFIXES = (".pkl", ".parquet")
+# What numpy and zipfile raise for a truncated, corrupt or foreign .npz.
+_NPZ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
 _CHUNK_ID = re.compile(r"(\d+)$")
 
 
@@ -202,7 +205,7 @@ class DataStore:
             DataError: no chunk has that id; the message lists the ids there are.
         """
         for chunk in self.chunks:
-            if int(chunk.chunk_id) == int(chunk_id):
+            if chunk_id.isdigit() and int(chunk.chunk_id) == int(chunk_id):
                 return chunk
         known = ", ".join(c.chunk_id for c in self.chunks[:20])
         raise DataError(f"no chunk with id {chunk_id} in {self.path}; chunk ids: {known}")
@@ -218,7 +221,7 @@ class DataStore:
         else:
             try:
                 matrix = sp.load_npz(chunk.expression)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            except _NPZ_ERRORS as err:
                 raise DataError(
                     f"cannot read {chunk.expression}: {err}; the file is truncated or was not "
                     "written by scipy.sparse.save_npz"
@@ -327,10 +330,10 @@ def _by_chunk_id(files: Sequence[Path], what: str) -> dict[str, Path]:
 def _npz_shape(path: Path) -> tuple[int, int]:
     """Read a sparse .npz's shape from its header without loading the matrix."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with np.load(path, allow_pickle=False) as archive:  # a plain .npy raises TypeError here
             fmt = archive["format"].item()
             shape = tuple(int(n) for n in archive["shape"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+    except _NPZ_ERRORS as err:
         raise DataError(
             f"cannot read {path}: {err}; the file is truncated or was not written by "
             "scipy.sparse.save_npz"

@@ -5,9 +5,8 @@ BIN := $(VENV)/bin
 # torch is pinned here (not in pyproject) so that pip takes the CPU wheel this machine keeps on disk;
 # users elsewhere get whatever torch>=2.3 their platform offers.
 TORCH ?= torch==2.13.0
-DEMO_DATA ?= data/demo
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo ui test lint format clean
 
 install: $(VENV)/.installed
 
@@ -18,11 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-$(DEMO_DATA)/truth.json: | install
-	$(BIN)/cae synth --out $(DEMO_DATA)
+# Trains through the MLproject (tracked in ./mlflow.db, experiment "cae"); the first run writes the
+# synthetic demo data to data/demo. Then: `cae runs compare`, or `make ui` and open the MLflow UI.
+demo: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name cae
 
-demo: install $(DEMO_DATA)/truth.json
-	$(BIN)/cae train --config experiments/demo.toml --out runs/demo --overwrite
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 test: install
 	$(BIN)/ruff check .
@@ -38,4 +39,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf runs $(DEMO_DATA) .pytest_cache
+	rm -rf runs data/demo .pytest_cache

@@ -59,6 +59,10 @@ _TRAIN_FLAGS = [
     Flag("--resume", "output.resume", None, "continue the training in --out", "store_true"),
     Flag("--overwrite", "output.overwrite", None, "replace a training in --out", "store_true"),
     Flag("--no-progress", "train.progress", None, "hide progress bars", "store_false"),
+    Flag("--no-tracking", "tracking.enabled", None, "do not record an MLflow run", "store_false"),
+    Flag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default ./mlflow.db)"),
+    Flag("--experiment", "tracking.experiment", str, "MLflow experiment (default cae)"),
+    Flag("--run-name", "tracking.run_name", str, "MLflow run name"),
 ]
 
 
@@ -71,8 +75,21 @@ def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
             )
         else:
             parser.add_argument(
-                flag.flag, dest=flag.setting, type=flag.type, help=flag.help, metavar="X"
-            )
+                flag.flag, dest=flag.setting, type=_unless_empty(flag.type), help=flag.help,
+                metavar="X",
+            )  # fmt: skip
+
+
+def _unless_empty(convert: Callable[[str], Any] | None) -> Callable[[str], Any]:
+    """An empty value means "not given" (MLproject parameters default to "" to defer to the
+    config file), so it converts to None instead of failing."""
+
+    def parse(text: str) -> Any:
+        if text == "":
+            return None
+        return convert(text) if convert else text
+
+    return parse
 
 
 def _overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str, Any]:
@@ -120,11 +137,20 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a CAE and print where its checkpoint and contributions are."""
+    """Train a CAE (tracked in MLflow unless --no-tracking) and print its contributions."""
+    from cae.config import DataConfig
+    from cae.tracking.callbacks import tracked
     from cae.train.trainer import train
 
     settings = _settings(args, _TRAIN_FLAGS)
-    result = train(settings)
+    demo = DataConfig().path
+    if Path(settings.data.path) == demo and not demo.exists():
+        from cae.data.synth import generate
+
+        log.info("%s does not exist: writing the synthetic demo data there first", demo)
+        generate(demo)
+    with tracked(settings) as callbacks:
+        result = train(settings, callbacks)
     final = result.final
     print(f"trained {result.epochs} epochs; checkpoint {result.checkpoint}")
     heads = ["base", *result.vocabularies.fields]
@@ -133,6 +159,19 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"  {head:<24} contrib_l2 {final[f'contrib_l2/{head}']:9.4f}  "
             f"share {final[f'contrib_share/{head}']:6.1%}"
         )
+
+
+def cmd_runs_compare(args: argparse.Namespace) -> None:
+    """Print the per-head contributions of the latest tracked runs side by side."""
+    import pandas as pd
+
+    from cae.tracking.callbacks import tracking_uri
+    from cae.tracking.compare import contribution_table
+
+    uri = tracking_uri(args.tracking_uri)
+    table = contribution_table(uri, args.experiment, args.last, args.metric)
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_flags(train, _TRAIN_FLAGS)
     train.set_defaults(func=cmd_train)
+
+    runs = commands.add_parser("runs", help="look at tracked trainings")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    compare = runs_commands.add_parser(
+        "compare",
+        help="per-field contributions of the latest runs, side by side",
+        description="Print the final per-head contributions of the latest CAE runs as a table "
+        "(one column per run), for terminals without the MLflow UI.",
+    )
+    compare.add_argument("--experiment", help="experiment name (default: every experiment)")
+    compare.add_argument("--last", type=int, default=5, help="how many runs (default 5)")
+    compare.add_argument(
+        "--metric",
+        choices=["contrib_share", "contrib_l2"],
+        default="contrib_share",
+        help="share of the summed L2 (default) or the L2 itself",
+    )
+    compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    compare.set_defaults(func=cmd_runs_compare)
     return parser
 
 

@@ -166,6 +166,23 @@ class OutputConfig(_Section):
     overwrite: bool = Field(False, description="Replace a folder that already holds a training.")
 
 
+class TrackingConfig(_Section):
+    """Where ``cae train`` records its MLflow run and TensorBoard events."""
+
+    enabled: bool = Field(True, description="Record the training as an MLflow run.")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "in the working directory); an http:// tracking server works too.",
+    )
+    experiment: str = Field("cae", description="MLflow experiment of runs started by cae.")
+    run_name: str | None = Field(None, description="Name of the MLflow run (default: MLflow's).")
+    tensorboard: bool = Field(
+        True, description="Also write TensorBoard events to <out>/tensorboard."
+    )
+    log_checkpoint: bool = Field(True, description="Upload the final checkpoint as an artifact.")
+
+
 _TOML_FILE: ContextVar[Path | None] = ContextVar("cae_toml_file", default=None)
 # Off while rebuilding saved settings: a checkpoint's settings must not pick up CAE_* variables.
 _READ_ENVIRONMENT: ContextVar[bool] = ContextVar("cae_read_environment", default=True)
@@ -185,6 +202,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @classmethod
     def settings_customise_sources(

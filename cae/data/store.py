@@ -281,7 +281,8 @@ class DataStore:
         """
         from tqdm.auto import tqdm
 
-        for chunk in tqdm(self.chunks, desc="checking chunks", unit="chunk", disable=not progress):
+        shown = None if progress else True  # None: a bar only on a terminal
+        for chunk in tqdm(self.chunks, desc="checking chunks", unit="chunk", disable=shown):
             matrix = self.read_expression(chunk)
             if transform == "log1p_cp10k":
                 totals = np.asarray(matrix.sum(axis=1)).ravel()

@@ -221,6 +221,8 @@ class Trainer:
         )
         self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
         self.history: list[dict[str, float]] = []
+        # Each head's output on the first evaluation batch of the last epoch (for histograms).
+        self.head_samples: dict[str, torch.Tensor] = {}
         self.start_epoch = 1
         if resume_payload is not None:
             self._restore(resume_payload)
@@ -387,7 +389,7 @@ class Trainer:
             desc=f"epoch {epoch}/{cfg.train.epochs}",
             unit="cell",
             unit_scale=True,
-            disable=not cfg.train.progress,
+            disable=None if cfg.train.progress else True,  # None: only on a terminal
             leave=False,
         )
         with bar:
@@ -426,6 +428,7 @@ class Trainer:
         means = _Means()
         table = _ContextTable(self.vocabularies, self.device)
         fields = self.vocabularies.fields
+        first_batch = True
         for x, source in self._batches(self.eval_loader, self.eval_rows, None):
             n = x.shape[0]
             target = sample_targets(source, self.sizes, generator)
@@ -441,6 +444,10 @@ class Trainer:
                 means.add(f"accuracy/{name}", correct[i], labelled[i])
                 hits = (target_logits[i].argmax(dim=1) == target[:, i]).sum()
                 means.add(f"target_accuracy/{name}", hits, n)
+            if first_batch:
+                self.head_samples = {"base": losses.own.base.cpu()}
+                self.head_samples.update({f: v.cpu() for f, v in losses.own.fields.items()})
+                first_batch = False
             norms = contribution_l2(losses.own)
             for head, values in norms.items():
                 means.add(f"contrib_l2/{head}", values.sum(), n)

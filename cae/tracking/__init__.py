@@ -1,0 +1,1 @@
+"""MLflow and TensorBoard tracking of trainings, and comparisons of tracked runs."""

@@ -1,0 +1,186 @@
+"""Trainer callbacks that record a training in MLflow and TensorBoard.
+
+``cae.train`` knows nothing of either: it emits events, and these callbacks turn them into an MLflow
+run (params, per-epoch metrics, tags, tables, plots, artifacts) and TensorBoard event files. Use
+:func:`tracked` to get both for a training::
+
+    with tracked(settings) as callbacks:
+        train(settings, callbacks)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib.pyplot as plt
+
+from cae import __version__
+from cae.config import Settings
+from cae.tracking.plots import context_contributions_figure, contribution_shares_figure
+from cae.train.trainer import Callback, Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(uri: str | None) -> str:
+    """The tracking URI in force: ``uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def git_commit(directory: Path | None = None) -> str | None:
+    """The commit checked out in ``directory`` (default: the working directory), if it is a repo."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+class TensorBoardCallback(Callback):
+    """Writes each epoch's scalars and histograms of every head's output to <out>/tensorboard."""
+
+    def __init__(self) -> None:
+        self.writer: SummaryWriter | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(trainer.out_dir / "tensorboard"))
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        assert self.writer is not None
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, global_step=epoch)
+        for head, values in trainer.head_samples.items():
+            self.writer.add_histogram(f"head_output/{head}", values, global_step=epoch)
+        self.writer.flush()
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close the event file (safe to call twice)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class MLflowCallback(Callback):
+    """Records a training in the active MLflow run (:func:`tracked` starts it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        import mlflow
+
+        mlflow.log_params(self.settings.flat())
+        fields = ",".join(trainer.vocabularies.fields)
+        tags = {
+            "cae.version": __version__,
+            "cae.data_fingerprint": trainer.fingerprint,
+            "cae.fields": fields,
+            "cae.output_dir": str(trainer.out_dir.resolve()),
+            "cae.start_epoch": str(trainer.start_epoch),
+        }
+        commit = git_commit()
+        if commit:
+            tags["cae.git_commit"] = commit
+        mlflow.set_tags(tags)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=epoch)
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        import mlflow
+
+        out = result.out_dir
+        for name in [
+            "settings.json",
+            "vocabularies.json",
+            "field_specs.json",
+            "history.json",
+            "contributions.csv",
+            "genes.txt",
+        ]:
+            mlflow.log_artifact(str(out / name))
+        mlflow.log_table(data=result.contributions, artifact_file="contributions.json")
+        heads = ["base", *result.vocabularies.fields]
+        figures = {
+            "plots/contribution_shares.png": contribution_shares_figure(result.history, heads)
+        }
+        for field in result.vocabularies.fields:
+            figures[f"plots/contributions_{field}.png"] = context_contributions_figure(
+                result.contributions, field
+            )
+        for path, figure in figures.items():
+            mlflow.log_figure(figure, path)
+            plt.close(figure)
+        if self.settings.tracking.log_checkpoint:
+            mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
+        tensorboard = out / "tensorboard"
+        if tensorboard.is_dir():
+            mlflow.log_artifacts(str(tensorboard), artifact_path="tensorboard")
+
+
+@contextmanager
+def tracked(settings: Settings) -> Iterator[list[Callback]]:
+    """Open the MLflow run of one training and yield the callbacks that record it.
+
+    Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) the training joins that run; otherwise it starts
+    its own in ``tracking.experiment``. The run ends FINISHED, or FAILED (KILLED on Ctrl-C) if the
+    training raised. With ``tracking.enabled`` false it yields no callbacks and touches nothing.
+
+    Args:
+        settings: the settings (``tracking`` section).
+
+    Yields:
+        The callbacks to pass to ``train``.
+    """
+    if not settings.tracking.enabled:
+        yield []
+        return
+    import mlflow
+
+    tensorboard = TensorBoardCallback() if settings.tracking.tensorboard else None
+    callbacks: list[Callback] = [tensorboard] if tensorboard else []
+    callbacks.append(MLflowCallback(settings))  # after TensorBoard: its files are closed first
+    mlflow.set_tracking_uri(tracking_uri(settings.tracking.uri))
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run()  # the MLproject's run
+    else:
+        mlflow.set_experiment(settings.tracking.experiment)
+        run = mlflow.start_run(run_name=settings.tracking.run_name)
+    log.info("MLflow run %s in %s", run.info.run_id, tracking_uri(settings.tracking.uri))
+    try:
+        yield callbacks
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+    mlflow.end_run()

@@ -1,0 +1,56 @@
+"""PNG figures of a training's contributions (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
+
+
+def contribution_shares_figure(history: Sequence[dict[str, float]], heads: Sequence[str]) -> Figure:
+    """Line plot of every head's contribution share over epochs.
+
+    Args:
+        history: per-epoch metrics holding ``epoch`` and ``contrib_share/<head>``.
+        heads: ``base`` and the fields, in legend order.
+
+    Returns:
+        The matplotlib figure (the caller saves or logs it, then closes it).
+    """
+    figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
+    epochs = [row["epoch"] for row in history]
+    for head in heads:
+        axis.plot(epochs, [row.get(f"contrib_share/{head}", float("nan")) for row in history],
+                  marker="o", label=head)  # fmt: skip
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("share of the summed L2 contribution")
+    axis.set_yscale("log")
+    axis.set_title("Contribution of each head")
+    axis.legend()
+    return figure
+
+
+def context_contributions_figure(table: pd.DataFrame, field: str) -> Figure:
+    """Bar chart of one field's L2 contribution per context value.
+
+    Args:
+        table: the per-context table (columns ``field``, ``value``, ``n_cells``, ``contrib_l2``).
+        field: which field to draw.
+
+    Returns:
+        The matplotlib figure.
+    """
+    rows = table[table["field"] == field].sort_values("contrib_l2", ascending=False)
+    figure, axis = plt.subplots(figsize=(6, 0.6 + 0.35 * max(len(rows), 1)), layout="constrained")
+    labels = [f"{value} (n={n:,})" for value, n in zip(rows["value"], rows["n_cells"], strict=True)]
+    axis.barh(labels, rows["contrib_l2"])
+    axis.invert_yaxis()
+    axis.set_xlabel("mean L2 norm of the field's term")
+    axis.set_title(f"{field}: contribution per context")
+    return figure

@@ -1,0 +1,255 @@
+"""Every training is an MLflow run: `cae train`, `mlflow run .`, a real tracking server,
+TensorBoard events and `cae runs compare`. Real sqlite stores and a real `mlflow server` on
+127.0.0.1, all in temporary folders."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cae.cli import main
+from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracking_uri
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+FIELDS = ["cell_type", "assay", "sex"]
+SMALL_MODEL = ["--latent-dim", "8", "--batch-size", "64", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in a temporary folder with no inherited tracking or cae settings."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("CAE_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment}"
+    runs = client.search_runs([found.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found.add(item.path)
+        if item.is_dir:
+            found |= artifact_paths(client, run_id, item.path)
+    return found
+
+
+def assert_training_recorded(client: MlflowClient, run, epochs: int, fields: list[str]) -> None:
+    """Params, per-epoch metrics, tags and artifacts of one tracked training."""
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["train.epochs"] == str(epochs)
+    assert params["data.fields"] == ",".join(fields)
+    assert "train.weights.target" in params and "model.logit_scale" in params
+    for head in ["base", *fields]:
+        for metric in (f"contrib_l2/{head}", f"contrib_share/{head}"):
+            history = client.get_metric_history(run_id, metric)
+            assert sorted(m.step for m in history) == list(range(1, epochs + 1)), metric
+    for field in fields:
+        assert len(client.get_metric_history(run_id, f"val/accuracy/{field}")) == epochs
+    for term in ["loss", "reconstruction", "integration", "target", "classifier"]:
+        assert len(client.get_metric_history(run_id, f"train/{term}")) == epochs
+        assert len(client.get_metric_history(run_id, f"val/{term}")) == epochs
+    tags = run.data.tags
+    assert tags["cae.fields"] == ",".join(fields)
+    assert len(tags["cae.data_fingerprint"]) == 16
+    assert "cae.version" in tags
+    artifacts = artifact_paths(client, run_id)
+    expected = {
+        "checkpoints/last.pt",
+        "settings.json",
+        "vocabularies.json",
+        "field_specs.json",
+        "contributions.json",
+        "contributions.csv",
+        "history.json",
+        "plots/contribution_shares.png",
+        *(f"plots/contributions_{field}.png" for field in fields),
+    }
+    assert expected <= artifacts, expected - artifacts
+    assert any(p.startswith("tensorboard/events.out.tfevents") for p in artifacts)
+
+
+def test_cae_train_records_an_mlflow_run(small_data: Path, tmp_path: Path):
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    argv = ["train", "--data", str(small_data), "--epochs", "2", "--out", "run", *SMALL_MODEL]
+    assert main([*argv, "--tracking-uri", uri]) == 0
+    client, run = only_run(uri, "cae")
+    assert_training_recorded(client, run, epochs=2, fields=FIELDS)
+
+
+def test_tensorboard_holds_the_same_scalars_and_head_histograms(small_data: Path, tmp_path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    argv = ["train", "--data", str(small_data), "--epochs", "3", "--out", "run", *SMALL_MODEL]
+    assert main([*argv, "--tracking-uri", uri]) == 0
+    events = EventAccumulator(
+        str(tmp_path / "run" / "tensorboard"), size_guidance={"histograms": 0}
+    )
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for head in ["base", *FIELDS]:
+        assert [e.step for e in events.Scalars(f"contrib_share/{head}")] == [1, 2, 3]
+    assert "val/reconstruction" in scalars and "train/target" in scalars
+    assert {f"head_output/{h}" for h in ["base", *FIELDS]} <= set(events.Tags()["histograms"])
+
+
+def test_default_store_is_mlflow_db_in_the_working_directory(small_data: Path, tmp_path: Path):
+    assert tracking_uri(None) == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    argv = ["train", "--data", str(small_data), "--epochs", "1", "--out", "run", *SMALL_MODEL]
+    assert main(argv) == 0
+    assert (tmp_path / "mlflow.db").is_file()
+    only_run(sqlite_uri(tmp_path / "mlflow.db"), "cae")
+
+
+def test_environment_variable_and_setting_choose_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking_uri(None) == "sqlite:///env.db"
+    assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_a_failed_training_marks_its_run_failed(tmp_path: Path):
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    assert main(["train", "--data", str(tmp_path / "missing"), "--tracking-uri", uri]) == 2
+    _, run = only_run(uri, "cae")
+    assert run.info.status == "FAILED"
+
+
+def test_no_tracking_writes_no_store(small_data: Path, tmp_path: Path):
+    argv = ["train", "--data", str(small_data), "--epochs", "1", "--out", "run", *SMALL_MODEL]
+    assert main([*argv, "--no-tracking"]) == 0
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_runs_compare_prints_contributions_side_by_side(small_data, tmp_path, capsys):
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    common = ["train", "--data", str(small_data), "--epochs", "1", "--tracking-uri", uri]
+    assert main([*common, "--out", "a", "--run-name", "all-fields", *SMALL_MODEL]) == 0
+    fields = ["--fields", "cell_type,sex", "--run-name", "two-fields"]
+    assert main([*common, "--out", "b", *fields, *SMALL_MODEL]) == 0
+    capsys.readouterr()
+    assert main(["runs", "compare", "--tracking-uri", uri, "--experiment", "cae"]) == 0
+    printed = capsys.readouterr().out
+    header, *rows = printed.strip().splitlines()
+    assert header.index("two-fields") < header.index("all-fields"), "newest run first"
+    table = {line.split()[0]: line.split()[1:] for line in rows}
+    assert set(table) >= {"base", *FIELDS}
+    assert table["assay"][0] == "NaN", "the two-field run has no assay head"
+    assert main(["runs", "compare", "--tracking-uri", uri, "--experiment", "nope"]) == 2
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
+    """`mlflow run . -P fields=assay,sex --env-manager local`, as a user types it."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": uri,
+        "CAE_OUTPUT__DIR": str(tmp_path / "out"),
+        "CAE_TRAIN__PROGRESS": "false",
+    }
+    command = [
+        str(VENV_BIN / "mlflow"), "run", str(REPO), "--env-manager", "local",
+        "-P", "fields=assay,sex", "-P", f"data={small_data}", "-P", "epochs=2",
+        "-P", "latent_dim=8",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, run = only_run(uri, "Default")
+    assert run.data.params["fields"] == "assay,sex", "the MLproject's own parameter"
+    assert run.data.params["model.latent_dim"] == "8"
+    assert run.data.tags["mlflow.project.entryPoint"] == "main"
+    assert len(run.data.tags["cae.git_commit"]) == 40
+    assert_training_recorded(client, run, epochs=2, fields=["assay", "sex"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tracking_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stopped by its pid."""
+    port = free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            sqlite_uri(tmp_path / "server.db"),
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
+        log.close()
+
+
+def test_training_logs_to_a_tracking_server_over_http(small_data, tmp_path, tracking_server):
+    argv = ["train", "--data", str(small_data), "--epochs", "2", "--out", "run", *SMALL_MODEL]
+    assert main([*argv, "--tracking-uri", tracking_server]) == 0
+    client, run = only_run(tracking_server, "cae")
+    assert_training_recorded(client, run, epochs=2, fields=FIELDS)
+    stored = list((tmp_path / "server-artifacts").rglob("last.pt"))
+    assert len(stored) == 1, "the checkpoint went through the server to its artifact store"

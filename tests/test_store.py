@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from cae.config import DataConfig
 from cae.data.store import DataStore
 from cae.data.synth import SynthConfig, generate
-from cae.errors import CAEError, DataError
+from cae.errors import CAEError, DataError, MetadataError
 
 N_GENES = 8
 
@@ -119,11 +119,14 @@ def test_synthetic_data_opens(tmp_path: Path) -> None:
     assert names == [f"synth_metadata_{i}.pkl" for i in range(3)]
 
 
-def test_read_metadata_selects_present_columns(tmp_path: Path) -> None:
+def test_read_metadata_selects_the_requested_columns(tmp_path: Path) -> None:
     write_chunk(tmp_path, "0")
     store = open_store(tmp_path)
-    frame = store.read_metadata(store.chunks[0], ["row", "absent", "cell_type"])
-    assert list(frame.columns) == ["row", "cell_type"]
+    frame = store.read_metadata(store.chunks[0], ["cell_type", "row"])
+    assert list(frame.columns) == ["cell_type", "row"]
+    with pytest.raises(MetadataError) as info:
+        store.read_metadata(store.chunks[0], ["row", "absent"])
+    check_error(info.value, MetadataError, "x_metadata_0.pkl", "no field 'absent'", "cell_type")
 
 
 def test_genes_txt_names_the_genes(tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cae.cli import main
-from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracking_uri
+from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracked, tracking_uri
+from cae.train import Callback, train
+from tests.conftest import quick_settings
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -133,11 +135,24 @@ def test_environment_variable_and_setting_choose_the_store(tmp_path, monkeypatch
     assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
-def test_a_failed_training_marks_its_run_failed(tmp_path: Path):
+class _FailAtEpoch(Callback):
+    def on_epoch_end(self, trainer, epoch, metrics):
+        raise RuntimeError("disk full")
+
+
+def test_a_training_that_fails_marks_its_run_failed(small_data: Path, tmp_path: Path):
     uri = sqlite_uri(tmp_path / "mlflow.db")
-    assert main(["train", "--data", str(tmp_path / "missing"), "--tracking-uri", uri]) == 2
+    settings = quick_settings(small_data, tmp_path / "run", **{"tracking.uri": uri})
+    with pytest.raises(RuntimeError, match="disk full"), tracked(settings) as callbacks:
+        train(settings, [*callbacks, _FailAtEpoch()])
     _, run = only_run(uri, "cae")
     assert run.info.status == "FAILED"
+
+
+def test_bad_input_leaves_no_empty_run(tmp_path: Path):
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    assert main(["train", "--data", str(tmp_path / "missing"), "--tracking-uri", uri]) == 2
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_no_tracking_writes_no_store(small_data: Path, tmp_path: Path):

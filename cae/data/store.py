@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cae.errors import DataError
+from cae.errors import DataError, MetadataError
 
 if TYPE_CHECKING:
     from cae.config import DataConfig
@@ -249,10 +249,11 @@ class DataStore:
         return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
 
     def read_metadata(self, chunk: Chunk, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Read one chunk's per-cell metadata (only ``columns`` when given, if present).
+        """Read one chunk's per-cell metadata (only ``columns`` when given).
 
         Raises:
             DataError: the file is unreadable or does not hold a DataFrame.
+            MetadataError: a requested column is missing (the message lists the columns there).
         """
         if chunk.metadata is None:
             assert self._obs is not None and chunk.rows is not None
@@ -260,7 +261,15 @@ class DataStore:
         else:
             frame = _read_metadata_file(chunk.metadata, columns)
         if columns is not None:
-            frame = frame[[c for c in columns if c in frame.columns]]
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                shown = ", ".join(map(str, frame.columns[:20])) or "(none)"
+                more = f" and {len(frame.columns) - 20} more" if len(frame.columns) > 20 else ""
+                raise MetadataError(
+                    f"{chunk.metadata_name}: metadata has no field '{missing[0]}'. Its columns "
+                    f"are: {shown}{more}. Fix the field name in the settings or add the column."
+                )
+            frame = frame[list(columns)]
         return frame
 
     def iter_metadata(self, columns: Sequence[str]) -> Iterator[tuple[str, pd.DataFrame]]:

@@ -92,6 +92,7 @@ class MLflowCallback(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         import mlflow
 
+        start_run(self.settings)
         mlflow.log_params(self.settings.flat())
         fields = ",".join(trainer.vocabularies.fields)
         tags = {
@@ -143,13 +144,29 @@ class MLflowCallback(Callback):
             mlflow.log_artifacts(str(tensorboard), artifact_path="tensorboard")
 
 
+def start_run(settings: Settings) -> None:
+    """Start the training's MLflow run: inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) join that
+    run, otherwise start one in ``tracking.experiment`` at the tracking URI in force."""
+    import mlflow
+
+    uri = tracking_uri(settings.tracking.uri)
+    mlflow.set_tracking_uri(uri)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run()  # the MLproject's run
+    else:
+        mlflow.set_experiment(settings.tracking.experiment)
+        run = mlflow.start_run(run_name=settings.tracking.run_name)
+    log.info("MLflow run %s in %s", run.info.run_id, uri)
+
+
 @contextmanager
 def tracked(settings: Settings) -> Iterator[list[Callback]]:
-    """Open the MLflow run of one training and yield the callbacks that record it.
+    """Yield the callbacks that record one training, and end its MLflow run afterwards.
 
-    Inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) the training joins that run; otherwise it starts
-    its own in ``tracking.experiment``. The run ends FINISHED, or FAILED (KILLED on Ctrl-C) if the
-    training raised. With ``tracking.enabled`` false it yields no callbacks and touches nothing.
+    The run starts when training starts (after the data and settings were validated, so a typo
+    leaves no empty run behind); see :func:`start_run`. It ends FINISHED, or FAILED (KILLED on
+    Ctrl-C) if the training raised. With ``tracking.enabled`` false it yields no callbacks and
+    touches nothing.
 
     Args:
         settings: the settings (``tracking`` section).
@@ -165,20 +182,15 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     tensorboard = TensorBoardCallback() if settings.tracking.tensorboard else None
     callbacks: list[Callback] = [tensorboard] if tensorboard else []
     callbacks.append(MLflowCallback(settings))  # after TensorBoard: its files are closed first
-    mlflow.set_tracking_uri(tracking_uri(settings.tracking.uri))
-    if os.environ.get("MLFLOW_RUN_ID"):
-        run = mlflow.start_run()  # the MLproject's run
-    else:
-        mlflow.set_experiment(settings.tracking.experiment)
-        run = mlflow.start_run(run_name=settings.tracking.run_name)
-    log.info("MLflow run %s in %s", run.info.run_id, tracking_uri(settings.tracking.uri))
     try:
         yield callbacks
     except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status="KILLED")
         raise
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        if mlflow.active_run() is not None:
+            mlflow.end_run(status="FAILED")
         raise
     finally:
         if tensorboard is not None:

@@ -20,7 +20,11 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 # ``train`` itself lives in ``cae.train`` (the subpackage's name would shadow it here).
-_API = {"Settings": "cae.config", "load_settings": "cae.config"}
+_API = {
+    "Settings": "cae.config",
+    "load_settings": "cae.config",
+    "load_model": "cae.tracking.pyfunc",
+}
 
 __all__ = ["__version__", *_API]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cae import __version__
-from cae.errors import CAEError
+from cae.errors import CAEError, ConfigError
 
 if TYPE_CHECKING:
     from cae.config import Settings
@@ -63,6 +63,8 @@ _TRAIN_FLAGS = [
     Flag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default ./mlflow.db)"),
     Flag("--experiment", "tracking.experiment", str, "MLflow experiment (default cae)"),
     Flag("--run-name", "tracking.run_name", str, "MLflow run name"),
+    Flag("--register", "tracking.register_as", str, "register the model under this name"),
+    Flag("--alias", "tracking.alias", str, "alias of the registered version (default champion)"),
 ]
 
 
@@ -151,6 +153,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         generate(demo)
     with tracked(settings) as callbacks:
         result = train(settings, callbacks)
+    name = settings.tracking.register_as
+    if name:
+        from cae.tracking.callbacks import MLflowCallback
+        from cae.tracking.pyfunc import register
+
+        runs = [c.run_id for c in callbacks if isinstance(c, MLflowCallback)]
+        if not runs:
+            raise ConfigError("--register needs tracking; drop --no-tracking")
+        version = register(runs[0], name, settings.tracking.alias, settings.tracking.uri)
+        print(f"registered {name} version {version} as @{settings.tracking.alias}")
     final = result.final
     print(f"trained {result.epochs} epochs; checkpoint {result.checkpoint}")
     heads = ["base", *result.vocabularies.fields]
@@ -172,6 +184,29 @@ def cmd_runs_compare(args: argparse.Namespace) -> None:
     table = contribution_table(uri, args.experiment, args.last, args.metric)
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    """Register a training run's model in the MLflow Model Registry."""
+    from cae.tracking.pyfunc import register
+
+    version = register(args.run_id, args.name, args.alias or None, args.tracking_uri)
+    alias = f" as @{args.alias}" if args.alias else ""
+    print(f"registered {args.name} version {version}{alias}; load it with models:/{args.name}"
+          f"{'@' + args.alias if args.alias else '/' + version}")  # fmt: skip
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Write counterfactuals of every input cell to an .h5ad."""
+    from cae.generate import generate, load_any_model
+    from cae.tracking.pyfunc import parse_targets
+
+    targets = parse_targets(";".join(args.set or []))
+    if not targets:
+        raise ConfigError("name at least one target with --set field=value, e.g. --set sex=female")
+    model = load_any_model(args.model)
+    out = generate(model, args.input, targets, args.out, overwrite=args.overwrite)
+    print(f"wrote counterfactuals ({', '.join(f'{k}={v}' for k, v in targets.items())}) to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     compare.set_defaults(func=cmd_runs_compare)
+
+    register = commands.add_parser(
+        "register",
+        help="register a training run's model in the MLflow Model Registry",
+        description="Log a training run's checkpoint as a counterfactual pyfunc model, register "
+        "it under NAME and point an alias at the new version.",
+    )
+    register.add_argument("--run-id", required=True, help="the MLflow run of a cae training")
+    register.add_argument("--name", required=True, help="registered model name")
+    register.add_argument("--alias", default="champion", help="alias (default champion; '' none)")
+    register.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    register.set_defaults(func=cmd_register)
+
+    generate = commands.add_parser(
+        "generate",
+        help="write counterfactuals of many cells to an .h5ad",
+        description="Move every cell of the input to other contexts and write an .h5ad whose .X "
+        "is the counterfactual expression and whose .obs holds source_<field> and target_<field>.",
+    )
+    generate.add_argument(
+        "--model", required=True, help="models:/NAME@alias, a checkpoint or a training folder"
+    )
+    generate.add_argument(
+        "--input", required=True, type=Path, help="an .h5ad, a folder of chunks or one .npz chunk"
+    )
+    generate.add_argument(
+        "--set", action="append", metavar="FIELD=VALUE", help="a target context (repeatable)"
+    )
+    generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    generate.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -181,6 +181,10 @@ class TrackingConfig(_Section):
         True, description="Also write TensorBoard events to <out>/tensorboard."
     )
     log_checkpoint: bool = Field(True, description="Upload the final checkpoint as an artifact.")
+    register_as: str | None = Field(
+        None, description="After training, register the model under this name (cae register)."
+    )
+    alias: str = Field("champion", description="Alias the registered version gets.")
 
 
 _TOML_FILE: ContextVar[Path | None] = ContextVar("cae_toml_file", default=None)

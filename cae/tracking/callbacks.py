@@ -88,11 +88,12 @@ class MLflowCallback(Callback):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.run_id: str | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
         import mlflow
 
-        start_run(self.settings)
+        self.run_id = start_run(self.settings)
         mlflow.log_params(self.settings.flat())
         fields = ",".join(trainer.vocabularies.fields)
         tags = {
@@ -144,9 +145,10 @@ class MLflowCallback(Callback):
             mlflow.log_artifacts(str(tensorboard), artifact_path="tensorboard")
 
 
-def start_run(settings: Settings) -> None:
+def start_run(settings: Settings) -> str:
     """Start the training's MLflow run: inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) join that
-    run, otherwise start one in ``tracking.experiment`` at the tracking URI in force."""
+    run, otherwise start one in ``tracking.experiment`` at the tracking URI in force. Returns the
+    run's id."""
     import mlflow
 
     uri = tracking_uri(settings.tracking.uri)
@@ -157,6 +159,7 @@ def start_run(settings: Settings) -> None:
         mlflow.set_experiment(settings.tracking.experiment)
         run = mlflow.start_run(run_name=settings.tracking.run_name)
     log.info("MLflow run %s in %s", run.info.run_id, uri)
+    return run.info.run_id
 
 
 @contextmanager

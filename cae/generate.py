@@ -1,0 +1,141 @@
+"""``cae generate``: counterfactuals for a whole data set, streamed chunk by chunk into an .h5ad.
+
+The output AnnData holds the counterfactual expression in ``.X`` (model space: log1p counts per
+10,000 for the default transform), the model's genes as ``var_names``, and in ``.obs`` both the
+source context (``source_<field>``) and the target context (``target_<field>``) of every cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cae.config import DataConfig
+from cae.data.store import DataStore
+from cae.errors import CheckpointError, DataError
+from cae.train.checkpoint import TrainedModel, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def load_any_model(model: str) -> TrainedModel:
+    """A checkpoint file, a training folder, or an MLflow model URI (``models:/NAME@alias``)."""
+    path = Path(model)
+    if path.exists():
+        return load_checkpoint(path)
+    if ":" in model:
+        from cae.tracking.pyfunc import load_model
+
+        return load_model(model)
+    raise CheckpointError(
+        f"no model at {model}: give a checkpoint, a training folder or an MLflow URI "
+        "such as models:/NAME@champion"
+    )
+
+
+def open_input(path: Path, data: DataConfig) -> DataStore:
+    """A store over an .h5ad, a folder of chunks, or one ``*_counts_N.npz`` chunk (with its
+    metadata ``*_metadata_N.pkl|.parquet`` beside it)."""
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"input {path} does not exist")
+        chunk_id = path.stem.rsplit("_", 1)[-1]
+        config = data.model_copy(
+            update={"path": path.parent, "expression_glob": path.name,
+                    "metadata_glob": f"*_metadata_{chunk_id}.*"}
+        )  # fmt: skip
+        return DataStore.open(config)
+    return DataStore.open(data.model_copy(update={"path": path}))
+
+
+def _gene_columns(store: DataStore, genes: list[str]) -> np.ndarray:
+    """Positions of the model's genes among the input's, in the model's order."""
+    where = {gene: i for i, gene in enumerate(store.genes)}
+    missing = [g for g in genes if g not in where]
+    if missing:
+        raise DataError(
+            f"{store.path} lacks {len(missing):,} of the model's {len(genes):,} genes, e.g. "
+            f"{', '.join(missing[:5])}; the input needs every gene the model was trained on"
+        )
+    extra = len(store.genes) - len(genes)
+    if extra:
+        log.warning("ignoring %d input genes the model does not use", extra)
+    return np.array([where[g] for g in genes])
+
+
+def generate(
+    model: TrainedModel,
+    input_path: Path,
+    targets: Mapping[str, str],
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write the counterfactuals of every cell of ``input_path`` to the .h5ad ``out``.
+
+    Args:
+        model: the trained model.
+        input_path: an .h5ad, a folder of chunks or one expression chunk, in the units the model
+            was trained on.
+        targets: ``{field: value}`` for the fields to change; others keep their source value.
+        out: the .h5ad to write (atomically: it appears only when complete).
+        overwrite: replace an existing ``out``.
+        progress: show a progress bar over chunks.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        DataError: unreadable input, missing genes, or ``out`` exists without ``overwrite``.
+        MetadataError: an unknown field or context value (the message lists the known ones).
+    """
+    import anndata
+    import h5py
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; pass --overwrite to replace it or choose --out")
+    store = open_input(Path(input_path), model.settings.data)
+    columns = _gene_columns(store, model.genes)
+    fields = list(model.vocabularies.fields)
+    model.encode_targets(torch.ones((1, len(fields)), dtype=torch.long), targets)  # fail early
+    sources = [store.read_metadata(c, fields).astype(str) for c in store.chunks]
+    obs = pd.concat(sources, ignore_index=True).add_prefix("source_")
+    for field in fields:
+        obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]
+    obs.index = [f"{c.chunk_id}_{i}" for c in store.chunks for i in range(c.n_cells)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(handle)
+    try:
+        # The skeleton (obs, var) first, then .X filled chunk by chunk: one chunk in memory.
+        anndata.AnnData(obs=obs, var=pd.DataFrame(index=model.genes)).write_h5ad(tmp)
+        with h5py.File(tmp, "r+") as file:
+            x = file.create_dataset(
+                "X", shape=(len(obs), len(model.genes)), dtype="float32",
+                chunks=(min(len(obs), 1024), len(model.genes)),
+            )  # fmt: skip
+            x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            start = 0
+            shown = None if progress else True  # None: a bar only on a terminal
+            for chunk, source in tqdm(
+                list(zip(store.chunks, sources, strict=True)), desc="generating", unit="chunk",
+                disable=shown,
+            ):  # fmt: skip
+                expression = store.read_expression(chunk)[:, columns]
+                moved = model.counterfactual(expression, source.reset_index(drop=True), targets)
+                x[start : start + chunk.n_cells] = moved.output.cpu().numpy()
+                start += chunk.n_cells
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out

@@ -4,6 +4,7 @@ TensorBoard events and `cae runs compare`. Real sqlite stores and a real `mlflow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -206,6 +207,18 @@ def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
     assert_training_recorded(client, run, epochs=2, fields=["assay", "sex"])
 
 
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True``: its whole process group, by pid."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=15)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -252,12 +265,7 @@ def tracking_server(tmp_path: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=15)
+        stop(server)
         log.close()
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from cae.cli import main
 from cae.data.synth import expected_expression
 from cae.tracking.pyfunc import register
 from cae.train import TrainResult
-from tests.test_tracking import free_port, stop
+from tests.servers import free_port, running
 from tests.test_train import load_cells, r2
 
 VENV_BIN = Path(sys.executable).parent
@@ -159,34 +157,18 @@ def test_register_names_a_missing_run(registry: str, capsys):
 def served(registry: str, tmp_path: Path) -> Iterator[str]:
     """`mlflow models serve` on 127.0.0.1 for cae-demo@champion; stopped by its pid."""
     port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/cae-demo@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env={
-            **os.environ,
-            "MLFLOW_TRACKING_URI": registry,
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # it runs `uvicorn`
-        },
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    command = [
+        str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/cae-demo@champion",
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # it runs `uvicorn`
+    }
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"model server did not start: {(tmp_path / 'serve.log').read_text()}")
-            time.sleep(0.5)
+    with running(command, env, f"{url}/ping", tmp_path / "serve.log"):
         yield url
-    finally:
-        stop(server)
-        log.close()
 
 
 def post(url: str, frame: pd.DataFrame, params: dict) -> tuple[int, dict]:

@@ -4,14 +4,9 @@ TensorBoard events and `cae runs compare`. Real sqlite stores and a real `mlflow
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +17,7 @@ from cae.cli import main
 from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracked, tracking_uri
 from cae.train import Callback, train
 from tests.conftest import quick_settings
+from tests.servers import free_port, running
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -207,66 +203,20 @@ def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
     assert_training_recorded(client, run, epochs=2, fields=["assay", "sex"])
 
 
-def stop(server: subprocess.Popen) -> None:
-    """Stop a server started with ``start_new_session=True``: its whole process group, by pid."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=15)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def tracking_server(tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stopped by its pid."""
     port = free_port()
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(VENV_BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            sqlite_uri(tmp_path / "server.db"),
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    command = [
+        str(VENV_BIN / "mlflow"), "server",
+        "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
+        "--artifacts-destination", str(tmp_path / "server-artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with running(command, env, f"{url}/health", tmp_path / "server.log"):
         yield url
-    finally:
-        stop(server)
-        log.close()
 
 
 def test_training_logs_to_a_tracking_server_over_http(small_data, tmp_path, tracking_server):

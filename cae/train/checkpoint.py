@@ -8,8 +8,6 @@ preprocessing folder it was trained from.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import scipy.sparse as sp
 import torch
 
 from cae.config import Settings, settings_from_dict
+from cae.data.atomic import atomic_write
 from cae.data.loader import apply_transform
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, MetadataError
@@ -33,17 +32,8 @@ CHECKPOINT_FORMAT = 1
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync'd, then
     renamed over the old one, so an interrupted write never corrupts the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(dict(payload), file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        torch.save(dict(payload), file)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from cae import __version__
 from cae.config import Settings, settings_from_dict
+from cae.data.atomic import atomic_write
 from cae.data.loader import (
     ChunkDataset,
     EpochOrder,
@@ -501,7 +502,8 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
         }
         save_checkpoint(self.checkpoint_path, payload)
-        (self.out_dir / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
+        with atomic_write(self.out_dir / "history.json") as file:
+            file.write((json.dumps(self.history, indent=1) + "\n").encode())
 
     def trained_model(self) -> TrainedModel:
         """The networks as they are now, with vocabularies and settings, for counterfactuals."""

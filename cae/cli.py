@@ -68,6 +68,20 @@ _TRAIN_FLAGS = [
 ]
 
 
+_STUDY_FLAGS = [
+    Flag("--study", "tune.study", str, "study name (default cae)"),
+    Flag("--storage", "tune.storage", str, "journal file (default tune/journal.log) or RDB URL"),
+    Flag("--n-trials", "tune.n_trials", int, "trials per worker (SLURM array task)"),
+]
+
+_TUNE_FLAGS = [
+    *_TRAIN_FLAGS,
+    *_STUDY_FLAGS,
+    Flag("--pruner", "tune.pruner", str, "median, hyperband or none"),
+    Flag("--objective", "tune.objective", str, "metric minimised (default val/reconstruction)"),
+]
+
+
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     parser.add_argument("--config", type=Path, help="TOML file of settings (see experiments/)")
     for flag in flags:
@@ -209,6 +223,86 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote counterfactuals ({', '.join(f'{k}={v}' for k, v in targets.items())}) to {out}")
 
 
+def cmd_tune_create(args: argparse.Namespace) -> None:
+    """Create a study and its MLflow parent run."""
+    from cae.tune.study import create
+
+    settings = _settings(args, _TUNE_FLAGS)
+    parent = create(settings)
+    print(f"created study '{settings.tune.study}' in {settings.tune.storage}; MLflow parent run "
+          f"{parent}")  # fmt: skip
+
+
+def cmd_tune_worker(args: argparse.Namespace) -> None:
+    """Run this worker's trials of a study."""
+    from cae.tune.study import work
+
+    settings = _settings(args, _STUDY_FLAGS)
+    overrides = _overrides(args, _STUDY_FLAGS[2:])  # flags given win over the study's settings
+    if args.no_progress:
+        overrides["train.progress"] = False
+    ran = work(settings.tune, overrides)
+    print(f"ran {ran} trial(s) of study '{settings.tune.study}'")
+
+
+def cmd_tune_submit(args: argparse.Namespace) -> None:
+    """Render the array script and submit it with sbatch (or print it)."""
+    from cae.tune.slurm import render, submit
+
+    settings = _settings(args, _STUDY_FLAGS)
+    tune = settings.tune
+    storage = tune.storage if "://" in tune.storage else str(Path(tune.storage).resolve())
+    script = render(
+        "tune_array.sbatch",
+        settings,
+        {"study": tune.study, "storage": storage, "n_trials": str(tune.n_trials)},
+    )
+    if args.dry_run:
+        print(script)
+        return
+    sbatch_args = [f"--array={args.array}", *(args.sbatch_arg or [])]
+    path = tune.out_dir / tune.study / "tune_array.sbatch"
+    job = submit(script, path, sbatch_args, wait=args.wait)
+    print(job)
+
+
+def cmd_tune_best(args: argparse.Namespace) -> None:
+    """Print the best trial and its MLflow run; log the study's plots; optionally register."""
+    from cae.tune.study import best, log_study_plots
+
+    settings = _settings(args, _STUDY_FLAGS)
+    trials = best(settings.tune)
+    for trial in trials:
+        params = ", ".join(f"{k}={v:.4g}" for k, v in trial["params"].items())
+        values = ", ".join(f"{v:.5f}" for v in trial["values"])
+        print(f"trial {trial['trial']}: {values}  ({params})  MLflow run {trial['mlflow_run_id']}")
+    plots = log_study_plots(settings.tune)
+    if plots:
+        print(f"logged {', '.join(plots)} to the study's parent run")
+    if args.register:
+        from cae.tracking.pyfunc import register
+
+        version = register(trials[0]["mlflow_run_id"], args.register, "champion")
+        print(f"registered {args.register} version {version} as @champion")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    """Render the training script and submit it with sbatch (or print it)."""
+    import shlex
+
+    from cae.tune.slurm import render, submit
+
+    settings = _settings(args, [])
+    train_args = shlex.join(
+        args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    )
+    script = render("train.sbatch", settings, {"train_args": train_args})
+    if args.dry_run:
+        print(script)
+        return
+    print(submit(script, settings.tune.slurm.output / "train.sbatch", args.sbatch_arg or []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``cae`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -306,6 +400,55 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     generate.set_defaults(func=cmd_generate)
+
+    tune = commands.add_parser("tune", help="Optuna studies over SLURM array jobs")
+    tune_commands = tune.add_subparsers(dest="tune_command", required=True, metavar="COMMAND")
+    create = tune_commands.add_parser(
+        "create",
+        help="create a study and its MLflow parent run (once, before any worker)",
+        description="Create the Optuna study (search space, pruner, objective and the training "
+        "settings are saved in it) and its MLflow parent run.",
+    )
+    _add_flags(create, _TUNE_FLAGS)
+    create.set_defaults(func=cmd_tune_create)
+    worker = tune_commands.add_parser(
+        "worker", help="run this worker's trials (one SLURM array task)"
+    )
+    _add_flags(worker, _STUDY_FLAGS)
+    worker.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    worker.set_defaults(func=cmd_tune_worker)
+    submit = tune_commands.add_parser(
+        "submit",
+        help="render the array script and submit it with sbatch",
+        description="Render experiments/slurm/tune_array.sbatch with the tune.slurm settings and "
+        "submit it as an array job; prints the job id.",
+    )
+    _add_flags(submit, _STUDY_FLAGS)
+    submit.add_argument("--array", default="0-3", help="array spec, e.g. 0-31%%8 (default 0-3)")
+    submit.add_argument(
+        "--sbatch-arg", action="append", metavar="ARG", help="extra sbatch argument (repeatable)"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    submit.add_argument("--wait", action="store_true", help="wait until every task has ended")
+    submit.set_defaults(func=cmd_tune_submit)
+    best = tune_commands.add_parser(
+        "best", help="print the best trial, log the study's plots, optionally register it"
+    )
+    _add_flags(best, _STUDY_FLAGS)
+    best.add_argument("--register", metavar="NAME", help="register the best trial's model")
+    best.set_defaults(func=cmd_tune_best)
+
+    slurm_train = commands.add_parser(
+        "submit",
+        help="submit one training as a SLURM job",
+        description="Render experiments/slurm/train.sbatch and submit it; arguments after -- go "
+        "to `cae train`.",
+    )
+    slurm_train.add_argument("--config", type=Path, help="TOML file (its tune.slurm settings)")
+    slurm_train.add_argument("--sbatch-arg", action="append", metavar="ARG", help="sbatch argument")
+    slurm_train.add_argument("--dry-run", action="store_true", help="print the script only")
+    slurm_train.add_argument("train_args", nargs=argparse.REMAINDER, help="-- cae train flags")
+    slurm_train.set_defaults(func=cmd_submit)
     return parser
 
 

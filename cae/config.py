@@ -181,10 +181,63 @@ class TrackingConfig(_Section):
         True, description="Also write TensorBoard events to <out>/tensorboard."
     )
     log_checkpoint: bool = Field(True, description="Upload the final checkpoint as an artifact.")
+    parent_run_id: str | None = Field(
+        None, description="Start the run nested under this MLflow run (tuning trials)."
+    )
     register_as: str | None = Field(
         None, description="After training, register the model under this name (cae register)."
     )
     alias: str = Field("champion", description="Alias the registered version gets.")
+
+
+class Range(_Section):
+    """A searched range; ``log`` samples uniformly in log space."""
+
+    low: float
+    high: float
+    log: bool = True
+
+
+class SearchSpace(_Section):
+    """What a study tunes: latent size, metadata logit scale (the seed's 0.0159 by hand) and lr."""
+
+    latent_dim: Range = Range(low=32, high=512)
+    logit_scale: Range = Range(low=1e-3, high=1.0)
+    lr: Range = Range(low=1e-4, high=1e-2)
+
+
+class SlurmConfig(_Section):
+    """Named settings of the rendered SLURM scripts (experiments/slurm/*.sbatch)."""
+
+    partition: str | None = Field(None, description="Partition (default: the cluster's).")
+    time: str = Field("04:00:00", description="Wall time of one task.")
+    cpus: int = Field(2, ge=1, description="CPUs per task.")
+    mem: str = Field("8G", description="Memory per task.")
+    gpus: int = Field(0, ge=0, description="GPUs per task.")
+    venv: Path = Field(Path(".venv"), description="Virtual environment to activate.")
+    output: Path = Field(Path("slurm-logs"), description="Folder of the tasks' log files.")
+    signal_seconds: int = Field(120, ge=0, description="USR1 this long before the time limit.")
+
+
+class TuneConfig(_Section):
+    """An Optuna study over the search space, its storage, pruner and objective."""
+
+    study: str = Field("cae", description="Study name.")
+    storage: str = Field(
+        "tune/journal.log",
+        description="A journal file on a shared filesystem (no server), or an RDB URL such as "
+        "postgresql://user@host/db (heartbeat retry of killed trials).",
+    )
+    objective: str = Field("val/reconstruction", description="Metric minimised.")
+    multi_objective: bool = Field(
+        False,
+        description="Also maximise the mean target-consistency accuracy (val/target_accuracy/*).",
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="Pruner.")
+    n_trials: int = Field(4, ge=1, description="Trials each worker (SLURM array task) runs.")
+    space: SearchSpace = SearchSpace()
+    out_dir: Path = Field(Path("tune"), description="Trials' training folders: <out>/<study>/.")
+    slurm: SlurmConfig = SlurmConfig()
 
 
 _TOML_FILE: ContextVar[Path | None] = ContextVar("cae_toml_file", default=None)
@@ -207,6 +260,7 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from cae import __version__
 from cae.config import Settings
 from cae.tracking.plots import context_contributions_figure, contribution_shares_figure
-from cae.train.trainer import Callback, Trainer, TrainResult
+from cae.train.trainer import Callback, StopTraining, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -153,7 +153,13 @@ def start_run(settings: Settings) -> str:
 
     uri = tracking_uri(settings.tracking.uri)
     mlflow.set_tracking_uri(uri)
-    if os.environ.get("MLFLOW_RUN_ID"):
+    if settings.tracking.parent_run_id:
+        run = mlflow.start_run(
+            run_name=settings.tracking.run_name,
+            parent_run_id=settings.tracking.parent_run_id,
+            nested=True,
+        )
+    elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()  # the MLproject's run
     else:
         mlflow.set_experiment(settings.tracking.experiment)
@@ -167,8 +173,9 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     """Yield the callbacks that record one training, and end its MLflow run afterwards.
 
     The run starts when training starts (after the data and settings were validated, so a typo
-    leaves no empty run behind); see :func:`start_run`. It ends FINISHED, or FAILED (KILLED on
-    Ctrl-C) if the training raised. With ``tracking.enabled`` false it yields no callbacks and
+    leaves no empty run behind); see :func:`start_run`. It ends FINISHED; KILLED on Ctrl-C or when
+    a callback stopped training on purpose (:class:`StopTraining`, e.g. a pruned trial); FAILED
+    if the training raised anything else. With ``tracking.enabled`` false it yields no callbacks and
     touches nothing.
 
     Args:
@@ -187,7 +194,7 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     callbacks.append(MLflowCallback(settings))  # after TensorBoard: its files are closed first
     try:
         yield callbacks
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopTraining):
         if mlflow.active_run() is not None:
             mlflow.end_run(status="KILLED")
         raise

@@ -54,6 +54,10 @@ class TrainingError(CAEError):
     """Training cannot go on (a non-finite loss); the last good checkpoint is kept."""
 
 
+class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a callback to end training early on purpose (e.g. a pruned tuning trial)."""
+
+
 @dataclass
 class TrainResult:
     """What a training produced."""

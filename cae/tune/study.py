@@ -1,0 +1,324 @@
+"""Optuna studies over latent size, metadata logit scale and learning rate.
+
+One study lives in one storage: an Optuna journal file on a shared filesystem (the default: no
+server needed) or an RDB URL (PostgreSQL for teams; killed trials are retried by heartbeat). Workers
+(one per SLURM array task) each run ``tune.n_trials`` trials; every trial calls the same
+:func:`cae.train.train` as everything else, inside an MLflow run nested under the study's parent
+run, and reports the validation objective each epoch so the pruner can stop it.
+
+Preemption with the journal: each trial records the SLURM task that runs it. A requeued task
+(``SLURM_RESTART_COUNT`` > 0) first marks its own trials still RUNNING as FAILED and enqueues their
+parameters again, then runs only the trials its task still owes: no trial is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cae.config import Settings, TuneConfig, nest, settings_from_dict
+from cae.errors import ConfigError
+from cae.train.trainer import Callback, StopTraining, Trainer
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+SETTINGS_ATTR = "settings"
+TASK_ATTR = "slurm_task"
+RUN_ATTR = "mlflow_run_id"
+TARGET_ACCURACY = "val/target_accuracy"
+
+
+def open_storage(storage: str) -> Any:
+    """The Optuna storage for ``tune.storage``: an RDB URL (with heartbeat retry of killed
+    trials) or a journal file path (created with its folder)."""
+    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" in storage:
+        return RDBStorage(
+            storage,
+            heartbeat_interval=60,
+            grace_period=120,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        )
+    path = Path(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _directions(tune: TuneConfig) -> list[str]:
+    return ["minimize", "maximize"] if tune.multi_objective else ["minimize"]
+
+
+def _pruner(tune: TuneConfig) -> Any:
+    import optuna
+
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def create(settings: Settings) -> str:
+    """Create the study and its MLflow parent run, once, before any worker starts.
+
+    Creating both up front avoids racing workers on a new sqlite store or study. The settings are
+    saved in the study, so workers need only the storage and the study name.
+
+    Returns:
+        The parent MLflow run id.
+
+    Raises:
+        ConfigError: a study of that name already exists in the storage.
+    """
+    import mlflow
+    import optuna
+
+    from cae.tracking.callbacks import tracking_uri
+
+    tune = settings.tune
+    storage = open_storage(tune.storage)
+    try:
+        study = optuna.create_study(
+            study_name=tune.study, storage=storage, directions=_directions(tune)
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        raise ConfigError(
+            f"study '{tune.study}' already exists in {tune.storage}; run workers against it "
+            "or choose another --study"
+        ) from None
+    mlflow.set_tracking_uri(tracking_uri(settings.tracking.uri))
+    mlflow.set_experiment(settings.tracking.experiment)
+    with mlflow.start_run(run_name=f"study {tune.study}") as parent:
+        mlflow.set_tags({"cae.study": tune.study, "cae.study_storage": tune.storage})
+        mlflow.log_params(
+            {f"tune.{k}": v for k, v in settings.flat().items() if k.startswith("tune.")}
+        )
+    study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
+    study.set_user_attr(SETTINGS_ATTR, settings.model_dump(mode="json"))
+    return parent.info.run_id
+
+
+def load(tune: TuneConfig) -> Any:
+    """Load an existing study.
+
+    Raises:
+        ConfigError: no such study in the storage (the message says to run ``cae tune create``).
+    """
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=tune.study, storage=open_storage(tune.storage))
+    except KeyError:
+        raise ConfigError(
+            f"no study '{tune.study}' in {tune.storage}; create it first with `cae tune create`"
+        ) from None
+
+
+def slurm_task() -> str:
+    """``<job>_<array task>`` of this SLURM task, or ``local_<pid>`` outside SLURM."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return f"local_{os.getpid()}"
+    return f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+
+
+class _Pruning(Callback):
+    """Reports the objective each epoch; stops training when the pruner says so."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        if len(self.trial.study.directions) > 1:
+            return  # Optuna cannot prune multi-objective trials
+        self.trial.report(metrics[self.metric], step=epoch)
+        if self.trial.should_prune():
+            raise StopTraining(f"pruned at epoch {epoch}")
+
+
+def trial_settings(base: Settings, trial: Any) -> Settings:
+    """The base settings with this trial's sampled values, output folder and nested run."""
+    space = base.tune.space
+    values = {
+        "model.latent_dim": trial.suggest_int(
+            "latent_dim", int(space.latent_dim.low), int(space.latent_dim.high),
+            log=space.latent_dim.log,
+        ),
+        "model.logit_scale": trial.suggest_float(
+            "logit_scale", space.logit_scale.low, space.logit_scale.high, log=space.logit_scale.log
+        ),
+        "train.lr": trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log),
+        "output.dir": str(base.tune.out_dir / base.tune.study / f"trial_{trial.number:04d}"),
+        "output.overwrite": True,  # a retried trial replaces its failed folder
+        "tracking.parent_run_id": trial.study.user_attrs[PARENT_RUN_ATTR],
+        "tracking.run_name": f"trial {trial.number}",
+        "tracking.register_as": None,
+    }  # fmt: skip
+    merged = base.model_dump(mode="json")
+    for section, fields in nest(values).items():
+        merged[section].update(fields)
+    return settings_from_dict(merged, f"trial {trial.number}")
+
+
+def objective(trial: Any, base: Settings) -> float | tuple[float, float]:
+    """Train once with the trial's values; the objective metric of the last epoch."""
+    import mlflow
+    import optuna
+
+    from cae.tracking.callbacks import MLflowCallback, tracked
+    from cae.train.trainer import train
+
+    settings = trial_settings(base, trial)
+    task = slurm_task()
+    trial.set_user_attr(TASK_ATTR, task)
+    callbacks: list[Callback] = []
+    try:
+        with tracked(settings) as callbacks:
+            result = train(settings, [*callbacks, _Pruning(trial, base.tune.objective)])
+    except StopTraining:
+        raise optuna.TrialPruned() from None
+    finally:  # finished, pruned or failed: link the trial and its run both ways
+        run_id = next((c.run_id for c in callbacks if isinstance(c, MLflowCallback)), None)
+        if run_id is not None:
+            trial.set_user_attr(RUN_ATTR, run_id)
+            tags = {"cae.study": base.tune.study, "cae.trial": str(trial.number),
+                    "cae.slurm_task": task}  # fmt: skip
+            client = mlflow.MlflowClient()
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+    value = result.final[base.tune.objective]
+    if base.tune.multi_objective:
+        accuracies = [v for k, v in result.final.items() if k.startswith(TARGET_ACCURACY)]
+        return value, sum(accuracies) / len(accuracies)
+    return value
+
+
+def recover_interrupted(study: Any, task: str) -> int:
+    """Mark this task's trials still RUNNING as FAILED and enqueue their parameters again.
+
+    Called by a requeued SLURM task (its previous attempt was killed mid-trial). Returns how many
+    trials were recovered.
+    """
+    import optuna
+
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get(TASK_ATTR) == task:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            recovered += 1
+            log.warning(
+                "trial %d of %s was interrupted: failed and enqueued again", trial.number, task
+            )
+    return recovered
+
+
+def work(tune: TuneConfig, overrides: Mapping[str, Any] | None = None) -> int:
+    """Run this worker's share of trials, after recovering interrupted ones.
+
+    Args:
+        tune: which study (``tune.study``) in which storage (``tune.storage``).
+        overrides: settings that win over the ones saved in the study (``tune.n_trials``,
+            ``train.progress``, ...); everything else comes from the study.
+
+    Returns:
+        The number of trials this call ran.
+    """
+    import optuna
+
+    study = load(tune)
+    saved = study.user_attrs.get(SETTINGS_ATTR)
+    if saved is None:
+        raise ConfigError(f"study '{tune.study}' was not created by `cae tune create`")
+    merged = saved
+    for section, fields in nest(overrides or {}).items():
+        merged[section].update(fields)
+    merged["tune"].update({"study": tune.study, "storage": tune.storage})
+    base = settings_from_dict(merged, f"study {tune.study}")
+    task = slurm_task()
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        recover_interrupted(study, task)
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = sum(t.user_attrs.get(TASK_ATTR) == task for t in study.get_trials(states=done_states))
+    remaining = max(base.tune.n_trials - done, 0)
+    study.pruner = _pruner(base.tune)
+    # A failing trial (bad values, a NaN loss) is recorded FAILED; the worker goes on.
+    study.optimize(lambda trial: objective(trial, base), n_trials=remaining, catch=(Exception,))
+    return remaining
+
+
+def best(tune: TuneConfig) -> list[dict[str, Any]]:
+    """The best trial (or the Pareto front of a multi-objective study) with its MLflow run.
+
+    Raises:
+        ConfigError: the study has no finished trial yet.
+    """
+    study = load(tune)
+    try:
+        trials = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    except ValueError:
+        raise ConfigError(f"study '{tune.study}' has no finished trial yet") from None
+    return [
+        {
+            "trial": t.number,
+            "values": list(t.values),
+            "params": dict(t.params),
+            "mlflow_run_id": t.user_attrs.get(RUN_ATTR),
+        }
+        for t in trials
+    ]
+
+
+def log_study_plots(tune: TuneConfig) -> list[str]:
+    """Log Optuna's plots (optimisation history, parameter importances, contour of latent_dim x
+    logit_scale) to the study's MLflow parent run; returns the artifact paths written."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    import mlflow
+    import optuna.visualization.matplotlib as plots
+    from optuna.exceptions import ExperimentalWarning
+
+    study = load(tune)
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+    saved = settings_from_dict(study.user_attrs[SETTINGS_ATTR], f"study {tune.study}")
+    target = None
+    if len(study.directions) > 1:
+
+        def target(t: Any) -> float:
+            return t.values[0]
+
+    drawings = {
+        "optuna/optimization_history.png": lambda: plots.plot_optimization_history(
+            study, target=target
+        ),
+        "optuna/param_importances.png": lambda: plots.plot_param_importances(study, target=target),
+        "optuna/contour_latent_dim_logit_scale.png": lambda: plots.plot_contour(
+            study, params=["latent_dim", "logit_scale"], target=target
+        ),
+    }
+    from cae.tracking.callbacks import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(saved.tracking.uri))
+    written = []
+    with mlflow.start_run(run_id=parent):
+        for path, draw in drawings.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ExperimentalWarning)
+                    axes = draw()
+            except (ValueError, RuntimeError) as err:  # too few trials for that plot
+                log.warning("skipping %s: %s", path, err)
+                continue
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            mlflow.log_figure(figure, path)
+            plt.close(figure)
+            written.append(path)
+    return written

@@ -123,6 +123,51 @@ def test_concurrent_workers_on_a_new_study_and_store(small_data: Path, tmp_path:
     )
     assert_every_trial_has_a_nested_run(tmp_path, trials, "concurrent")
 
+    assert main(["tune", "best", "--config", str(config)]) == 0
+    parent = load(TuneConfig(study="concurrent", storage=str(tmp_path / "journal.log")))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    plots = {
+        a.path for a in client.list_artifacts(parent.user_attrs["mlflow_parent_run_id"], "optuna")
+    }
+    assert plots == {
+        "optuna/optimization_history.png",
+        "optuna/param_importances.png",
+        "optuna/contour_latent_dim_logit_scale.png",
+    }
+
+
+def test_multi_objective_study_returns_the_pareto_front(small_data, tmp_path, monkeypatch, capsys):
+    from cae.tune.study import work
+
+    config = write_config(tmp_path, small_data, "pareto", n_trials=2, epochs=1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "create", "--config", str(config)]) == 0  # single objective...
+    text = config.read_text().replace("[tune]", "[tune]\nmulti_objective = true")
+    config.write_text(text.replace('study = "pareto"', 'study = "pareto2"'))
+    assert main(["tune", "create", "--config", str(config)]) == 0  # ...and a two-objective one
+    assert work(TuneConfig(study="pareto2", storage=str(tmp_path / "journal.log"))) == 2
+    trials = study_trials(tmp_path, "pareto2")
+    assert all(len(t.values) == 2 for t in trials)  # reconstruction, target accuracy
+    assert all(0.0 <= t.values[1] <= 1.0 for t in trials)
+    capsys.readouterr()
+    assert main(["tune", "best", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith("trial ")
+
+
+def test_rendered_scripts_have_named_settings_and_no_edit_me(small_data, tmp_path, capsys):
+    config = write_config(tmp_path, small_data, "render", n_trials=3)
+    argv = ["tune", "submit", "--config", str(config), "--dry-run"]
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    assert "EDIT_ME" not in script and "$" not in script.replace("${", "").split("set -euo")[0]
+    assert "#SBATCH --requeue" in script and "#SBATCH --mem=300M" in script
+    assert "#SBATCH --time=00:10:00" in script and f"{tmp_path / 'slurm-logs'}/" in script
+    assert f"--storage {tmp_path / 'journal.log'} --n-trials 3" in script
+    assert f"source {VENV_BIN.parent}/bin/activate" in script
+    assert main(["submit", "--config", str(config), "--dry-run", "--", "--epochs", "5"]) == 0
+    script = capsys.readouterr().out
+    assert script.strip().splitlines()[-1] == "exec cae train --epochs 5 --no-progress"
+
 
 def test_a_killed_worker_loses_and_duplicates_no_trial(small_data: Path, tmp_path: Path):
     config = write_config(tmp_path, small_data, "killed", n_trials=3, epochs=6)

@@ -282,7 +282,8 @@ def cmd_tune_best(args: argparse.Namespace) -> None:
     if args.register:
         from cae.tracking.pyfunc import register
 
-        version = register(trials[0]["mlflow_run_id"], args.register, "champion")
+        run_id = trials[0]["mlflow_run_id"]
+        version = register(run_id, args.register, "champion", settings.tracking.uri)
         print(f"registered {args.register} version {version} as @champion")
 
 

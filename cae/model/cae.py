@@ -18,7 +18,6 @@ Shapes: B cells, G genes, L latent size, K_f categories of field f (index 0 is `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -162,8 +161,3 @@ def contribution_l2(out: CAEOutput) -> dict[str, torch.Tensor]:
     for field, values in out.fields.items():
         norms[field] = torch.linalg.vector_norm(values, dim=1)
     return norms
-
-
-def heads(fields: Sequence[str]) -> list[str]:
-    """Names of all heads in report order: ``base`` then the fields."""
-    return ["base", *fields]

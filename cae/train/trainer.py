@@ -38,7 +38,6 @@ from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import (
     CHECKPOINT_FORMAT,
-    TrainedModel,
     build_networks,
     read_checkpoint,
     save_checkpoint,
@@ -508,19 +507,6 @@ class Trainer:
         save_checkpoint(self.checkpoint_path, payload)
         with atomic_write(self.out_dir / "history.json") as file:
             file.write((json.dumps(self.history, indent=1) + "\n").encode())
-
-    def trained_model(self) -> TrainedModel:
-        """The networks as they are now, with vocabularies and settings, for counterfactuals."""
-        return TrainedModel(
-            self.model,
-            self.classifier,
-            self.vocabularies,
-            self.field_specs,
-            self.settings,
-            self.store.genes,
-            int(self.history[-1]["epoch"]) if self.history else 0,
-            self.history,
-        )
 
 
 def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult:

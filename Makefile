@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # users elsewhere get whatever torch>=2.3 their platform offers.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo ui test lint format clean
+.PHONY: install demo ui test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/preprocess.py
 
 lint: install
 	$(BIN)/ruff check .

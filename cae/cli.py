@@ -462,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    from cae.train.trainer import EXIT_PREEMPTED, Preempted  # after --help/--version: loads torch
+
     try:
         args.func(args)
     except CAEError as err:
@@ -472,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cae {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Preempted as stopped:
+        print(f"cae {args.command}: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -159,17 +159,23 @@ def test_rendered_scripts_have_named_settings_and_no_edit_me(small_data, tmp_pat
     argv = ["tune", "submit", "--config", str(config), "--dry-run"]
     assert main(argv) == 0
     script = capsys.readouterr().out
-    assert "EDIT_ME" not in script and "$" not in script.replace("${", "").split("set -euo")[0]
+    assert "EDIT_ME" not in script and "${" not in script.split("\ncd ")[0]
     assert "#SBATCH --requeue" in script and "#SBATCH --mem=300M" in script
+    assert "#SBATCH --signal=B:USR1@120" in script and 'if [ "$status" = 75 ]' in script
     assert "#SBATCH --time=00:10:00" in script and f"{tmp_path / 'slurm-logs'}/" in script
     assert f"--storage {tmp_path / 'journal.log'} --n-trials 3" in script
     assert f"source {VENV_BIN.parent}/bin/activate" in script
     assert main(["submit", "--config", str(config), "--dry-run", "--", "--epochs", "5"]) == 0
     script = capsys.readouterr().out
-    assert script.strip().splitlines()[-1] == "exec cae train --epochs 5 --no-progress"
+    assert "cae train --epochs 5 --no-progress &" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
 
 
-def test_a_killed_worker_loses_and_duplicates_no_trial(small_data: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("stop", "exit_code"), [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGUSR1, 75)]
+)
+def test_a_killed_worker_loses_and_duplicates_no_trial(small_data, tmp_path, stop, exit_code):
+    """SIGKILL (a node lost) or SIGUSR1 (SLURM's warning: checkpoint, exit 75, requeue)."""
     config = write_config(tmp_path, small_data, "killed", n_trials=3, epochs=6)
     assert main(["tune", "create", "--config", str(config), "--pruner", "none"]) == 0
     first = subprocess.Popen(
@@ -190,8 +196,8 @@ def test_a_killed_worker_loses_and_duplicates_no_trial(small_data: Path, tmp_pat
             time.sleep(0.2)
         time.sleep(1.0)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=15)
+        os.killpg(first.pid, stop)
+        assert first.wait(timeout=60) == exit_code
     interrupted = [t for t in study_trials(tmp_path, "killed") if t.state.name == "RUNNING"]
     assert len(interrupted) == 1
 

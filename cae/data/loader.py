@@ -114,18 +114,21 @@ class EpochOrder(Sampler[int]):
         self.indices = list(indices)
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration yields."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch whose order the next iteration yields, leaving out its first ``skip``
+        chunks (already trained before a preemption)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) - self.skip
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "chunks"))
         permutation = torch.randperm(len(self.indices), generator=generator).tolist()
-        return iter([self.indices[i] for i in permutation])
+        return iter([self.indices[i] for i in permutation[self.skip :]])
 
 
 def _keep(item: LoadedChunk) -> LoadedChunk:

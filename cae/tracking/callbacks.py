@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 from cae import __version__
 from cae.config import Settings
 from cae.tracking.plots import context_contributions_figure, contribution_shares_figure
-from cae.train.trainer import Callback, StopTraining, Trainer, TrainResult
+from cae.train.trainer import Callback, Preempted, StopTraining, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -173,10 +173,10 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     """Yield the callbacks that record one training, and end its MLflow run afterwards.
 
     The run starts when training starts (after the data and settings were validated, so a typo
-    leaves no empty run behind); see :func:`start_run`. It ends FINISHED; KILLED on Ctrl-C or when
-    a callback stopped training on purpose (:class:`StopTraining`, e.g. a pruned trial); FAILED
-    if the training raised anything else. With ``tracking.enabled`` false it yields no callbacks and
-    touches nothing.
+    leaves no empty run behind); see :func:`start_run`. It ends FINISHED; KILLED on Ctrl-C, on
+    SIGTERM/SIGUSR1 (:class:`Preempted`) or when a callback stopped training on purpose
+    (:class:`StopTraining`, e.g. a pruned trial); FAILED if the training raised anything else.
+    With ``tracking.enabled`` false it yields no callbacks and touches nothing.
 
     Args:
         settings: the settings (``tracking`` section).
@@ -194,7 +194,7 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     callbacks.append(MLflowCallback(settings))  # after TensorBoard: its files are closed first
     try:
         yield callbacks
-    except (KeyboardInterrupt, StopTraining):
+    except (KeyboardInterrupt, StopTraining, Preempted):
         if mlflow.active_run() is not None:
             mlflow.end_run(status="KILLED")
         raise

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,23 @@ class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by a callback to end training early on purpose (e.g. a pruned tuning trial)."""
 
 
+class Preempted(BaseException):
+    """SIGTERM or SIGUSR1 arrived: training wrote a checkpoint at the next chunk boundary and
+    stopped; ``--resume`` continues exactly where it stopped. The CLI exits with
+    :data:`EXIT_PREEMPTED` so that a job script can requeue itself."""
+
+    def __init__(self, signal_name: str, checkpoint: Path) -> None:
+        super().__init__(
+            f"stopped by {signal_name}; checkpoint written mid-epoch to {checkpoint}; "
+            "continue with --resume"
+        )
+        self.checkpoint = checkpoint
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 @dataclass
 class TrainResult:
     """What a training produced."""
@@ -84,6 +103,9 @@ class Callback:
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """Called after each epoch's validation with that epoch's metrics."""
+
+    def on_chunk_end(self, trainer: Trainer, epoch: int, chunks_done: int) -> None:
+        """Called after each training chunk of an epoch (``chunks_done`` so far in the epoch)."""
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         """Called after a checkpoint was written."""
@@ -228,6 +250,8 @@ class Trainer:
         # Each head's output on the first evaluation batch of the last epoch (for histograms).
         self.head_samples: dict[str, torch.Tensor] = {}
         self.start_epoch = 1
+        self.partial: dict | None = None  # where a preempted epoch stopped (from the checkpoint)
+        self.stop_signal: str | None = None
         if resume_payload is not None:
             self._restore(resume_payload)
 
@@ -285,6 +309,13 @@ class Trainer:
         self.classifier_optimizer.load_state_dict(payload["classifier_optimizer"])
         self.history = list(payload["history"])
         self.start_epoch = int(payload["epoch"]) + 1
+        self.partial = payload.get("partial")
+        if self.partial is not None:  # preempted mid-epoch: that epoch goes on
+            self.start_epoch = int(self.partial["epoch"])
+            log.info(
+                "resuming epoch %d after chunk %d", self.start_epoch, self.partial["chunks_done"]
+            )
+            return
         if self.start_epoch > self.settings.train.epochs:
             raise ConfigError(
                 f"{self.checkpoint_path} already finished {payload['epoch']} epochs; "
@@ -325,6 +356,10 @@ class Trainer:
         Raises:
             TrainingError: a loss became non-finite (the last good checkpoint is kept).
         """
+        with _SignalGuard(self):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.settings
         self._write_static_files()
         self._emit("on_train_start")
@@ -382,12 +417,20 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.settings
-        self.order.set_epoch(epoch)
         rows_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, "rows"))
         target_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, "targets"))
+        means = _Means()
+        skip = 0
+        if self.partial is not None and int(self.partial["epoch"]) == epoch:
+            skip = int(self.partial["chunks_done"])
+            rows_gen.set_state(self.partial["rows_generator"])
+            target_gen.set_state(self.partial["target_generator"])
+            means.sums = {k: v.to(self.device) for k, v in self.partial["sums"].items()}
+            means.counts = dict(self.partial["counts"])
+            self.partial = None
+        self.order.set_epoch(epoch, skip=skip)
         self.model.train()
         self.classifier.train()
-        means = _Means()
         bar = tqdm(
             total=self.n_train_cells,
             desc=f"epoch {epoch}/{cfg.train.epochs}",
@@ -396,30 +439,48 @@ class Trainer:
             disable=None if cfg.train.progress else True,  # None: only on a terminal
             leave=False,
         )
+        chunks_done = skip
         with bar:
-            for x, source in self._batches(self.train_loader, "train_rows", rows_gen):
-                n = x.shape[0]
-                target = sample_targets(source, self.sizes, target_gen)
-                self.classifier.requires_grad_(False)
-                losses = generator_losses(
-                    self.model, self.classifier, x, source, target, cfg.train.weights
-                )
-                self.optimizer.zero_grad(set_to_none=True)
-                losses.total.backward()
-                self.optimizer.step()
-                self.model.project_nonnegative()
-                self.classifier.requires_grad_(True)
-
-                c_loss, _, _ = classifier_loss(self.classifier, x, source)
-                self.classifier_optimizer.zero_grad(set_to_none=True)
-                (cfg.train.weights.classifier * c_loss).backward()
-                self.classifier_optimizer.step()
-
-                for name, value in losses.terms().items():
-                    means.add(name, value * n, n)
-                means.add("classifier", c_loss * n, n)
-                bar.update(n)
+            for chunk in self.train_loader:
+                if self.stop_signal is not None:
+                    self._save_partial(epoch, chunks_done, rows_gen, target_gen, means)
+                    raise Preempted(self.stop_signal, self.checkpoint_path)
+                self._train_chunk(chunk, rows_gen, target_gen, means, bar)
+                chunks_done += 1
+                self._emit("on_chunk_end", epoch, chunks_done)
         return means.read("train/")
+
+    def _train_chunk(
+        self,
+        chunk: LoadedChunk,
+        rows_gen: torch.Generator,
+        target_gen: torch.Generator,
+        means: _Means,
+        bar: tqdm,
+    ) -> None:
+        cfg = self.settings
+        for x, source in self._batches([chunk], "train_rows", rows_gen):
+            n = x.shape[0]
+            target = sample_targets(source, self.sizes, target_gen)
+            self.classifier.requires_grad_(False)
+            losses = generator_losses(
+                self.model, self.classifier, x, source, target, cfg.train.weights
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            self.optimizer.step()
+            self.model.project_nonnegative()
+            self.classifier.requires_grad_(True)
+
+            c_loss, _, _ = classifier_loss(self.classifier, x, source)
+            self.classifier_optimizer.zero_grad(set_to_none=True)
+            (cfg.train.weights.classifier * c_loss).backward()
+            self.classifier_optimizer.step()
+
+            for name, value in losses.terms().items():
+                means.add(name, value * n, n)
+            means.add("classifier", c_loss * n, n)
+            bar.update(n)
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[dict[str, float], pd.DataFrame]:
@@ -488,7 +549,28 @@ class Trainer:
         (self.out_dir / "genes.txt").write_text("\n".join(self.store.genes) + "\n")
         save_preprocessed(self.out_dir, self.field_specs)
 
-    def _save(self, epoch: int) -> None:
+    def _save_partial(
+        self,
+        epoch: int,
+        chunks_done: int,
+        rows_gen: torch.Generator,
+        target_gen: torch.Generator,
+        means: _Means,
+    ) -> None:
+        """A mid-epoch checkpoint: everything needed to replay the rest of the epoch exactly."""
+        partial = {
+            "epoch": epoch,
+            "chunks_done": chunks_done,
+            "rows_generator": rows_gen.get_state(),
+            "target_generator": target_gen.get_state(),
+            "sums": means.sums,
+            "counts": {k: torch.as_tensor(v) for k, v in means.counts.items()},
+        }
+        self._save(epoch - 1, partial)
+        log.warning("%s: checkpoint written after chunk %d of epoch %d", self.stop_signal,
+                    chunks_done, epoch)  # fmt: skip
+
+    def _save(self, epoch: int, partial: dict | None = None) -> None:
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
@@ -503,10 +585,33 @@ class Trainer:
             "genes": self.store.genes,
             "history": self.history,
             "data_fingerprint": self.fingerprint,
+            "partial": partial,
         }
         save_checkpoint(self.checkpoint_path, payload)
         with atomic_write(self.out_dir / "history.json") as file:
             file.write((json.dumps(self.history, indent=1) + "\n").encode())
+
+
+class _SignalGuard:
+    """While training runs in the main thread, SIGTERM and SIGUSR1 (SLURM's warning before a
+    time limit or preemption) ask it to stop at the next chunk boundary instead of dying."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in STOP_SIGNALS:
+            self.previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: object) -> None:
+        self.trainer.stop_signal = signal.Signals(number).name
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)  # type: ignore[arg-type]
 
 
 def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult:

@@ -56,6 +56,7 @@ def render(template: str, settings: Settings, values: Mapping[str, str]) -> str:
         "output": str(slurm.output.resolve()),
         "time": slurm.time,
         "cpus": str(slurm.cpus),
+        "signal_seconds": str(slurm.signal_seconds),
         "resource_lines": _resource_lines(settings),
         "tracking_uri": shlex.quote(uri),
         **values,

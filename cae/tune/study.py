@@ -179,6 +179,8 @@ def objective(trial: Any, base: Settings) -> float | tuple[float, float]:
     task = slurm_task()
     trial.set_user_attr(TASK_ATTR, task)
     callbacks: list[Callback] = []
+    # Preempted (SIGUSR1/SIGTERM) passes through: Optuna leaves the trial RUNNING, the worker
+    # exits with 75, and the requeued task fails and re-enqueues it (recover_interrupted).
     try:
         with tracked(settings) as callbacks:
             result = train(settings, [*callbacks, _Pruning(trial, base.tune.objective)])

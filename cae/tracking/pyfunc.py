@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
@@ -91,12 +92,6 @@ def predict_frame(
         for head, norms in contribution_l2(out).items():
             frame[f"contrib_l2/{head}"] = norms.cpu().numpy()
     return frame
-
-
-try:
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps the import cheap
-    PythonModel = object  # type: ignore[assignment,misc]
 
 
 class CounterfactualModel(PythonModel):

@@ -288,15 +288,13 @@ def log_study_plots(tune: TuneConfig) -> list[str]:
     import optuna.visualization.matplotlib as plots
     from optuna.exceptions import ExperimentalWarning
 
+    from cae.tracking.callbacks import tracking_uri
+
     study = load(tune)
     parent = study.user_attrs[PARENT_RUN_ATTR]
     saved = settings_from_dict(study.user_attrs[SETTINGS_ATTR], f"study {tune.study}")
-    target = None
-    if len(study.directions) > 1:
-
-        def target(t: Any) -> float:
-            return t.values[0]
-
+    # A two-objective study is drawn by its first objective, the reconstruction loss.
+    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
     drawings = {
         "optuna/optimization_history.png": lambda: plots.plot_optimization_history(
             study, target=target
@@ -306,8 +304,6 @@ def log_study_plots(tune: TuneConfig) -> list[str]:
             study, params=["latent_dim", "logit_scale"], target=target
         ),
     }
-    from cae.tracking.callbacks import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri(saved.tracking.uri))
     written = []
     with mlflow.start_run(run_id=parent):

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -26,6 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from cae.data.contexts import Selection
 from cae.data.vocabulary import DEFAULT_NULL_VALUES
 from cae.errors import ConfigError
 
@@ -44,6 +45,19 @@ def _split_commas(value: Any) -> Any:
 
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_semicolons(value: Any) -> Any:
+    """``"a=1,b=2;a=3"`` -> ``["a=1,b=2", "a=3"]`` (a JSON list passes through)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(";") if part.strip()]
+    return value
+
+
+SelectionList = Annotated[list[str], NoDecode, BeforeValidator(_split_semicolons)]
 
 
 class _Section(BaseModel):
@@ -86,6 +100,11 @@ class DataConfig(_Section):
         "full",
         description="full: read every chunk before training to check values; headers: shapes only.",
     )
+    exclude: SelectionList = Field(
+        [],
+        description="Context combinations kept out of training and validation, e.g. "
+        "['cell_type=B,condition=stimulated'] (a string separates them with ';').",
+    )
     num_workers: int = Field(1, ge=0, description="Background processes prefetching chunks.")
     prefetch_factor: int = Field(2, ge=1, description="Chunks each worker keeps ready.")
 
@@ -98,6 +117,19 @@ class DataConfig(_Section):
             if not chunk_id.isdigit():
                 raise ValueError(f"chunk id {chunk_id!r} is not a number (human_counts_7 has id 7)")
         return ids
+
+    @field_validator("exclude")
+    @classmethod
+    def _selections_parse(cls, selections: list[str]) -> list[str]:
+        try:
+            return [str(Selection.parse(text, "data.exclude")) for text in selections]
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
+    @property
+    def exclusions(self) -> list[Selection]:
+        """:attr:`exclude` parsed."""
+        return [Selection.parse(text) for text in self.exclude]
 
     @field_validator("fields")
     @classmethod
@@ -240,6 +272,40 @@ class TuneConfig(_Section):
     slurm: SlurmConfig = SlurmConfig()
 
 
+class EvaluateConfig(_Section):
+    """The counterfactual evaluation (``cae evaluate``): which context is held out, and metrics.
+
+    Leave-one-out: for every value g of ``group_by``, the cells with ``group_by=g`` and
+    ``field=target`` are kept out of training; the model moves the cells with ``group_by=g`` and
+    ``field=source`` to ``field=target`` and is scored against the real held-out cells.
+    """
+
+    field: str | None = Field(None, description="Field whose value the model changes (condition).")
+    group_by: str | None = Field(None, description="Field of the held-out groups (cell_type).")
+    source: str | None = Field(None, description="Value the moved cells have (control).")
+    target: str | None = Field(None, description="Value they are moved to (stimulated).")
+    groups: CommaList = Field(
+        [], description="Groups held out one at a time (default: every group with both values)."
+    )
+    top_k: list[int] = Field([20, 50, 100], description="Sizes of the DE gene sets scored.")
+    n_pcs: int = Field(50, ge=2, description="PCA components of the energy distance/classifier.")
+    max_cells: int = Field(
+        2000, ge=10, description="Cells per set for the energy distance and classifier (sampled)."
+    )
+    report_genes: int = Field(20, ge=1, description="Genes per field in the top-genes table.")
+    seed: int = Field(0, description="Seed of the cell samples and the classifier.")
+
+    _split = field_validator("groups", mode="before")(_split_commas)
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k(cls, value: Any) -> Any:
+        value = _split_commas(value)
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one DE gene set size, e.g. top_k=20,50,100")
+        return value
+
+
 _TOML_FILE: ContextVar[Path | None] = ContextVar("cae_toml_file", default=None)
 # Off while rebuilding saved settings: a checkpoint's settings must not pick up CAE_* variables.
 _READ_ENVIRONMENT: ContextVar[bool] = ContextVar("cae_read_environment", default=True)
@@ -261,6 +327,7 @@ class Settings(BaseSettings):
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cae.data.contexts import Selection, any_selected, selection_fields
 from cae.data.store import DataStore
 from cae.data.vocabulary import Vocabularies
 
@@ -42,7 +43,12 @@ class Batch:
 
 
 def split_rows(
-    chunk_id: str, n_cells: int, val_fraction: float, seed: int, held_out: bool
+    chunk_id: str,
+    n_cells: int,
+    val_fraction: float,
+    seed: int,
+    held_out: bool,
+    excluded: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split a chunk's rows into training and validation rows, the same way in every process.
 
@@ -52,20 +58,25 @@ def split_rows(
         val_fraction: fraction of rows held out from a training chunk.
         seed: the training seed.
         held_out: the whole chunk is a validation chunk.
+        excluded: (n_cells,) bool, rows in neither set (``data.exclude``); the split of the
+            other rows does not depend on it.
 
     Returns:
         ``(train_rows, val_rows)``, sorted int64 index arrays.
     """
     rows = np.arange(n_cells, dtype=np.int64)
     if held_out:
-        return rows[:0], rows
-    n_val = round(n_cells * val_fraction)
-    if n_val == 0:
-        return rows, rows[:0]
-    rng = np.random.default_rng([seed, int(chunk_id)])
-    val = np.zeros(n_cells, dtype=bool)
-    val[rng.choice(n_cells, size=n_val, replace=False)] = True
-    return rows[~val], rows[val]
+        train, val = rows[:0], rows
+    elif (n_val := round(n_cells * val_fraction)) == 0:
+        train, val = rows, rows[:0]
+    else:
+        rng = np.random.default_rng([seed, int(chunk_id)])
+        is_val = np.zeros(n_cells, dtype=bool)
+        is_val[rng.choice(n_cells, size=n_val, replace=False)] = True
+        train, val = rows[~is_val], rows[is_val]
+    if excluded is not None:
+        train, val = train[~excluded[train]], val[~excluded[val]]
+    return train, val
 
 
 class ChunkDataset(Dataset[LoadedChunk]):
@@ -80,6 +91,7 @@ class ChunkDataset(Dataset[LoadedChunk]):
         val_chunks: Sequence[str],
         val_fraction: float,
         seed: int,
+        exclude: Sequence[Selection] = (),
     ) -> None:
         self.store = store
         self.vocabularies = vocabularies
@@ -87,6 +99,7 @@ class ChunkDataset(Dataset[LoadedChunk]):
         self.val_chunks = {int(c) for c in val_chunks}
         self.val_fraction = val_fraction
         self.seed = seed
+        self.exclude = list(exclude)
 
     def __len__(self) -> int:
         return len(self.store.chunks)
@@ -94,14 +107,20 @@ class ChunkDataset(Dataset[LoadedChunk]):
     def __getitem__(self, index: int) -> LoadedChunk:
         chunk = self.store.chunks[index]
         expression = self.store.read_expression(chunk)
-        frame = self.store.read_metadata(chunk, self.vocabularies.fields)
-        contexts = self.vocabularies.encode(frame, self.null_values, source=chunk.metadata_name)
+        fields = self.vocabularies.fields
+        frame = self.store.read_metadata(
+            chunk, list(dict.fromkeys([*fields, *selection_fields(self.exclude)]))
+        )
+        contexts = self.vocabularies.encode(
+            frame[list(fields)], self.null_values, source=chunk.metadata_name
+        )
         train_rows, val_rows = split_rows(
             chunk.chunk_id,
             chunk.n_cells,
             self.val_fraction,
             self.seed,
             held_out=int(chunk.chunk_id) in self.val_chunks,
+            excluded=any_selected(frame, self.exclude) if self.exclude else None,
         )
         return LoadedChunk(chunk.chunk_id, expression, contexts, train_rows, val_rows)
 

@@ -132,6 +132,35 @@ def pip_requirements() -> list[str]:
     return [r for r in wanted if "extra ==" not in r]
 
 
+def download_run_checkpoint(run_id: str, dst: Path) -> str:
+    """Download the checkpoint of a ``cae train`` run (tracking URI already set) into ``dst``.
+
+    Returns:
+        The local path of ``last.pt``.
+
+    Raises:
+        CheckpointError: no such run, or it holds no ``checkpoints/last.pt``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.tracking.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise CheckpointError(
+            f"no MLflow run {run_id} at {mlflow.get_tracking_uri()}; `cae runs compare` lists runs"
+        ) from None
+    try:
+        return mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=str(dst)
+        )
+    except (MlflowException, OSError):
+        raise CheckpointError(
+            f"run {run_id} holds no checkpoints/last.pt; was it a cae training with "
+            "tracking.log_checkpoint on?"
+        ) from None
+
+
 def register(
     run_id: str, name: str, alias: str | None = "champion", tracking_uri: str | None = None
 ) -> str:
@@ -150,7 +179,6 @@ def register(
         CheckpointError: the run does not exist or holds no checkpoint.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
     from mlflow.tracking import MlflowClient
 
@@ -158,22 +186,8 @@ def register(
 
     mlflow.set_tracking_uri(resolve_uri(tracking_uri))
     client = MlflowClient()
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        raise CheckpointError(
-            f"no MLflow run {run_id} at {mlflow.get_tracking_uri()}; `cae runs compare` lists runs"
-        ) from None
     with tempfile.TemporaryDirectory() as scratch:
-        try:
-            checkpoint = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=scratch
-            )
-        except (MlflowException, OSError):
-            raise CheckpointError(
-                f"run {run_id} holds no checkpoints/last.pt; was it a cae training with "
-                "tracking.log_checkpoint on?"
-            ) from None
+        checkpoint = download_run_checkpoint(run_id, Path(scratch))
         trained = load_checkpoint(checkpoint)
         example = example_input(trained)
         signature = _optional_inputs(

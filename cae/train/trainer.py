@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from cae import __version__
 from cae.config import Settings, settings_from_dict
 from cae.data.atomic import atomic_write
+from cae.data.contexts import selection_fields
 from cae.data.loader import (
     ChunkDataset,
     EpochOrder,
@@ -38,6 +40,7 @@ from cae.data.store import DataStore
 from cae.data.vocabulary import FieldSpec, Vocabularies, build_field_specs, save_preprocessed
 from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
+from cae.model.contributions import ContextTable
 from cae.train.checkpoint import (
     CHECKPOINT_FORMAT,
     build_networks,
@@ -134,43 +137,6 @@ class _Means:
         return {f"{prefix}{n}": t / c for n, t, c in zip(names, totals, counts, strict=True) if c}
 
 
-class _ContextTable:
-    """Per field and context value: cells, and summed L2 of the field's head, base and all heads."""
-
-    def __init__(self, vocabularies: Vocabularies, device: torch.device) -> None:
-        self.vocabularies = vocabularies
-        sizes = vocabularies.sizes()
-        self.sums = {f: torch.zeros(sizes[f], 4, device=device) for f in vocabularies.fields}
-
-    def add(self, contexts: torch.Tensor, norms: dict[str, torch.Tensor]) -> None:
-        total = torch.stack(list(norms.values())).sum(dim=0)  # (B,)
-        for column, name in enumerate(self.vocabularies.fields):
-            values = torch.stack(
-                [torch.ones_like(total), norms[name], norms["base"], total], dim=1
-            )  # (B, 4)
-            self.sums[name].index_add_(0, contexts[:, column], values)
-
-    def frame(self) -> pd.DataFrame:
-        rows = []
-        for name in self.vocabularies.fields:
-            labels = ["<unk>", *self.vocabularies.by_field[name].values]
-            for index, (n, field_l2, base_l2, total) in enumerate(self.sums[name].cpu().tolist()):
-                if n > 0:
-                    rows.append(
-                        {
-                            "field": name,
-                            "value": labels[index],
-                            "n_cells": int(n),
-                            "contrib_l2": field_l2 / n,
-                            "contrib_share": field_l2 / total if total else 0.0,
-                            "base_l2": base_l2 / n,
-                        }
-                    )
-        return pd.DataFrame(
-            rows, columns=["field", "value", "n_cells", "contrib_l2", "contrib_share", "base_l2"]
-        )
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else as torch reads it.
 
@@ -262,6 +228,7 @@ class Trainer:
             val_chunks=cfg.data.val_chunks,
             val_fraction=cfg.data.val_fraction,
             seed=cfg.train.seed,
+            exclude=cfg.data.exclusions,
         )
         train_idx, val_idx, self.n_train_cells, self.n_val_cells = self._split_counts()
         if not train_idx:
@@ -326,14 +293,23 @@ class Trainer:
     def _split_counts(self) -> tuple[list[int], list[int], int, int]:
         data, seed = self.settings.data, self.settings.train.seed
         held_out = {int(c) for c in data.val_chunks}
+        exclusions = data.exclusions
+        matched = [0] * len(exclusions)
         train_idx, val_idx, n_train, n_val = [], [], 0, 0
         for index, chunk in enumerate(self.store.chunks):
+            excluded = None
+            if exclusions:
+                frame = self.store.read_metadata(chunk, selection_fields(exclusions))
+                hits = [selection.mask(frame) for selection in exclusions]
+                matched = [m + int(h.sum()) for m, h in zip(matched, hits, strict=True)]
+                excluded = np.logical_or.reduce(hits)
             train_rows, val_rows = split_rows(
                 chunk.chunk_id,
                 chunk.n_cells,
                 data.val_fraction,
                 seed,
                 held_out=int(chunk.chunk_id) in held_out,
+                excluded=excluded,
             )
             if len(train_rows):
                 train_idx.append(index)
@@ -341,6 +317,13 @@ class Trainer:
                 val_idx.append(index)
             n_train += len(train_rows)
             n_val += len(val_rows)
+        for selection, count in zip(exclusions, matched, strict=True):
+            if count == 0:
+                raise ConfigError(
+                    f"data.exclude '{selection}' matches no cell of {data.path}; check the "
+                    "field names and values (they compare as text, case-sensitively)"
+                )
+            log.info("data.exclude '%s' keeps %d cells out of training", selection, count)
         return train_idx, val_idx, n_train, n_val
 
     def _emit(self, event: str, *args: object) -> None:
@@ -491,7 +474,7 @@ class Trainer:
         self.classifier.eval()
         generator = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation"))
         means = _Means()
-        table = _ContextTable(self.vocabularies, self.device)
+        table = ContextTable(self.vocabularies, self.device)
         fields = self.vocabularies.fields
         first_batch = True
         for x, source in self._batches(self.eval_loader, self.eval_rows, None):

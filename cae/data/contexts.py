@@ -1,0 +1,104 @@
+"""Context selections: ``"cell_type=B,condition=stimulated"`` names the cells of one combination.
+
+Used to keep a context combination out of training (``data.exclude``) and by the evaluation
+protocol to name held-out, source and target cells. Values compare as text (``str(value)``), so a
+selection written on the command line matches integer or categorical columns too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from cae.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Cells whose metadata has every ``field=value`` of :attr:`values` (an AND of equalities).
+
+    Build one with :meth:`parse` (``"cell_type=B,condition=stimulated"``) or from a mapping.
+    """
+
+    values: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def parse(cls, text: str, what: str = "selection") -> Selection:
+        """Parse ``"field=value,field=value"``.
+
+        Args:
+            text: the selection; spaces around names and values are dropped.
+            what: what the text is, for error messages (e.g. ``"--holdout"``).
+
+        Returns:
+            The selection.
+
+        Raises:
+            ConfigError: empty, a part without ``=``, an empty name or value, or a field twice.
+        """
+        pairs: list[tuple[str, str]] = []
+        for part in str(text).split(","):
+            name, sep, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not name or not value:
+                raise ConfigError(
+                    f"{what} {text!r}: each part must be field=value, e.g. "
+                    "'cell_type=B,condition=stimulated'"
+                )
+            if name in dict(pairs):
+                raise ConfigError(f"{what} {text!r} names field '{name}' twice")
+            pairs.append((name, value))
+        return cls(tuple(pairs))
+
+    @classmethod
+    def of(cls, values: Mapping[str, str]) -> Selection:
+        """The selection of a ``{field: value}`` mapping."""
+        return cls(tuple((str(k), str(v)) for k, v in values.items()))
+
+    @property
+    def fields(self) -> list[str]:
+        """The fields the selection looks at, in order."""
+        return [name for name, _ in self.values]
+
+    def as_dict(self) -> dict[str, str]:
+        """``{field: value}``."""
+        return dict(self.values)
+
+    def replace(self, values: Mapping[str, str]) -> Selection:
+        """This selection with some fields set to other values (fields not here are added)."""
+        return Selection.of({**self.as_dict(), **values})
+
+    def mask(self, frame: pd.DataFrame) -> np.ndarray:
+        """Boolean (n_rows,) array: which rows of ``frame`` are selected.
+
+        Raises:
+            ConfigError: the frame lacks one of the selection's fields.
+        """
+        selected = np.ones(len(frame), dtype=bool)
+        for name, value in self.values:
+            if name not in frame.columns:
+                raise ConfigError(
+                    f"selection {self} needs metadata field '{name}', which the data lacks; "
+                    f"its columns are: {', '.join(map(str, frame.columns))}"
+                )
+            selected &= frame[name].astype(str).to_numpy() == value
+        return selected
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}={value}" for name, value in self.values)
+
+
+def any_selected(frame: pd.DataFrame, selections: Sequence[Selection]) -> np.ndarray:
+    """Boolean (n_rows,) array: rows matching at least one of ``selections``."""
+    hit = np.zeros(len(frame), dtype=bool)
+    for selection in selections:
+        hit |= selection.mask(frame)
+    return hit
+
+
+def selection_fields(selections: Sequence[Selection]) -> list[str]:
+    """Every field the selections look at, each once, in first-seen order."""
+    return list(dict.fromkeys(name for selection in selections for name in selection.fields))

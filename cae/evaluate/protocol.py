@@ -135,7 +135,9 @@ class EvalCells:
         shift: (G,) pooled target-minus-source mean over all other contexts.
         group_shift: (G,) average over other contexts of each one's target-minus-source mean.
         n_groups: other contexts with both source and target cells.
-        sample_raw: a sample of the cells outside the held-out combination, as stored.
+        sample_raw: a sample of the cells outside the held-out context (no cell of the
+            context's source or target), as stored: the classifier learns the moved field from
+            other contexts only.
         sample_meta: their metadata.
         sample: the same cells, model space.
     """
@@ -242,7 +244,7 @@ def collect_cells(
         values = text[moved].to_numpy(dtype=object)
         is_source = np.all(values == source_key, axis=1) & ~in_context
         is_target = np.all(values == target_key, axis=1) & ~in_context
-        sampled = ~in_real & (rng.random(len(meta)) < sample_rate)
+        sampled = ~in_context & (rng.random(len(meta)) < sample_rate)
         wanted = in_source | in_real | is_source | is_target | sampled
         if not wanted.any():
             continue
@@ -288,28 +290,30 @@ def _subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return x if len(x) <= n else x[rng.choice(len(x), n, replace=False)]
 
 
-def predictions(trained: TrainedModel, cells: EvalCells, holdout: Holdout) -> dict[str, np.ndarray]:
+def predictions(
+    trained: TrainedModel | None, cells: EvalCells, holdout: Holdout
+) -> dict[str, np.ndarray]:
     """Every method's predicted cells in model space, ``{method: (n, G)}`` in :data:`METHODS`
-    order.
+    order (the baselines alone when ``trained`` is None).
 
     Raises:
         ConfigError: a moved field is not one of the model's fields.
     """
-    for name in holdout.targets:
-        if name not in trained.vocabularies.fields:
-            raise ConfigError(
-                f"the model cannot move '{name}': it was trained on "
-                f"{', '.join(trained.vocabularies.fields)}"
-            )
-    moved = trained.counterfactual(
-        cells.source_raw, cells.source_meta[list(trained.vocabularies.fields)], holdout.targets
-    )
-    return {
-        "model": moved.output.cpu().numpy(),
-        "identity": cells.source,
-        "mean_shift": cells.source + cells.shift.astype(np.float32),
-        "group_mean_shift": cells.source + cells.group_shift.astype(np.float32),
-    }
+    out = {}
+    if trained is not None:
+        for name in holdout.targets:
+            if name not in trained.vocabularies.fields:
+                raise ConfigError(
+                    f"the model cannot move '{name}': it was trained on "
+                    f"{', '.join(trained.vocabularies.fields)}"
+                )
+        fields = list(trained.vocabularies.fields)
+        moved = trained.counterfactual(cells.source_raw, cells.source_meta[fields], holdout.targets)
+        out["model"] = moved.output.cpu().numpy()
+    out["identity"] = cells.source
+    out["mean_shift"] = cells.source + cells.shift.astype(np.float32)
+    out["group_mean_shift"] = cells.source + cells.group_shift.astype(np.float32)
+    return out
 
 
 def true_counterfactual_mean(
@@ -330,7 +334,7 @@ def true_counterfactual_mean(
 
 
 def score_holdout(
-    trained: TrainedModel,
+    trained: TrainedModel | None,
     cells: EvalCells,
     holdout: Holdout,
     config: EvaluateConfig,
@@ -339,7 +343,7 @@ def score_holdout(
     """Score the model and the baselines on one held-out context.
 
     Args:
-        trained: the model.
+        trained: the model; None scores the baselines alone.
         cells: from :func:`collect_cells`.
         holdout: the held-out context.
         config: ``top_k``, ``n_pcs``, ``max_cells``, ``seed``.

@@ -54,8 +54,11 @@ def headline_metric(scores: pd.DataFrame) -> str:
 
 
 def beats_identity(scores: pd.DataFrame, metric: str) -> dict[str, bool]:
-    """Per context: does the model score higher than the unchanged source cells on ``metric``?"""
+    """Per context: does the model score higher than the unchanged source cells on ``metric``?
+    (Empty when only baselines were scored.)"""
     wide = scores.pivot(index="context", columns="method", values=metric)
+    if "model" not in wide.columns:
+        return {}
     return {str(c): bool(wide.loc[c, "model"] > wide.loc[c, "identity"]) for c in wide.index}
 
 

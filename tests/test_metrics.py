@@ -1,0 +1,114 @@
+"""The evaluation metrics against values computed by hand on small arrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cae.evaluate.metrics import (
+    LogisticClassifier,
+    de_genes,
+    delta_pearson,
+    energy_distance,
+    fit_pca,
+    r2_mean,
+    r2_var,
+)
+
+
+def cells_with_mean(mean: list[float]) -> np.ndarray:
+    """Two cells whose per-gene mean is ``mean`` (one above it, one below)."""
+    m = np.asarray(mean, dtype=float)
+    return np.stack([m - 1.0, m + 1.0])
+
+
+def test_r2_mean_is_the_squared_pearson_of_the_means() -> None:
+    # centred means [-1, 0, 1] and [-1, 1, 0]: r = 1 / (sqrt 2 * sqrt 2) = 0.5, r² = 0.25
+    assert r2_mean(cells_with_mean([1, 2, 3]), cells_with_mean([1, 3, 2])) == pytest.approx(0.25)
+    # a scaled and shifted profile correlates perfectly; so does a reversed one (r = -1)
+    assert r2_mean(cells_with_mean([1, 2, 3]), cells_with_mean([5, 7, 9])) == pytest.approx(1.0)
+    assert r2_mean(cells_with_mean([1, 2, 3]), cells_with_mean([3, 2, 1])) == pytest.approx(1.0)
+
+
+def test_r2_mean_on_a_gene_subset() -> None:
+    predicted, real = cells_with_mean([1, 2, 3, 100]), cells_with_mean([1, 3, 2, -50])
+    assert r2_mean(predicted, real, np.array([0, 1, 2])) == pytest.approx(0.25)
+
+
+def test_r2_mean_of_a_constant_profile_is_undefined() -> None:
+    assert math.isnan(r2_mean(cells_with_mean([2, 2, 2]), cells_with_mean([1, 2, 3])))
+
+
+def test_r2_var() -> None:
+    # per-gene variances (population): predicted [0, 1, 4], real [0, 4, 1]
+    predicted = np.array([[0.0, -1.0, -2.0], [0.0, 1.0, 2.0]])
+    real = np.array([[0.0, -2.0, -1.0], [0.0, 2.0, 1.0]])
+    # centred: [-5, -2, 7] / 3 and [-5, 7, -2] / 3; r = (25 - 14 - 14) / (25 + 4 + 49) = -1/26
+    assert r2_var(predicted, real) == pytest.approx(1 / 676)
+
+
+def test_de_genes_ranks_by_absolute_rank_sum_statistic() -> None:
+    source = np.array([[0.0, 5.0, 1.0], [0.1, 5.1, 1.1], [0.2, 5.2, 1.2], [0.3, 5.3, 1.3]])
+    target = source.copy()
+    target[:, 0] += 10.0  # gene 0: completely separated, up
+    target[:, 1] -= 10.0  # gene 1: completely separated, down (same |z|)
+    target[:2, 2] += 0.25  # gene 2: partly overlapping
+    # |z| = 2.309 for genes 0 and 1 (rank sum 26 vs expected 18, sd sqrt(12)), smaller for gene 2
+    assert de_genes(target, source, 3).tolist() == [0, 1, 2]
+    assert de_genes(target, source, 1).tolist() == [0]
+    assert de_genes(target, source, 10).tolist() == [0, 1, 2]
+
+
+def test_de_genes_puts_constant_genes_last() -> None:
+    source = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    target = np.array([[1.0, 5.0], [1.0, 6.0], [1.0, 7.0]])
+    assert de_genes(target, source, 2).tolist() == [1, 0]
+
+
+def test_delta_pearson() -> None:
+    source = cells_with_mean([1, 1, 1])
+    real = cells_with_mean([2, 3, 1])  # real shift [1, 2, 0]
+    assert delta_pearson(cells_with_mean([3, 5, 1]), source, real) == pytest.approx(1.0)
+    # predicted shift [0, 2, 1] vs real [1, 2, 0]: centred [-1, 1, 0] and [0, 1, -1] -> r = 0.5
+    assert delta_pearson(cells_with_mean([1, 3, 2]), source, real) == pytest.approx(0.5)
+    assert math.isnan(delta_pearson(source, source, real))  # identity: no shift at all
+
+
+def test_energy_distance_by_hand() -> None:
+    assert energy_distance(np.array([[0.0]]), np.array([[1.0]])) == pytest.approx(2.0)
+    # between: mean(|0-1|, |2-1|) = 1; within a: (0 + 2 + 2 + 0) / 4 = 1; within b: 0
+    assert energy_distance(np.array([[0.0], [2.0]]), np.array([[1.0]])) == pytest.approx(1.0)
+    points = np.random.default_rng(0).normal(size=(20, 3))
+    assert energy_distance(points, points) == pytest.approx(0.0, abs=1e-12)
+    assert energy_distance(points, points + 3.0) > 1.0
+
+
+def test_fit_pca_finds_the_direction_of_spread() -> None:
+    t = np.linspace(-1, 1, 11)
+    points = np.stack([t, 2 * t, np.zeros_like(t)], axis=1) + 5.0
+    pca = fit_pca(points, 2)
+    direction = np.array([1.0, 2.0, 0.0]) / np.sqrt(5.0)
+    assert abs(pca.components[0] @ direction) == pytest.approx(1.0)
+    np.testing.assert_allclose(
+        np.abs(pca.transform(points)[:, 0]), np.abs(t) * np.sqrt(5.0), atol=1e-12
+    )
+    assert fit_pca(points, 50).components.shape == (3, 3)  # at most min(n, G) components
+
+
+def test_logistic_classifier_separates_two_groups() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.0, 1.0, size=(60, 8))
+    b = rng.normal(0.0, 1.0, size=(60, 8))
+    b[:, :2] += 4.0
+    labels = np.array(["ctrl"] * 60 + ["stim"] * 60)
+    classifier = LogisticClassifier(n_components=4).fit(np.concatenate([a, b]), labels)
+    assert classifier.accuracy(b, "stim") == 1.0
+    assert classifier.accuracy(a, "stim") == 0.0
+    assert set(classifier.predict(a[:3])) == {"ctrl"}
+
+
+def test_logistic_classifier_needs_two_classes() -> None:
+    with pytest.raises(ValueError, match="two classes"):
+        LogisticClassifier().fit(np.zeros((4, 3)), np.array(["a"] * 4))

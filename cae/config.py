@@ -173,6 +173,12 @@ class LossWeights(_Section):
         ge=0.0,
         description="Penalty on the field heads' squared output (0 = the seed's design exactly).",
     )
+    context_means: float = Field(
+        0.0,
+        ge=0.0,
+        description="Mean of cells moved to a context combination vs the real cells there "
+        "(ties the size of a shift to real cells; 0 = off, the seed's design).",
+    )
     classifier: float = Field(1.0, ge=0.0, description="Classifier's supervised loss.")
 
 

@@ -80,9 +80,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/kang"))
     parser.add_argument("--folds", help="comma-separated cell types (default: all eight)")
     parser.add_argument("--baselines-only", action="store_true", help="score no model")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a setting of the preset, e.g. --set train.epochs=20 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    settings = load_settings(args.config, {"data.path": str(args.data)})
+    overrides = dict(item.split("=", 1) for item in args.set)
+    settings = load_settings(args.config, {**overrides, "data.path": str(args.data)})
     store = DataStore.open(settings.data)
     counts = sp.vstack([store.read_expression(c) for c in store.chunks]).tocsr()
     meta = pd.concat(
@@ -100,7 +105,9 @@ def main() -> None:
         fold = args.out / "folds" / slug(holdout.name)
         write_fold(fold / "data", x[:, genes], meta, [store.genes[g] for g in genes])
         fold_settings = training_settings(
-            load_settings(args.config, {"data.path": str(fold / "data")}), holdout, fold / "model"
+            load_settings(args.config, {**overrides, "data.path": str(fold / "data")}),
+            holdout,
+            fold / "model",
         )
         if args.baselines_only:
             cells = collect_cells(
@@ -121,7 +128,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "scores.csv", index=False)
     wide = table.pivot_table(index=["split", "context"], columns="method", values=METRIC)
-    preset = "baselines only" if args.baselines_only else str(args.config)
+    preset = "baselines only" if args.baselines_only else " ".join([str(args.config), *args.set])
     lines = [
         f"# Kang 2018, {METRIC} per fold ({preset})",
         "",

@@ -8,7 +8,12 @@ import torch
 from cae.config import LossWeights
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
-from cae.train.cycle import classifier_loss, generator_losses, sample_targets
+from cae.train.cycle import (
+    classifier_loss,
+    context_means_loss,
+    generator_losses,
+    sample_targets,
+)
 
 SIZES = torch.tensor([5, 3, 4])  # <unk> + 4, <unk> + 2, <unk> + 3 known values
 
@@ -82,3 +87,15 @@ def test_classifier_loss_ignores_unknown_labels():
     loss, _, labelled = classifier_loss(classifier, x, labels)
     assert loss.item() > 0
     assert labelled.tolist() == [4, 8, 8]
+
+
+def test_context_means_loss_by_hand() -> None:
+    # moved to (1, 1): values 2 and 4 (mean 3); real (1, 1): 1 -> distance 4, weight 2.
+    # moved to (2, 1): 10 has no real counterpart; real (2, 2): 5 has no moved cell: both ignored.
+    moved = torch.tensor([[2.0, 0.0], [4.0, 0.0], [10.0, 0.0]])
+    target = torch.tensor([[1, 1], [1, 1], [2, 1]])
+    x = torch.tensor([[1.0, 0.0], [5.0, 0.0], [7.0, 7.0]])
+    source = torch.tensor([[1, 1], [2, 2], [2, 2]])
+    # (3 - 1)^2 on gene 0, 0 on gene 1: mean over genes 2
+    assert context_means_loss(moved, target, x, source).item() == pytest.approx(2.0)
+    assert context_means_loss(moved[2:], target[2:], x, source).item() == 0.0

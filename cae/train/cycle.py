@@ -12,6 +12,11 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 * parsimony (an extension, weight 0 restores the seed): the mean squared output of the field heads
   in the self pass, so that what the base head can explain stays there and each field's
   contribution measures what only that field explains;
+* context means (an extension, off by default): for every context combination that both a moved
+  cell's targets and a real cell's source take in the batch, the squared distance between the mean
+  cycle-1 output moved there and the mean of the real cells there. It ties the size of a
+  counterfactual shift to real cells of the target context (the cycle and classifier terms only
+  ask for its direction). Costs one host sync per step (``torch.unique``) when on;
 * the classifier's own supervised loss on real cells (a separate optimiser).
 """
 
@@ -38,6 +43,7 @@ class GeneratorLosses:
     target: torch.Tensor
     self_reconstruction: torch.Tensor
     parsimony: torch.Tensor
+    context_means: torch.Tensor
     cycle1: CAEOutput
     own: CAEOutput  # the cell in its own context: (x, source -> source)
 
@@ -50,6 +56,7 @@ class GeneratorLosses:
             "target": self.target,
             "self_reconstruction": self.self_reconstruction,
             "parsimony": self.parsimony,
+            "context_means": self.context_means,
         }
 
 
@@ -76,6 +83,36 @@ def sample_targets(
     # Skip over the source category itself: values at or above it shift up by one.
     target = torch.where(~unknown_source & (target >= source_cpu), target + 1, target)
     return target.to(source.device)
+
+
+def context_means_loss(
+    moved: torch.Tensor, target: torch.Tensor, x: torch.Tensor, source: torch.Tensor
+) -> torch.Tensor:
+    """Distance between moved cells and real cells of the same full context combination.
+
+    Args:
+        moved: (B, G) cells moved to ``target``.
+        target: (B, F) their target categories.
+        x: (B, G) real cells.
+        source: (B, F) their categories.
+
+    Returns:
+        The mean over genes of ``(mean moved - mean real)^2`` per combination present on both
+        sides, averaged with the moved cells' counts as weights; 0 when no combination matches.
+    """
+    keys, inverse = torch.unique(torch.cat([target, source]), dim=0, return_inverse=True)
+    n_groups, n = keys.shape[0], moved.shape[0]
+    sums = moved.new_zeros(2, n_groups, moved.shape[1])
+    counts = moved.new_zeros(2, n_groups)
+    sums[0].index_add_(0, inverse[:n], moved)
+    sums[1].index_add_(0, inverse[n:], x)
+    counts[0].index_add_(0, inverse[:n], moved.new_ones(n))
+    counts[1].index_add_(0, inverse[n:], x.new_ones(x.shape[0]))
+    both = (counts > 0).all(dim=0)  # (groups,) present on both sides
+    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    distance = (means[0] - means[1]).square().mean(dim=1)  # (groups,)
+    weight = counts[0] * both
+    return (distance * weight).sum() / weight.sum().clamp_min(1)
 
 
 def generator_losses(
@@ -115,16 +152,23 @@ def generator_losses(
     self_reconstruction = F.mse_loss(own.output, x)
     heads = [values.square().mean() for values in own.fields.values()]
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
+    context_means = (
+        context_means_loss(cycle1.output, target, x, source)
+        if weights.context_means > 0
+        else x.new_zeros(())
+    )
     total = (
         weights.reconstruction * reconstruction
         + weights.integration * integration
         + weights.target * target_loss
         + weights.self_reconstruction * self_reconstruction
         + weights.parsimony * parsimony
+        + weights.context_means * context_means
     )
     return GeneratorLosses(
-        total, reconstruction, integration, target_loss, self_reconstruction, parsimony, cycle1, own
-    )
+        total, reconstruction, integration, target_loss, self_reconstruction, parsimony,
+        context_means, cycle1, own,
+    )  # fmt: skip
 
 
 def classifier_loss(

@@ -155,6 +155,11 @@ class ModelConfig(_Section):
         "(False = the seed's design).",
     )
     classifier_hidden: int = Field(128, ge=1, description="Hidden width of the context classifier.")
+    counterfactual: Literal["decode", "residual"] = Field(
+        "decode",
+        description="decode: a counterfactual is the model's output in the target contexts (the "
+        "seed's design); residual: the cell plus the change of the moved fields' terms.",
+    )
 
 
 class LossWeights(_Section):

@@ -90,6 +90,20 @@ def test_target_none_reconstructs_in_the_source_contexts():
     torch.testing.assert_close(model(x, source).output, model(x, source, source).output)
 
 
+def test_residual_counterfactual_adds_only_the_moved_fields_change_to_the_cell():
+    model = make_model()
+    x, source = torch.rand(9, 12), contexts(9)
+    target = source.clone()
+    target[:, 1] = (source[:, 1] % 3) + 1
+    kept = model.counterfactual(x, source, source, residual=True)
+    torch.testing.assert_close(kept.output, x)  # no move, no change: the cell itself
+    moved = model.counterfactual(x, source, target, residual=True)
+    change = moved.fields["assay"] - model(x, source).fields["assay"]
+    torch.testing.assert_close(moved.output, (x + change).clamp_min(0.0))
+    decoded = model.counterfactual(x, source, target, residual=False)
+    torch.testing.assert_close(decoded.output, model(x, source, target).output)
+
+
 def test_project_nonnegative_clamps_every_parameter():
     model = make_model()
     with torch.no_grad():

@@ -143,6 +143,29 @@ class CAE(nn.Module):
         output = base + sum(fields.values()) if fields else base
         return CAEOutput(output, base, fields, base_hidden, field_hidden)
 
+    def counterfactual(
+        self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, residual: bool
+    ) -> CAEOutput:
+        """Move cells from their source contexts to target contexts.
+
+        Args:
+            x: (B, G) model-space expression (non-negative).
+            source: (B, F) the cells' categories.
+            target: (B, F) the categories to move them to.
+            residual: keep the cell and add only what the move changes,
+                ``x + model(x, source -> target) - model(x, source -> source)`` clamped at 0 (the
+                base head cancels, so detail the autoencoder cannot reconstruct is kept); False
+                decodes, ``model(x, source -> target)`` (the seed's design).
+
+        Returns:
+            The moved pass's :class:`CAEOutput` with ``output`` the counterfactual.
+        """
+        moved = self(x, source, target)
+        if not residual:
+            return moved
+        own = self(x, source)
+        return moved._replace(output=(x + moved.output - own.output).clamp_min(0.0))
+
     @torch.no_grad()
     def project_nonnegative(self) -> None:
         """Clamp every parameter to >= 0 in place (call after each optimiser step)."""

@@ -163,7 +163,10 @@ class TrainedModel:
         target_index = self.encode_targets(source_index, targets)
         x_model = apply_transform(tensor.to(device), self.settings.data.transform)
         self.model.eval()
-        return self.model(x_model, source_index.to(device), target_index.to(device))
+        residual = self.settings.model.counterfactual == "residual"
+        return self.model.counterfactual(
+            x_model, source_index.to(device), target_index.to(device), residual
+        )
 
 
 def build_networks(

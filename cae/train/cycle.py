@@ -122,6 +122,7 @@ def generator_losses(
     source: torch.Tensor,
     target: torch.Tensor,
     weights: LossWeights,
+    residual: bool = False,
 ) -> GeneratorLosses:
     """Run both cycles (and the self pass) and weigh the autoencoder's loss terms.
 
@@ -135,6 +136,8 @@ def generator_losses(
         source: (B, F) source categories.
         target: (B, F) target categories from :func:`sample_targets`.
         weights: the loss weights.
+        residual: counterfactuals are residual (``model.counterfactual``): the context-means
+            term compares ``x + cycle 1 - self pass`` with the real cells.
 
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
@@ -152,11 +155,10 @@ def generator_losses(
     self_reconstruction = F.mse_loss(own.output, x)
     heads = [values.square().mean() for values in own.fields.values()]
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
-    context_means = (
-        context_means_loss(cycle1.output, target, x, source)
-        if weights.context_means > 0
-        else x.new_zeros(())
-    )
+    context_means = x.new_zeros(())
+    if weights.context_means > 0:
+        moved = (x + cycle1.output - own.output).clamp_min(0.0) if residual else cycle1.output
+        context_means = context_means_loss(moved, target, x, source)
     total = (
         weights.reconstruction * reconstruction
         + weights.integration * integration

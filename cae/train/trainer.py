@@ -447,7 +447,13 @@ class Trainer:
             target = sample_targets(source, self.sizes, target_gen)
             self.classifier.requires_grad_(False)
             losses = generator_losses(
-                self.model, self.classifier, x, source, target, cfg.train.weights
+                self.model,
+                self.classifier,
+                x,
+                source,
+                target,
+                cfg.train.weights,
+                residual=cfg.model.counterfactual == "residual",
             )
             self.optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
@@ -481,7 +487,13 @@ class Trainer:
             n = x.shape[0]
             target = sample_targets(source, self.sizes, generator)
             losses = generator_losses(
-                self.model, self.classifier, x, source, target, cfg.train.weights
+                self.model,
+                self.classifier,
+                x,
+                source,
+                target,
+                cfg.train.weights,
+                residual=cfg.model.counterfactual == "residual",
             )
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)

@@ -12,6 +12,7 @@ from cae.train.cycle import (
     classifier_loss,
     context_means_loss,
     generator_losses,
+    one_field_moves,
     sample_targets,
 )
 
@@ -99,3 +100,9 @@ def test_context_means_loss_by_hand() -> None:
     # (3 - 1)^2 on gene 0, 0 on gene 1: mean over genes 2
     assert context_means_loss(moved, target, x, source).item() == pytest.approx(2.0)
     assert context_means_loss(moved[2:], target[2:], x, source).item() == 0.0
+
+
+def test_one_field_moves_change_one_field_per_cell() -> None:
+    source = torch.tensor([[1, 1], [1, 1], [2, 2], [2, 2]])
+    target = torch.tensor([[3, 3], [3, 3], [4, 4], [4, 4]])
+    assert one_field_moves(source, target).tolist() == [[3, 1], [1, 3], [4, 2], [2, 4]]

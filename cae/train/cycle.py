@@ -12,11 +12,13 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 * parsimony (an extension, weight 0 restores the seed): the mean squared output of the field heads
   in the self pass, so that what the base head can explain stays there and each field's
   contribution measures what only that field explains;
-* context means (an extension, off by default): for every context combination that both a moved
-  cell's targets and a real cell's source take in the batch, the squared distance between the mean
-  cycle-1 output moved there and the mean of the real cells there. It ties the size of a
-  counterfactual shift to real cells of the target context (the cycle and classifier terms only
-  ask for its direction). Costs one host sync per step (``torch.unique``) when on;
+* context means (an extension, off by default): every cell is moved in one field
+  (:func:`one_field_moves`); for every context combination that both a moved cell's targets and a
+  real cell's source take in the batch, the squared distance between the mean of the cells moved
+  there (``model.counterfactual``, decoded or residual) and the mean of the real cells there. It
+  ties the size of a counterfactual shift to real cells of the target context (the cycle and
+  classifier terms only ask for its direction). Costs a forward pass and one host sync
+  (``torch.unique``) per step when on;
 * the classifier's own supervised loss on real cells (a separate optimiser).
 """
 
@@ -83,6 +85,18 @@ def sample_targets(
     # Skip over the source category itself: values at or above it shift up by one.
     target = torch.where(~unknown_source & (target >= source_cpu), target + 1, target)
     return target.to(source.device)
+
+
+def one_field_moves(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targets that move one field per cell: cell ``b`` takes ``target``'s value of field
+    ``b mod F`` and keeps its source values elsewhere (batches are shuffled, so every field is
+    moved for a share of the cells). Its real counterparts then differ from it in that field
+    only."""
+    column = torch.arange(source.shape[0], device=source.device) % source.shape[1]
+    single = source.clone()
+    rows = torch.arange(source.shape[0], device=source.device)
+    single[rows, column] = target[rows, column]
+    return single
 
 
 def context_means_loss(
@@ -157,8 +171,9 @@ def generator_losses(
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
     context_means = x.new_zeros(())
     if weights.context_means > 0:
-        moved = (x + cycle1.output - own.output).clamp_min(0.0) if residual else cycle1.output
-        context_means = context_means_loss(moved, target, x, source)
+        single = one_field_moves(source, target)
+        moved = model.counterfactual(x, source, single, residual).output
+        context_means = context_means_loss(moved, single, x, source)
     total = (
         weights.reconstruction * reconstruction
         + weights.integration * integration

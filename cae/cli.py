@@ -152,6 +152,21 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     print(f"wrote {vocab_path} and {specs_path}")
 
 
+_CONVERT_FLAGS = [
+    f for f in _DATA_FLAGS if f.flag in ("--data", "--expression-glob", "--metadata-glob")
+]
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Write the data set with parquet metadata (pickles are trusted input only)."""
+    from cae.data.convert import convert_to_parquet
+
+    settings = _settings(args, _CONVERT_FLAGS)
+    written = convert_to_parquet(settings.data, args.out, overwrite=args.overwrite)
+    print(f"wrote {len(written)} metadata chunks as parquet, with the expression chunks, to "
+          f"{args.out}; share that folder")  # fmt: skip
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a CAE (tracked in MLflow unless --no-tracking) and print its contributions."""
     from cae.config import DataConfig
@@ -342,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flags(preprocess, _DATA_FLAGS)
     preprocess.add_argument("--out", type=Path, help="output folder (default <data>/preprocessed)")
     preprocess.set_defaults(func=cmd_preprocess)
+
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite .pkl metadata chunks as parquet, for sharing",
+        description="Copy a folder of chunks to --out with every .pkl metadata chunk written as "
+        ".parquet (same chunk ids). Unpickling can run code: read pickles only from sources you "
+        "trust, and share the parquet folder.",
+    )
+    _add_flags(convert, _CONVERT_FLAGS)
+    convert.add_argument("--out", type=Path, required=True, help="folder to create")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    convert.set_defaults(func=cmd_convert)
 
     train = commands.add_parser(
         "train",

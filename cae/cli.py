@@ -150,6 +150,9 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
             f"{spec.non_null_fraction:6.1%} known  {status}"
         )
     print(f"wrote {vocab_path} and {specs_path}")
+    skipped = [spec.field for spec in specs.values() if not spec.using]
+    if skipped:
+        print(f"cae train refuses skipped fields: drop {', '.join(skipped)} from --fields")
 
 
 _CONVERT_FLAGS = [

@@ -22,6 +22,7 @@ from cae.data.vocabulary import (
     build_field_specs,
     canonical_values,
     load_preprocessed,
+    require_usable,
     save_preprocessed,
 )
 from cae.errors import DataError, MetadataError
@@ -155,6 +156,19 @@ def test_single_value_and_all_null_fields_are_skipped_with_a_reason() -> None:
 
     vocabularies = Vocabularies.from_specs(specs)
     assert vocabularies.fields == ("sex", "donor_id")
+
+
+def test_training_refuses_unusable_fields_naming_each_and_what_to_do() -> None:
+    specs = build_field_specs([("m.pkl", _frame())], ["assay", "disease", "sex"])
+    with pytest.raises(MetadataError) as info:
+        require_usable(specs, "data/x")
+    message = str(info.value)
+    assert message.startswith("data/x: field 'assay': only one known value ('10x 3' v3')")
+    assert "field 'disease': every value is null (7 cells)" in message
+    assert "drop assay, disease from data.fields (--fields sex)" in message
+    with pytest.raises(MetadataError, match=r"choose other fields in data\.fields"):
+        require_usable(build_field_specs([("m.pkl", _frame())], ["assay"]), "data/x")
+    require_usable(build_field_specs([("m.pkl", _frame())], ["sex", "cell_type"]), "data/x")
 
 
 def test_from_specs_with_nothing_usable_lists_every_reason() -> None:

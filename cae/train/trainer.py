@@ -35,7 +35,13 @@ from cae.data.loader import (
     split_rows,
 )
 from cae.data.store import DataStore
-from cae.data.vocabulary import FieldSpec, Vocabularies, build_field_specs, save_preprocessed
+from cae.data.vocabulary import (
+    FieldSpec,
+    Vocabularies,
+    build_field_specs,
+    require_usable,
+    save_preprocessed,
+)
 from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import (
@@ -229,8 +235,9 @@ class Trainer:
             self.field_specs = build_field_specs(
                 self.store.iter_metadata(cfg.data.fields), cfg.data.fields, cfg.data.null_values
             )
+            require_usable(self.field_specs, str(self.store.path))
             self.vocabularies = Vocabularies.from_specs(self.field_specs)
-        for spec in self.field_specs.values():
+        for spec in self.field_specs.values():  # only in checkpoints of older versions
             if not spec.using:
                 log.warning("field '%s' is skipped: %s", spec.field, spec.reason)
         if cfg.data.validate_values == "full" and resume_payload is None:

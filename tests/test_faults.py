@@ -1,0 +1,151 @@
+"""Faults a training survives with nothing lost: `kill -9` mid-epoch then --resume, a checkpoint
+write killed half-way, and a loss that turns NaN. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cae.cli import main
+from cae.data.synth import SynthConfig, generate
+from cae.train.checkpoint import load_checkpoint, read_checkpoint
+from cae.train.trainer import TrainingError
+
+SMALL = ["--latent-dim", "8", "--batch-size", "64", "--num-workers", "0", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run in a temporary folder with no inherited tracking or cae settings, and train with one
+    CPU thread (on a shared 2-core machine, two spinning threads per process made epochs ten
+    times slower); torch's thread count is restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("CAE_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CAE_TRAIN__THREADS", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:
+    """Poll until ``condition`` holds; fail if ``process`` exits first or 120 s pass."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.stderr.read() if process.stderr else ""
+            pytest.fail(f"gave up waiting for {what}: {output[-2000:]}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def chunks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,000 cells x 50 genes in 4 chunks: a few epochs take seconds, not one blink."""
+    return generate(
+        tmp_path_factory.mktemp("faults") / "data",
+        SynthConfig(n_cells=2000, n_genes=50, n_chunks=4),
+    )
+
+
+def test_kill_9_mid_epoch_then_resume_equals_an_uninterrupted_run(chunks: Path, tmp_path: Path):
+    args = ["train", "--data", str(chunks), "--epochs", "4", "--no-tracking", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "straight")]) == 0
+
+    out = tmp_path / "killed"
+    checkpoint = out / "checkpoints" / "last.pt"
+    command = [sys.executable, "-m", "cae.cli", *args, "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    _wait_for(checkpoint.exists, process, "the first epoch's checkpoint")
+    assert process.poll() is None, "still training: epoch 2 is under way"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    survived = read_checkpoint(out)
+    assert 1 <= survived["epoch"] < 4 and survived["partial"] is None
+
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    resumed, straight = read_checkpoint(out), read_checkpoint(tmp_path / "straight")
+    assert resumed["epoch"] == straight["epoch"] == 4
+    for name, tensor in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=1e-5, atol=1e-6)
+    for a, b in zip(resumed["history"], straight["history"], strict=True):
+        for key in ("train/loss", "val/loss", "contrib_l2/sex"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5)
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+
+import torch
+
+from cae.train.checkpoint import save_checkpoint
+
+weights = torch.zeros(10_000_000)  # 40 MB: each write takes a while
+for version in range(1_000_000):
+    save_checkpoint(Path(sys.argv[1]), {"format": 1, "version": version, "weights": weights})
+    weights += 1
+"""
+
+
+def test_a_checkpoint_write_killed_half_way_leaves_the_previous_checkpoint(tmp_path: Path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stderr=subprocess.PIPE, text=True
+    )
+
+    def writing() -> bool:  # a complete checkpoint exists and the next one is half written
+        partial = list(path.parent.glob(".last.pt.*.tmp"))
+        return path.exists() and any(p.stat().st_size > 0 for p in partial)
+
+    try:
+        _wait_for(writing, process, "a checkpoint write in progress")
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        process.stderr.close()
+    assert list(path.parent.glob(".last.pt.*.tmp")), "the kill interrupted a write"
+    payload = read_checkpoint(path)
+    assert torch.all(payload["weights"] == payload["version"]), "one whole version, not a mix"
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(small_data), "--out", str(out), "--no-tracking", *SMALL]
+    assert main([*args, "--epochs", "1"]) == 0
+    checkpoint = out / "checkpoints" / "last.pt"
+    before, history = checkpoint.read_bytes(), (out / "history.json").read_text()
+    capsys.readouterr()
+
+    absurd = [*args, "--epochs", "3", "--resume", "--lr", "1e30"]  # the weights overflow
+    assert main(absurd) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    (line,) = captured.err.strip().splitlines()
+    where = ["became nan in epoch 2, chunk 1", "synth_counts_", str(checkpoint)]
+    remedy = ["lower train.lr (--lr, now 1e+30)", "--resume", "check that chunk's values"]
+    for part in [*where, *remedy]:
+        assert part in line, (part, line)
+    with pytest.raises(TrainingError):
+        main(["--debug", *absurd])
+    assert checkpoint.read_bytes() == before
+    assert (out / "history.json").read_text() == history
+    trained = load_checkpoint(out)
+    assert trained.epoch == 1
+    assert all(torch.isfinite(p).all() for p in trained.model.parameters())
+
+    assert main([*args, "--epochs", "2", "--resume"]) == 0, "the kept checkpoint resumes"
+    assert read_checkpoint(out)["epoch"] == 2

@@ -218,6 +218,17 @@ def cmd_runs_compare(args: argparse.Namespace) -> None:
         print(table.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
+def cmd_runs_sync(args: argparse.Namespace) -> None:
+    """Upload what a training could not send to its MLflow run (the tracking store was down)."""
+    from cae.tracking.outbox import sync
+
+    done = sync(args.out, args.tracking_uri)
+    if not done:
+        print(f"nothing to upload: {args.out} holds no pending tracking records")
+    for run_id, uri, count in done:
+        print(f"uploaded {count} record(s) to MLflow run {run_id} at {uri}")
+
+
 def cmd_register(args: argparse.Namespace) -> None:
     """Register a training run's model in the MLflow Model Registry."""
     from cae.tracking.pyfunc import register
@@ -400,6 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     compare.set_defaults(func=cmd_runs_compare)
+
+    sync = runs_commands.add_parser(
+        "sync",
+        help="upload what a training could not send to its MLflow run",
+        description="When the tracking server stopped answering mid-run, training went on and "
+        "kept what did not arrive in <out>/tracking/; this uploads it to the run.",
+    )
+    sync.add_argument("--out", type=Path, required=True, help="the training's output folder")
+    sync.add_argument("--tracking-uri", help="default: the store the run was recorded in")
+    sync.set_defaults(func=cmd_runs_sync)
 
     register = commands.add_parser(
         "register",

@@ -188,6 +188,12 @@ class TrackingConfig(_Section):
         None, description="After training, register the model under this name (cae register)."
     )
     alias: str = Field("champion", description="Alias the registered version gets.")
+    retry_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        description="When the tracking store stops answering mid-run, training goes on and "
+        "retries after this many seconds, doubling up to 10 minutes (see cae runs sync).",
+    )
 
 
 class ServeConfig(_Section):

@@ -351,6 +351,17 @@ CASES = {
         ),
         (*TRAIN, "--fields", "cell_type,batch"),
     ),
+    # tracking
+    "tracking server not answering at the start": Case(
+        _nothing,
+        ConfigError,
+        (
+            "MLflow tracking at http://127.0.0.1:{port} does not answer",
+            "start the tracking server",
+            "--no-tracking",
+        ),
+        _train("--tracking-uri", "http://127.0.0.1:{port}"),
+    ),
     # generation
     "unseen context value at generation": Case(
         _edit_metadata(_first_cell_type("astrocyte"), chunks=(0,)),

@@ -1,14 +1,18 @@
 """Faults a training survives with nothing lost: `kill -9` mid-epoch then --resume, a checkpoint
-write killed half-way, and a loss that turns NaN. Real processes, real signals."""
+write killed half-way, a loss that turns NaN, and a tracking server that dies mid-run. Real
+processes, real signals, a real `mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,13 @@ import torch
 
 from cae.cli import main
 from cae.data.synth import SynthConfig, generate
+from cae.tracking.callbacks import tracked
+from cae.train import Callback, train
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
 from cae.train.trainer import TrainingError
+from tests.conftest import quick_settings
+from tests.servers import free_port, mlflow_server, running
+from tests.test_tracking import assert_training_recorded, only_run
 
 SMALL = ["--latent-dim", "8", "--batch-size", "64", "--num-workers", "0", "--no-progress"]
 
@@ -149,3 +158,61 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(small_data
 
     assert main([*args, "--epochs", "2", "--resume"]) == 0, "the kept checkpoint resumes"
     assert read_checkpoint(out)["epoch"] == 2
+
+
+class _AtEpochEnd(Callback):
+    """Runs ``actions[epoch]`` after that epoch (after the MLflow callback sent its metrics)."""
+
+    def __init__(self, actions: dict[int, Callable[[], object]]) -> None:
+        self.actions = actions
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch in self.actions:
+            self.actions[epoch]()
+
+
+def test_training_outlives_its_tracking_server_and_nothing_is_lost(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    # MLflow's own retries would make each failed request take minutes; one attempt will do here.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    command, env, health = mlflow_server(tmp_path, free_port())
+    url = health.removesuffix("/health")
+    out = tmp_path / "run"
+    settings = quick_settings(
+        small_data, out, **{"train.epochs": 3, "tracking.uri": url, "tracking.retry_seconds": 0}
+    )
+    with ExitStack() as servers:
+        server = servers.enter_context(running(command, env, health, tmp_path / "server-1.log"))
+
+        def kill() -> None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+        def restart() -> None:
+            nonlocal server
+            server = servers.enter_context(running(command, env, health, tmp_path / "s-2.log"))
+
+        # epoch 1 is recorded; the server dies; epoch 2 fails; it is back for epoch 3, which
+        # sends epochs 2 and 3; it dies again before the artifacts at the end.
+        hooks = _AtEpochEnd({1: kill, 2: restart, 3: kill})
+        with caplog.at_level(logging.WARNING), tracked(settings) as callbacks:
+            result = train(settings, [*callbacks, hooks])
+
+    assert result.epochs == 3 and read_checkpoint(result.checkpoint)["epoch"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(url in w and "training goes on" in w for w in warnings), warnings
+    assert any("answers again" in w for w in warnings), warnings
+    assert any(f"cae runs sync --out {out}" in w for w in warnings), warnings
+    (pending,) = (out / "tracking").glob("pending-*.json")
+    kinds = [record["kind"] for record in json.loads(pending.read_text())["records"]]
+    assert "metrics" not in kinds, "epochs 2 and 3 reached the server when it came back"
+    assert kinds.count("artifact") >= 7 and kinds[-1] == "end"
+    assert (out / "plots" / "contribution_shares.png").is_file(), "plots are kept locally too"
+
+    with running(command, env, health, tmp_path / "server-3.log"):
+        assert main(["runs", "sync", "--out", str(out)]) == 0
+        assert not pending.exists()
+        client, run = only_run(url, "cae")
+        assert_training_recorded(client, run, epochs=3, fields=["cell_type", "assay", "sex"])

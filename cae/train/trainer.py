@@ -104,7 +104,8 @@ class Callback:
     """Receives training events; override what you need (every method is a no-op here)."""
 
     def on_train_start(self, trainer: Trainer) -> None:
-        """Called once data, vocabularies and networks are ready, before the first epoch."""
+        """Called once data, vocabularies and networks are ready, before the first epoch and
+        before anything is written to the output folder."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """Called after each epoch's validation with that epoch's metrics."""
@@ -374,8 +375,8 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         cfg = self.settings
+        self._emit("on_train_start")  # first: a tracking store that does not answer writes nothing
         self._write_static_files()
-        self._emit("on_train_start")
         table = pd.DataFrame()
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
             started = time.perf_counter()

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -32,18 +32,12 @@ SMALL = ["--latent-dim", "8", "--batch-size", "64", "--num-workers", "0", "--no-
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Run in a temporary folder with no inherited tracking or cae settings, and train with one
-    CPU thread (on a shared 2-core machine, two spinning threads per process made epochs ten
-    times slower); torch's thread count is restored afterwards."""
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in a temporary folder with no inherited tracking or cae settings."""
     monkeypatch.chdir(tmp_path)
     for name in list(os.environ):
         if name.startswith(("CAE_", "MLFLOW_")):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("CAE_TRAIN__THREADS", "1")
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:

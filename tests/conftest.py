@@ -36,6 +36,15 @@ def quick_settings(data: Path, out: Path, **overrides: Any) -> Settings:
     return load_settings(None, values)
 
 
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in a temporary folder with no inherited CAE_* or MLFLOW_* settings."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("CAE_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """600 cells x 30 genes in 3 chunks: for behaviour, not learning."""

@@ -488,14 +488,10 @@ def served(
 
 
 @pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A temporary working folder, no inherited CAE_/MLFLOW_ settings, and a tracking server that
-    does not answer is told at once (no HTTP retries)."""
-    for name in list(os.environ):
-        if name.startswith(("CAE_", "MLFLOW_")):
-            monkeypatch.delenv(name)
+def offline(isolated: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """:func:`isolated`, and a tracking server that does not answer is told at once (no HTTP
+    retries); MLflow forgets the tracking URI a case set."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.chdir(tmp_path)
     yield
     mlflow.set_tracking_uri(None)  # then monkeypatch restores the environment
 
@@ -516,7 +512,7 @@ def test_bad_input(
     case: Case,
     good_data: Path,
     tmp_path: Path,
-    isolated: None,
+    offline: None,
     request: pytest.FixtureRequest,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

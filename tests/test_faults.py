@@ -31,13 +31,7 @@ from tests.test_tracking import assert_training_recorded, only_run
 SMALL = ["--latent-dim", "8", "--batch-size", "64", "--num-workers", "0", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run in a temporary folder with no inherited tracking or cae settings."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("CAE_", "MLFLOW_")):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("isolated")  # a temporary folder, no CAE_/MLFLOW_ settings
 
 
 def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str) -> None:

@@ -25,13 +25,7 @@ FIELDS = ["cell_type", "assay", "sex"]
 SMALL_MODEL = ["--latent-dim", "8", "--batch-size", "64", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run in a temporary folder with no inherited tracking or cae settings."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("CAE_", "MLFLOW_")):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("isolated")  # a temporary folder, no CAE_/MLFLOW_ settings
 
 
 def sqlite_uri(path: Path) -> str:

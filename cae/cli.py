@@ -151,6 +151,24 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
             f"{spec.non_null_fraction:6.1%} known  {status}"
         )
     print(f"wrote {vocab_path} and {specs_path}")
+    skipped = [spec.field for spec in specs.values() if not spec.using]
+    if skipped:
+        print(f"cae train refuses skipped fields: drop {', '.join(skipped)} from --fields")
+
+
+_CONVERT_FLAGS = [
+    f for f in _DATA_FLAGS if f.flag in ("--data", "--expression-glob", "--metadata-glob")
+]
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Write the data set with parquet metadata (pickles are trusted input only)."""
+    from cae.data.convert import convert_to_parquet
+
+    settings = _settings(args, _CONVERT_FLAGS)
+    written = convert_to_parquet(settings.data, args.out, overwrite=args.overwrite)
+    print(f"wrote {len(written)} metadata chunks as parquet, with the expression chunks, to "
+          f"{args.out}; share that folder")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -199,6 +217,17 @@ def cmd_runs_compare(args: argparse.Namespace) -> None:
     table = contribution_table(uri, args.experiment, args.last, args.metric)
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+def cmd_runs_sync(args: argparse.Namespace) -> None:
+    """Upload what a training could not send to its MLflow run (the tracking store was down)."""
+    from cae.tracking.outbox import sync
+
+    done = sync(args.out, args.tracking_uri)
+    if not done:
+        print(f"nothing to upload: {args.out} holds no pending tracking records")
+    for run_id, uri, count in done:
+        print(f"uploaded {count} record(s) to MLflow run {run_id} at {uri}")
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -395,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_argument("--out", type=Path, help="output folder (default <data>/preprocessed)")
     preprocess.set_defaults(func=cmd_preprocess)
 
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite .pkl metadata chunks as parquet, for sharing",
+        description="Copy a folder of chunks to --out with every .pkl metadata chunk written as "
+        ".parquet (same chunk ids). Unpickling can run code: read pickles only from sources you "
+        "trust, and share the parquet folder.",
+    )
+    _add_flags(convert, _CONVERT_FLAGS)
+    convert.add_argument("--out", type=Path, required=True, help="folder to create")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    convert.set_defaults(func=cmd_convert)
+
     train = commands.add_parser(
         "train",
         help="train a CAE",
@@ -422,6 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     compare.set_defaults(func=cmd_runs_compare)
+
+    sync = runs_commands.add_parser(
+        "sync",
+        help="upload what a training could not send to its MLflow run",
+        description="When the tracking server stopped answering mid-run, training went on and "
+        "kept what did not arrive in <out>/tracking/; this uploads it to the run.",
+    )
+    sync.add_argument("--out", type=Path, required=True, help="the training's output folder")
+    sync.add_argument("--tracking-uri", help="default: the store the run was recorded in")
+    sync.set_defaults(func=cmd_runs_sync)
 
     register = commands.add_parser(
         "register",

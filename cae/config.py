@@ -231,6 +231,23 @@ class TrackingConfig(_Section):
         None, description="After training, register the model under this name (cae register)."
     )
     alias: str = Field("champion", description="Alias the registered version gets.")
+    retry_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        description="When the tracking store stops answering mid-run, training goes on and "
+        "retries after this many seconds, doubling up to 10 minutes (see cae runs sync).",
+    )
+
+
+class ServeConfig(_Section):
+    """How a registered model answers requests (``mlflow models serve``, ``model.predict``)."""
+
+    max_rows: int = Field(
+        10_000,
+        ge=1,
+        description="Most cells one request may hold; a larger one is refused (HTTP 400). Saved "
+        "with the model; CAE_SERVE__MAX_ROWS in the serving process overrides it.",
+    )
 
 
 class Range(_Section):
@@ -339,6 +356,7 @@ class Settings(BaseSettings):
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -443,6 +461,19 @@ def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
         ) from None
     finally:
         _READ_ENVIRONMENT.reset(token)
+
+
+def serve_settings(saved: Settings) -> ServeConfig:
+    """The serving settings in force: those saved with a model, with any ``CAE_SERVE__*``
+    environment variable of the serving process on top.
+
+    Raises:
+        ConfigError: a ``CAE_*`` variable is invalid (the message names it).
+    """
+    current = load_settings().serve
+    return saved.serve.model_copy(
+        update={name: getattr(current, name) for name in current.model_fields_set}
+    )
 
 
 def nest(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def _gene_columns(store: DataStore, genes: list[str]) -> np.ndarray:
     if missing:
         raise DataError(
             f"{store.path} lacks {len(missing):,} of the model's {len(genes):,} genes, e.g. "
-            f"{', '.join(missing[:5])}; the input needs every gene the model was trained on"
+            f"{', '.join(missing[:5])}; give an input with every gene the model was trained on "
+            "(its genes.txt or var_names must name them; trained.genes lists them)"
         )
     extra = len(store.genes) - len(genes)
     if extra:
@@ -108,7 +109,12 @@ def generate(
     columns = _gene_columns(store, model.genes)
     fields = list(model.vocabularies.fields)
     model.encode_targets(torch.ones((1, len(fields)), dtype=torch.long), targets)  # fail early
-    sources = [store.read_metadata(c, fields).astype(str) for c in store.chunks]
+    sources = [store.read_metadata(c, fields) for c in store.chunks]
+    for chunk, source in zip(store.chunks, sources, strict=True):  # fail early, naming the file
+        model.vocabularies.encode(
+            source, model.settings.data.null_values, source=chunk.metadata_name
+        )
+    sources = [source.astype(str) for source in sources]
     obs = pd.concat(sources, ignore_index=True).add_prefix("source_")
     for field in fields:
         obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]

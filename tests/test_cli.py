@@ -270,16 +270,6 @@ def test_preprocess_debug_reraises(data: Path) -> None:
 # train (only errors: training itself is tested elsewhere)
 
 
-def test_train_unknown_field(
-    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "run"
-    args = ["train", "--data", str(data), "--fields", "nope", "--out", str(out), "--device", "cpu"]
-    assert main([*args, "--no-progress"]) == 2
-    error_line(capsys.readouterr().err, "train", "no field 'nope'")
-    assert not (out / "checkpoints").exists()
-
-
 def test_train_bad_config_path(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -90,20 +90,6 @@ def test_load_model_gives_the_torch_model_with_its_vocabularies(registry: str, d
     assert "female" in trained.vocabularies.by_field["sex"].values
 
 
-def test_bad_requests_name_what_is_allowed(registry: str, demo_data: Path):
-    model = mlflow.pyfunc.load_model("models:/cae-demo@champion")
-    x, meta = cells_of(demo_data, {"cell_type": "T"})
-    frame = request_frame(x[:4], meta[:4], cae.load_model("models:/cae-demo@champion").genes)
-    with pytest.raises(mlflow.exceptions.MlflowException, match="'female', 'male'"):
-        model.predict(frame, params={"targets": "sex=other"})
-    with pytest.raises(mlflow.exceptions.MlflowException, match="gene_0007"):
-        model.predict(frame.drop(columns=["gene_0007"]))
-    with pytest.raises(mlflow.exceptions.MlflowException, match="cell_type, assay, sex"):
-        model.predict(frame.drop(columns=["assay"]))
-    with pytest.raises(mlflow.exceptions.MlflowException, match="field=value"):
-        model.predict(frame, params={"targets": "sex"})
-
-
 def test_model_survives_deleting_its_training_folders(small_data, tmp_path, monkeypatch):
     data = tmp_path / "data"
     shutil.copytree(small_data, data)
@@ -165,6 +151,7 @@ def served(registry: str, tmp_path: Path) -> Iterator[str]:
         **os.environ,
         "MLFLOW_TRACKING_URI": registry,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # it runs `uvicorn`
+        "CAE_SERVE__MAX_ROWS": "3",  # the serving process's limit beats the model's 10,000
     }
     url = f"http://127.0.0.1:{port}"
     with running(command, env, f"{url}/ping", tmp_path / "serve.log"):
@@ -204,3 +191,8 @@ def test_http_serving_answers_counterfactuals_and_rejects_bad_requests(served, d
     assert status == 400
     assert "gene_0042" in answer["message"]
     assert "Traceback" not in json.dumps(answer)
+
+    four = request_frame(x[:4], meta[:4], genes)
+    status, answer = post(served, four, {"targets": "sex=female"})
+    assert status == 400
+    assert "holds 4 cells" in answer["message"] and "at most 3" in answer["message"]

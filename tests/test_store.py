@@ -176,40 +176,6 @@ def test_non_numeric_chunk_id_is_a_data_error(tmp_path: Path) -> None:
     check_error(info.value, DataError, "abc")
 
 
-def test_unpaired_expression_chunk(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0")
-    _, meta = write_chunk(tmp_path, "1")
-    meta.unlink()
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_counts_1.npz", "no metadata chunk with id 1")
-
-
-def test_orphan_metadata_chunk(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0")
-    expression, _ = write_chunk(tmp_path, "1")
-    expression.unlink()
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_metadata_1.pkl", "no expression chunk with id 1")
-
-
-def test_duplicate_chunk_id(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "7")
-    sp.save_npz(tmp_path / "x_counts_007.npz", counts(20))
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_counts_7.npz", "x_counts_007.npz", "chunk id 7")
-
-
-def test_duplicate_metadata_chunk_id_across_suffixes(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0")
-    metadata(20).to_parquet(tmp_path / "x_metadata_0.parquet")
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_metadata_0.parquet", "x_metadata_0.pkl", "chunk id 0")
-
-
 def test_name_without_chunk_number(tmp_path: Path) -> None:
     write_chunk(tmp_path, "0")
     sp.save_npz(tmp_path / "x_counts_last.npz", counts(20))
@@ -220,31 +186,6 @@ def test_name_without_chunk_number(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # shapes and files
-
-
-def test_row_count_mismatch(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0", counts(20), metadata(19))
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_metadata_0.pkl has 19 rows", "x_counts_0.npz has 20")
-
-
-def test_gene_count_mismatch(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0", counts(20, N_GENES))
-    write_chunk(tmp_path, "1", counts(20, N_GENES + 1))
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(
-        info.value, DataError, f"x_counts_1.npz has {N_GENES + 1} genes", "x_counts_0.npz has 8"
-    )
-
-
-def test_empty_chunk(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0")
-    write_chunk(tmp_path, "1", sp.csr_matrix((0, N_GENES), dtype=np.float32), metadata(0))
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_counts_1.npz", "holds no cells")
 
 
 def test_no_files_match(tmp_path: Path) -> None:
@@ -292,44 +233,12 @@ def test_genes_txt_duplicate_names(tmp_path: Path) -> None:
     check_error(info.value, DataError, "genes.txt", "twice")
 
 
-def test_metadata_pickle_holds_a_list(tmp_path: Path) -> None:
-    write_chunk(tmp_path, "0", counts(20), list(range(20)))
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_metadata_0.pkl", "holds a list, not a pandas DataFrame")
-
-
-def test_truncated_metadata_pickle(tmp_path: Path) -> None:
-    _, meta = write_chunk(tmp_path, "0")
-    meta.write_bytes(meta.read_bytes()[:50])
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "x_metadata_0.pkl", "cannot unpickle")
-
-
 def test_corrupt_parquet(tmp_path: Path) -> None:
     write_chunk(tmp_path, "0", meta_suffix=".parquet")
     (tmp_path / "x_metadata_0.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError) as info:
         open_store(tmp_path)
     check_error(info.value, DataError, "x_metadata_0.parquet", "as parquet")
-
-
-def test_garbage_npz(tmp_path: Path) -> None:
-    expression, _ = write_chunk(tmp_path, "0")
-    expression.write_bytes(b"this is not a zip archive " * 8)
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "cannot read", "x_counts_0.npz", "truncated")
-
-
-def test_npz_cut_in_half(tmp_path: Path) -> None:
-    expression, _ = write_chunk(tmp_path, "0")
-    raw = expression.read_bytes()
-    expression.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(DataError) as info:
-        open_store(tmp_path)
-    check_error(info.value, DataError, "cannot read", "x_counts_0.npz", "truncated")
 
 
 def test_npz_deleted_after_open(tmp_path: Path) -> None:

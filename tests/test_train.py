@@ -4,7 +4,6 @@ target, resumes exactly, is deterministic, handles <unk>, and protects existing 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +120,7 @@ def test_background_workers_give_the_same_model(small_data: Path, tmp_path: Path
     assert all(torch.equal(inline[k], workers[k]) for k in inline)
 
 
-# --- <unk>, skipped fields, counterfactual errors ------------------------------------------------
+# --- <unk> and counterfactual errors ----------------------------------------------------------
 
 
 def test_unknown_contexts_train_and_can_be_moved_but_never_targeted(small_data: Path, tmp_path):
@@ -141,24 +140,6 @@ def test_unknown_contexts_train_and_can_be_moved_but_never_targeted(small_data: 
         trained.counterfactual(x[:3], meta[:3], {"sex": "hermaphrodite"})
     with pytest.raises(MetadataError, match="tissue"):
         trained.counterfactual(x[:3], meta[:3], {"tissue": "lung"})
-
-
-def test_a_field_with_one_known_value_is_skipped(small_data: Path, tmp_path: Path, caplog):
-    data = tmp_path / "one_assay"
-    data.mkdir()
-    for file in small_data.iterdir():
-        if file.name.endswith(".pkl"):
-            frame = pd.read_pickle(file)
-            frame["assay"] = "10x 3' v3"
-            frame.to_pickle(data / file.name)
-        elif file.is_file():
-            (data / file.name).write_bytes(file.read_bytes())
-    with caplog.at_level(logging.WARNING):
-        result = train(quick_settings(data, tmp_path / "run", **{"train.epochs": 1}))
-    assert result.vocabularies.fields == ("cell_type", "sex")
-    assert "assay" in caplog.text and "one known value" in caplog.text
-    with pytest.raises(MetadataError, match="assay"):
-        train(quick_settings(data, tmp_path / "run2", **{"data.fields": "assay"}))
 
 
 # --- output folders -----------------------------------------------------------------------------

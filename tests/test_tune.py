@@ -176,7 +176,7 @@ def test_rendered_scripts_have_named_settings_and_no_edit_me(small_data, tmp_pat
 )
 def test_a_killed_worker_loses_and_duplicates_no_trial(small_data, tmp_path, stop, exit_code):
     """SIGKILL (a node lost) or SIGUSR1 (SLURM's warning: checkpoint, exit 75, requeue)."""
-    config = write_config(tmp_path, small_data, "killed", n_trials=3, epochs=6)
+    config = write_config(tmp_path, small_data, "killed", n_trials=3, epochs=20)
     assert main(["tune", "create", "--config", str(config), "--pruner", "none"]) == 0
     first = subprocess.Popen(
         worker(tmp_path, "killed"),
@@ -187,14 +187,14 @@ def test_a_killed_worker_loses_and_duplicates_no_trial(small_data, tmp_path, sto
     )
     try:
         deadline = time.monotonic() + 120
-        while True:  # wait until the second trial is under way, then kill the task
+        while True:  # wait until the second trial has trained an epoch (19 to go), then stop it
             trials = study_trials(tmp_path, "killed") if (tmp_path / "journal.log").exists() else []
-            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-            if running and running[0].number >= 1:
+            running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            trial = tmp_path / "trials" / "killed" / f"trial_{running[0] if running else 0:04d}"
+            if running and running[0] >= 1 and (trial / "checkpoints" / "last.pt").exists():
                 break
             assert time.monotonic() < deadline and first.poll() is None, "no trial started"
-            time.sleep(0.2)
-        time.sleep(1.0)
+            time.sleep(0.1)
     finally:
         os.killpg(first.pid, stop)
         assert first.wait(timeout=60) == exit_code

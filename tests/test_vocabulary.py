@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from cae.data.vocabulary import (
@@ -22,6 +24,7 @@ from cae.data.vocabulary import (
     build_field_specs,
     canonical_values,
     load_preprocessed,
+    require_usable,
     save_preprocessed,
 )
 from cae.errors import DataError, MetadataError
@@ -155,6 +158,19 @@ def test_single_value_and_all_null_fields_are_skipped_with_a_reason() -> None:
 
     vocabularies = Vocabularies.from_specs(specs)
     assert vocabularies.fields == ("sex", "donor_id")
+
+
+def test_training_refuses_unusable_fields_naming_each_and_what_to_do() -> None:
+    specs = build_field_specs([("m.pkl", _frame())], ["assay", "disease", "sex"])
+    with pytest.raises(MetadataError) as info:
+        require_usable(specs, "data/x")
+    message = str(info.value)
+    assert message.startswith("data/x: field 'assay': only one known value ('10x 3' v3')")
+    assert "field 'disease': every value is null (7 cells)" in message
+    assert "drop assay, disease from data.fields (--fields sex)" in message
+    with pytest.raises(MetadataError, match=r"choose other fields in data\.fields"):
+        require_usable(build_field_specs([("m.pkl", _frame())], ["assay"]), "data/x")
+    require_usable(build_field_specs([("m.pkl", _frame())], ["sex", "cell_type"]), "data/x")
 
 
 def test_from_specs_with_nothing_usable_lists_every_reason() -> None:
@@ -432,3 +448,80 @@ def test_two_million_rows_are_vectorised() -> None:
     assert specs["cell_type"].cardinality == 500
     assert sum(specs["sex"].counts.values()) + specs["sex"].n_null == n
     assert (encoded[:, 2] >= 1).all()
+
+
+_SCALAR = st.one_of(
+    st.none(),
+    st.just(np.nan),
+    _NULL_SPELLINGS,
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=False, allow_infinity=True, allow_subnormal=False, width=32),
+    st.sampled_from(["3", "T cell", "Ünïcødé 细胞", "10x 3' v3"]),
+    st.text(max_size=4),
+)
+
+
+def _family(value: object) -> str | None:
+    """The type family of a non-null value (None for a null one), as preprocessing sees it."""
+    if _is_null(value):
+        return None
+    for family in (bool, int, float, str):
+        if isinstance(value, family):
+            return family.__name__
+    raise AssertionError(value)
+
+
+@settings(max_examples=80, deadline=None)
+@given(chunks=st.lists(st.lists(_SCALAR, min_size=1, max_size=12), min_size=1, max_size=3))
+def test_mixed_types_raise_naming_file_and_field_or_round_trip_property(
+    chunks: list[list[object]],
+) -> None:
+    frames = [
+        (f"human_metadata_{i:03d}.pkl", pd.DataFrame({"batch": pd.Series(values, dtype=object)}))
+        for i, values in enumerate(chunks)
+    ]
+    families = {_family(v) for values in chunks for v in values} - {None}
+    event("mixed types" if len(families) > 1 else "one type")
+    if len(families) > 1:
+        with pytest.raises(MetadataError) as info:
+            build_field_specs(frames, ["batch"])
+        message = str(info.value)
+        assert "'batch'" in message and "human_metadata_" in message
+        assert "strings" in message  # what to do: convert the column to strings
+        return
+    spec = build_field_specs(frames, ["batch"])["batch"]
+    vocab = FieldVocabulary("batch", tuple(sorted(spec.counts)))
+    for source, frame in frames:
+        decoded = vocab.decode(vocab.encode(frame["batch"], source=source))
+        expected = [UNK if _is_null(v) else str(v) for v in frame["batch"]]
+        assert decoded.tolist() == expected
+
+
+_VALUE = st.text(min_size=1, max_size=8).filter(lambda v: not _is_null(v))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    fields=st.dictionaries(
+        st.text(min_size=1, max_size=6),
+        st.lists(_VALUE, min_size=2, max_size=6, unique=True),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_vocabularies_and_specs_survive_their_files_property(fields: dict[str, list[str]]) -> None:
+    n = max(len(values) for values in fields.values()) + 1  # every field has a null too
+    columns = {field: [*values, *[None] * (n - len(values))] for field, values in fields.items()}
+    frame = pd.DataFrame({field: pd.Categorical(column) for field, column in columns.items()})
+    specs = build_field_specs([("m.parquet", frame)], list(fields))
+    with tempfile.TemporaryDirectory() as folder:
+        save_preprocessed(Path(folder), specs)
+        vocabularies, loaded = load_preprocessed(Path(folder))
+    assert loaded == specs
+    assert vocabularies == Vocabularies.from_specs(specs)
+    assert vocabularies.fields == tuple(fields)
+    for field, column in columns.items():
+        vocab = vocabularies.by_field[field]
+        decoded = vocab.decode(vocab.encode(frame[field], source="m.parquet"))
+        assert decoded.tolist() == [UNK if value is None else value for value in column]

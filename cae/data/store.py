@@ -156,7 +156,8 @@ class DataStore:
                 raise DataError(
                     f"{metadata[chunk_id].name} has {n_rows:,} rows but "
                     f"{expression[chunk_id].name} has {n_cells:,}; metadata rows must align "
-                    "one to one with expression rows"
+                    "one to one with expression rows: write the pair again from one table, or "
+                    "move it away"
                 )
             chunks.append(
                 Chunk(chunk_id, expression[chunk_id], metadata[chunk_id], n_cells, n_genes)
@@ -222,10 +223,7 @@ class DataStore:
             try:
                 matrix = sp.load_npz(chunk.expression)
             except _NPZ_ERRORS as err:
-                raise DataError(
-                    f"cannot read {chunk.expression}: {err}; the file is truncated or was not "
-                    "written by scipy.sparse.save_npz"
-                ) from None
+                raise _unreadable_npz(chunk.expression, err) from None
         matrix = sp.csr_matrix(matrix, dtype=np.float32)
         if matrix.shape != (chunk.n_cells, chunk.n_genes):
             raise DataError(
@@ -331,7 +329,7 @@ def _by_chunk_id(files: Sequence[Path], what: str) -> dict[str, Path]:
         if chunk_id in found:
             raise DataError(
                 f"{found[chunk_id].name} and {file.name} both have chunk id {chunk_id}; each "
-                f"{what} chunk needs its own id"
+                f"{what} chunk needs its own id: rename or move one of them"
             )
         found[chunk_id] = file
     return found
@@ -344,14 +342,18 @@ def _npz_shape(path: Path) -> tuple[int, int]:
             fmt = archive["format"].item()
             shape = tuple(int(n) for n in archive["shape"])
     except _NPZ_ERRORS as err:
-        raise DataError(
-            f"cannot read {path}: {err}; the file is truncated or was not written by "
-            "scipy.sparse.save_npz"
-        ) from None
+        raise _unreadable_npz(path, err) from None
     fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
     if fmt not in ("csr", "csc", "coo") or len(shape) != 2:
         raise DataError(f"{path} holds a sparse '{fmt}' matrix of shape {shape}; expected CSR 2-D")
     return shape[0], shape[1]
+
+
+def _unreadable_npz(path: Path, err: Exception) -> DataError:
+    return DataError(
+        f"cannot read {path}: {err}; the file is truncated or was not written by "
+        "scipy.sparse.save_npz: write it again with save_npz, or move it away"
+    )
 
 
 def _metadata_rows(path: Path) -> int:
@@ -375,7 +377,8 @@ def _read_metadata_file(path: Path, columns: Sequence[str] | None) -> pd.DataFra
         frame = pd.read_pickle(path)
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
         raise DataError(
-            f"cannot unpickle {path}: {err}; the file is truncated or corrupt"
+            f"cannot unpickle {path}: {err}; the file is truncated or corrupt: write it "
+            "again (DataFrame.to_parquet, or to_pickle)"
         ) from None
     if not isinstance(frame, pd.DataFrame):
         raise DataError(
@@ -391,7 +394,8 @@ def _check_gene_counts(chunks: Sequence[Chunk]) -> None:
         if chunk.n_genes != first.n_genes:
             raise DataError(
                 f"{chunk.name} has {chunk.n_genes:,} genes but {first.name} has "
-                f"{first.n_genes:,}; every chunk must share one gene space"
+                f"{first.n_genes:,}; every chunk must share one gene space: write {chunk.name} "
+                "again with the same genes, or move it away"
             )
 
 
@@ -421,5 +425,5 @@ def _check_values(values: np.ndarray, name: str) -> None:
     if negative.any():
         raise DataError(
             f"{name} holds {int(negative.sum()):,} negative values (e.g. {values[negative][0]}); "
-            "expression must be counts or normalised values >= 0"
+            "expression must be counts or normalised values >= 0: fix or drop those cells"
         )

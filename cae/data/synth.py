@@ -29,8 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise, product
@@ -41,7 +39,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cae.errors import ConfigError, DataError
+from cae.data.atomic import atomic_folder
+from cae.errors import ConfigError
 
 TRUTH_VERSION = 1
 NULL_VALUE = "unknown"
@@ -546,20 +545,8 @@ def generate(
     if not isinstance(config, SynthConfig):
         raise ConfigError(f"generate needs a SynthConfig, got {type(config).__name__}")
     out = Path(out_dir)
-    exists = out.exists() or out.is_symlink()
-    if exists and not overwrite and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError(
-            f"output folder {str(out)!r} already exists and is not empty; pass overwrite=True "
-            "(CLI --overwrite) to replace it, or choose another folder"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         _write_dataset(tmp, config, h5ad=h5ad, progress=progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _move_into_place(tmp, out)
     return out
 
 
@@ -588,24 +575,3 @@ def _write_dataset(folder: Path, config: SynthConfig, *, h5ad: bool, progress: b
             X=sp.vstack(chunks, format="csr"), obs=obs, var=pd.DataFrame(index=truth["genes"])
         )
         adata.write_h5ad(folder / "synth.h5ad")
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``out``, removing any old ``out`` only afterwards."""
-    old: Path | None = None
-    if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()

@@ -434,6 +434,35 @@ def build_field_specs(
     return {field: counter.finish() for field, counter in counters.items()}
 
 
+def require_usable(specs: Mapping[str, FieldSpec], source: str) -> None:
+    """Check that every requested field can condition the model (training asks for this; the
+    ``cae preprocess`` report only marks such fields as skipped).
+
+    Args:
+        specs: the specs of the requested fields.
+        source: the data set they were counted in, for the message.
+
+    Raises:
+        MetadataError: a field has fewer than two known values (all null, or one value); the
+            message names each such field, why, and the fields left to train on.
+    """
+    unusable = [spec for spec in specs.values() if not spec.using]
+    if not unusable:
+        return
+    reasons = "; ".join(f"field {spec.field!r}: {spec.reason}" for spec in unusable)
+    usable = [spec.field for spec in specs.values() if spec.using]
+    names = ", ".join(spec.field for spec in unusable)
+    remedy = (
+        f"drop {names} from data.fields (--fields {','.join(usable)})"
+        if usable
+        else "choose other fields in data.fields (--fields)"
+    )
+    raise MetadataError(
+        f"{source}: {reasons}. A field needs at least two known values to condition the model: "
+        f"{remedy}, or fix its values (`cae preprocess` reports every field)."
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Vocabularies
 # --------------------------------------------------------------------------------------------------

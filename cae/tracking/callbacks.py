@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,8 @@ import matplotlib.pyplot as plt
 
 from cae import __version__
 from cae.config import Settings
+from cae.errors import ConfigError
+from cae.tracking.outbox import TRACKING_ERRORS, Outbox, first_line, one_quick_attempt
 from cae.tracking.plots import context_contributions_figure, contribution_shares_figure
 from cae.train.trainer import Callback, Preempted, StopTraining, Trainer, TrainResult
 
@@ -60,13 +63,11 @@ class TensorBoardCallback(Callback):
     def __init__(self) -> None:
         self.writer: SummaryWriter | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(trainer.out_dir / "tensorboard"))
-
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
-        assert self.writer is not None
+        if self.writer is None:  # opened at the first epoch: a failed start leaves no files
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(trainer.out_dir / "tensorboard"))
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, global_step=epoch)
         for head, values in trainer.head_samples.items():
@@ -84,65 +85,108 @@ class TensorBoardCallback(Callback):
 
 
 class MLflowCallback(Callback):
-    """Records a training in the active MLflow run (:func:`tracked` starts it)."""
+    """Records a training in an MLflow run (:func:`tracked` ends it with :meth:`finish`).
+
+    If the tracking store stops answering mid-run (a tracking server that died, a network
+    outage), training goes on: what did not reach the run is kept beside the training's files and
+    retried later (see :class:`cae.tracking.outbox.Outbox`); what is still missing at the end is
+    named in a warning, with the ``cae runs sync`` command that uploads it.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.run_id: str | None = None
+        self.outbox: Outbox | None = None
 
     def on_train_start(self, trainer: Trainer) -> None:
-        import mlflow
+        from mlflow.tracking import MlflowClient
 
-        self.run_id = start_run(self.settings)
-        mlflow.log_params(self.settings.flat())
-        fields = ",".join(trainer.vocabularies.fields)
+        uri = tracking_uri(self.settings.tracking.uri)
+        try:
+            self.run_id = start_run(self.settings)
+        except TRACKING_ERRORS as err:
+            raise ConfigError(
+                f"MLflow tracking at {uri} does not answer ({first_line(err)}); "
+                "start the tracking server or fix the URI (--tracking-uri, MLFLOW_TRACKING_URI), "
+                "or train with --no-tracking"
+            ) from None
+        retry = self.settings.tracking.retry_seconds
+        self.outbox = Outbox(MlflowClient(uri), self.run_id, trainer.out_dir, retry)
         tags = {
             "cae.version": __version__,
             "cae.data_fingerprint": trainer.fingerprint,
-            "cae.fields": fields,
+            "cae.fields": ",".join(trainer.vocabularies.fields),
             "cae.output_dir": str(trainer.out_dir.resolve()),
             "cae.start_epoch": str(trainer.start_epoch),
         }
         commit = git_commit()
         if commit:
             tags["cae.git_commit"] = commit
-        mlflow.set_tags(tags)
+        self.outbox.send(
+            {"kind": "params", "values": self.settings.flat()}, {"kind": "tags", "values": tags}
+        )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
-        import mlflow
-
-        mlflow.log_metrics(metrics, step=epoch)
+        assert self.outbox is not None
+        stamp = int(time.time() * 1000)
+        self.outbox.send({"kind": "metrics", "step": epoch, "timestamp": stamp, "values": metrics})
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
-        import mlflow
-
+        assert self.outbox is not None
         out = result.out_dir
-        for name in [
-            "settings.json",
-            "vocabularies.json",
-            "field_specs.json",
-            "history.json",
-            "contributions.csv",
-            "genes.txt",
-        ]:
-            mlflow.log_artifact(str(out / name))
-        mlflow.log_table(data=result.contributions, artifact_file="contributions.json")
+        names = ["settings.json", "vocabularies.json", "field_specs.json", "history.json",
+                 "contributions.csv", "genes.txt"]  # fmt: skip
+        records = [{"kind": "artifact", "path": name} for name in names]
+        table = result.contributions.to_dict(orient="list")
+        records.append({"kind": "table", "data": table, "artifact_file": "contributions.json"})
         heads = ["base", *result.vocabularies.fields]
-        figures = {
-            "plots/contribution_shares.png": contribution_shares_figure(result.history, heads)
-        }
+        figures = {"contribution_shares": contribution_shares_figure(result.history, heads)}
         for field in result.vocabularies.fields:
-            figures[f"plots/contributions_{field}.png"] = context_contributions_figure(
+            figures[f"contributions_{field}"] = context_contributions_figure(
                 result.contributions, field
             )
-        for path, figure in figures.items():
-            mlflow.log_figure(figure, path)
+        (out / "plots").mkdir(exist_ok=True)
+        for name, figure in figures.items():  # kept in the output folder too
+            figure.savefig(out / "plots" / f"{name}.png")
             plt.close(figure)
+            records.append(
+                {"kind": "artifact", "path": f"plots/{name}.png", "artifact_path": "plots"}
+            )
         if self.settings.tracking.log_checkpoint:
-            mlflow.log_artifact(str(result.checkpoint), artifact_path="checkpoints")
-        tensorboard = out / "tensorboard"
-        if tensorboard.is_dir():
-            mlflow.log_artifacts(str(tensorboard), artifact_path="tensorboard")
+            checkpoint = result.checkpoint.relative_to(out).as_posix()
+            records.append({"kind": "artifact", "path": checkpoint, "artifact_path": "checkpoints"})
+        if (out / "tensorboard").is_dir():
+            records.append(
+                {"kind": "artifacts", "path": "tensorboard", "artifact_path": "tensorboard"}
+            )
+        self.outbox.send(*records)
+
+    def finish(self, status: str) -> None:
+        """End the run with ``status`` (FINISHED, KILLED or FAILED). When the store still does
+        not answer, warn where the missing records are kept and how to upload them."""
+        import mlflow
+
+        if self.outbox is None:
+            return
+        self.outbox.send({"kind": "end", "status": status}, now=True)
+        # start_run made the run MLflow's active run: end_run takes it off that stack first,
+        # then tells the store (once more; one quick attempt when the store is down).
+        with (
+            one_quick_attempt() if self.outbox.pending else nullcontext(),
+            suppress(*TRACKING_ERRORS),
+        ):
+            mlflow.end_run(status)
+        if self.outbox.pending:
+            log.warning(
+                "MLflow run %s at %s lacks %s: kept in %s (with the files of %s); upload them "
+                "with `cae runs sync --out %s` once the tracking server answers",
+                self.run_id,
+                self.outbox.client.tracking_uri,
+                self.outbox.describe(),
+                self.outbox.path,
+                self.outbox.out_dir,
+                self.outbox.out_dir,
+            )
 
 
 def start_run(settings: Settings) -> str:
@@ -176,7 +220,9 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     leaves no empty run behind); see :func:`start_run`. It ends FINISHED; KILLED on Ctrl-C, on
     SIGTERM/SIGUSR1 (:class:`Preempted`) or when a callback stopped training on purpose
     (:class:`StopTraining`, e.g. a pruned trial); FAILED if the training raised anything else.
-    With ``tracking.enabled`` false it yields no callbacks and touches nothing.
+    A tracking store that stops answering mid-run does not stop training (see
+    :class:`MLflowCallback`). With ``tracking.enabled`` false it yields no callbacks and touches
+    nothing.
 
     Args:
         settings: the settings (``tracking`` section).
@@ -187,22 +233,19 @@ def tracked(settings: Settings) -> Iterator[list[Callback]]:
     if not settings.tracking.enabled:
         yield []
         return
-    import mlflow
-
     tensorboard = TensorBoardCallback() if settings.tracking.tensorboard else None
     callbacks: list[Callback] = [tensorboard] if tensorboard else []
-    callbacks.append(MLflowCallback(settings))  # after TensorBoard: its files are closed first
+    recorder = MLflowCallback(settings)
+    callbacks.append(recorder)  # after TensorBoard: its files are closed first
     try:
         yield callbacks
     except (KeyboardInterrupt, StopTraining, Preempted):
-        if mlflow.active_run() is not None:
-            mlflow.end_run(status="KILLED")
+        recorder.finish("KILLED")
         raise
     except BaseException:
-        if mlflow.active_run() is not None:
-            mlflow.end_run(status="FAILED")
+        recorder.finish("FAILED")
         raise
     finally:
         if tensorboard is not None:
             tensorboard.close()
-    mlflow.end_run()
+    recorder.finish("FINISHED")

@@ -8,7 +8,9 @@ Input: a DataFrame with one column per gene (any order; extra columns are ignore
 and one column per model field holding each cell's source context. Params: ``targets``
 (``"sex=female;assay=10x 3' v3"``; fields not named keep their source value) and ``contributions``
 (add each head's per-cell L2 norm as ``contrib_l2/<head>`` columns). Output: the counterfactual
-expression, one column per gene (log1p counts per 10,000 for the default transform).
+expression, one column per gene (log1p counts per 10,000 for the default transform). A request
+of more than ``serve.max_rows`` cells (default 10,000; ``CAE_SERVE__MAX_ROWS`` in the serving
+process overrides the value saved with the model) is refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from cae.errors import CAEError, CheckpointError, ConfigError
+from cae.config import serve_settings
+from cae.errors import CAEError, CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import TrainedModel, load_checkpoint
 
@@ -54,26 +57,48 @@ def parse_targets(text: str) -> dict[str, str]:
 
 
 def predict_frame(
-    trained: TrainedModel, cells: pd.DataFrame, targets: dict[str, str], contributions: bool
+    trained: TrainedModel,
+    cells: pd.DataFrame,
+    targets: dict[str, str],
+    contributions: bool,
+    max_rows: int | None = None,
 ) -> pd.DataFrame:
     """Counterfactual expression of ``cells`` (gene columns + one source column per field).
 
+    Args:
+        trained: the model.
+        cells: one row per cell: a column per gene and a source-context column per field.
+        targets: ``{field: value}`` for the fields to change.
+        contributions: add each head's per-cell L2 norm as ``contrib_l2/<head>`` columns.
+        max_rows: refuse inputs with more rows (None: no limit).
+
+    Returns:
+        The counterfactual expression, one column per gene, indexed like ``cells``.
+
     Raises:
-        ConfigError: gene or field columns are missing (the message lists what the model needs).
-        MetadataError: a source or target value is unknown (the message lists the known values).
+        DataError: more rows than ``max_rows``, or gene columns are missing (the message says
+            the limit and how to raise it, or lists the genes the model needs).
+        MetadataError: a field column is missing, or a source or target value is unknown (the
+            message lists the fields or the known values).
     """
+    if max_rows is not None and len(cells) > max_rows:
+        raise DataError(
+            f"the request holds {len(cells):,} cells but this model answers at most "
+            f"{max_rows:,} per request (serve.max_rows); send fewer cells per request, or raise "
+            "the limit where the model is served (CAE_SERVE__MAX_ROWS=N mlflow models serve ...)"
+        )
     genes = trained.genes
     fields = list(trained.vocabularies.fields)
     missing_fields = [f for f in fields if f not in cells.columns]
     if missing_fields:
-        raise ConfigError(
+        raise MetadataError(
             f"input lacks the context column(s) {', '.join(missing_fields)}; the model needs one "
             f"column per field: {', '.join(fields)}"
         )
     present = set(cells.columns)
     missing = [g for g in genes if g not in present]
     if missing:
-        raise ConfigError(
+        raise DataError(
             f"input lacks {len(missing):,} of the model's {len(genes):,} gene columns, e.g. "
             f"{', '.join(missing[:5])}; send every gene in trained.genes (first: "
             f"{', '.join(genes[:5])})"
@@ -98,8 +123,9 @@ class CounterfactualModel(PythonModel):
     """The pyfunc behind every registered CAE (see the module docstring for its contract)."""
 
     def load_context(self, context: Any) -> None:
-        """Load the checkpoint artifact (on the CPU)."""
+        """Load the checkpoint artifact (on the CPU) and the serving settings in force."""
         self.trained = load_checkpoint(context.artifacts["checkpoint"])
+        self.max_rows = serve_settings(self.trained.settings).max_rows
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -111,7 +137,9 @@ class CounterfactualModel(PythonModel):
         params = {**DEFAULT_PARAMS, **(params or {})}
         try:
             targets = parse_targets(str(params["targets"]))
-            return predict_frame(self.trained, model_input, targets, bool(params["contributions"]))
+            return predict_frame(
+                self.trained, model_input, targets, bool(params["contributions"]), self.max_rows
+            )
         except CAEError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 

@@ -121,7 +121,14 @@ class TrainedModel:
                 raise MetadataError(
                     f"'{UNK}' cannot be a target of '{name}'; pick one of {vocab.values}"
                 )
-            index = vocab.encode_values(values, source=f"the targets of '{name}'")
+            try:
+                index = vocab.encode_values(values, source=f"the targets of '{name}'")
+            except MetadataError:
+                unseen = [v for v in dict.fromkeys(values) if v not in vocab.values]
+                raise MetadataError(
+                    f"target {name}={unseen[0]!r} is not a value the model was trained on; pick "
+                    f"one of {', '.join(map(repr, vocab.values))}"
+                ) from None
             if (index == 0).any():
                 raise MetadataError(
                     f"a target of '{name}' is a null value; pick one of {', '.join(vocab.values)}"

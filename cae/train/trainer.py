@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -37,7 +36,13 @@ from cae.data.loader import (
     split_rows,
 )
 from cae.data.store import DataStore
-from cae.data.vocabulary import FieldSpec, Vocabularies, build_field_specs, save_preprocessed
+from cae.data.vocabulary import (
+    FieldSpec,
+    Vocabularies,
+    build_field_specs,
+    require_usable,
+    save_preprocessed,
+)
 from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
 from cae.model.contributions import ContextTable
@@ -102,7 +107,8 @@ class Callback:
     """Receives training events; override what you need (every method is a no-op here)."""
 
     def on_train_start(self, trainer: Trainer) -> None:
-        """Called once data, vocabularies and networks are ready, before the first epoch."""
+        """Called once data, vocabularies and networks are ready, before the first epoch and
+        before anything is written to the output folder."""
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """Called after each epoch's validation with that epoch's metrics."""
@@ -195,8 +201,9 @@ class Trainer:
             self.field_specs = build_field_specs(
                 self.store.iter_metadata(cfg.data.fields), cfg.data.fields, cfg.data.null_values
             )
+            require_usable(self.field_specs, str(self.store.path))
             self.vocabularies = Vocabularies.from_specs(self.field_specs)
-        for spec in self.field_specs.values():
+        for spec in self.field_specs.values():  # only in checkpoints of older versions
             if not spec.using:
                 log.warning("field '%s' is skipped: %s", spec.field, spec.reason)
         if cfg.data.validate_values == "full" and resume_payload is None:
@@ -274,6 +281,13 @@ class Trainer:
         self.classifier.load_state_dict(payload["classifier"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.classifier_optimizer.load_state_dict(payload["classifier_optimizer"])
+        # The optimisers' saved state includes their learning rates: the settings now given win.
+        for optimizer, lr in [
+            (self.optimizer, self.settings.train.lr),
+            (self.classifier_optimizer, self.settings.train.classifier_lr),
+        ]:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         self.history = list(payload["history"])
         self.start_epoch = int(payload["epoch"]) + 1
         self.partial = payload.get("partial")
@@ -344,8 +358,8 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         cfg = self.settings
+        self._emit("on_train_start")  # first: a tracking store that does not answer writes nothing
         self._write_static_files()
-        self._emit("on_train_start")
         table = pd.DataFrame()
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
             started = time.perf_counter()
@@ -356,12 +370,6 @@ class Trainer:
             seconds = time.perf_counter() - started
             metrics["time/epoch_seconds"] = seconds
             metrics["time/cells_per_second"] = self.n_train_cells / seconds
-            if not math.isfinite(metrics["train/loss"]):
-                raise TrainingError(
-                    f"the training loss became {metrics['train/loss']} in epoch {epoch}; the last "
-                    f"good checkpoint is kept at {self.checkpoint_path}; lower train.lr (--lr) "
-                    "or check the input transform"
-                )
             self.history.append(metrics)
             self._log_epoch(epoch, metrics)
             self._save(epoch)
@@ -430,8 +438,31 @@ class Trainer:
                     raise Preempted(self.stop_signal, self.checkpoint_path)
                 self._train_chunk(chunk, rows_gen, target_gen, means, bar)
                 chunks_done += 1
+                self._check_finite(means, epoch, chunks_done, chunk)
                 self._emit("on_chunk_end", epoch, chunks_done)
         return means.read("train/")
+
+    def _check_finite(
+        self, means: _Means, epoch: int, chunks_done: int, chunk: LoadedChunk
+    ) -> None:
+        """Stop at the first chunk whose loss is not finite (one host sync per chunk), before any
+        checkpoint of the broken weights is written."""
+        loss = means.sums.get("loss")
+        if loss is None or torch.isfinite(loss):
+            return
+        name = self.store.chunk(chunk.chunk_id).name
+        kept = (
+            f"the last good checkpoint is kept at {self.checkpoint_path}; lower train.lr (--lr, "
+            f"now {self.settings.train.lr:g}) and continue with --resume"
+            if self.checkpoint_path.is_file()
+            else f"no checkpoint was written yet; lower train.lr (--lr, now "
+            f"{self.settings.train.lr:g}) and start again"
+        )
+        raise TrainingError(
+            f"the training loss became {loss.item()} in epoch {epoch}, chunk {chunks_done} "
+            f"({name}); training stopped: {kept}, or check that chunk's values and "
+            "data.transform"
+        )
 
     def _train_chunk(
         self,

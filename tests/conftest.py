@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import pytest
 from cae.config import Settings, load_settings
 from cae.data.synth import SynthConfig, generate
 from cae.train.trainer import TrainResult, train
+from tests.servers import Postgres, PostgresUnavailableError, start_postgres
 
 
 def quick_settings(data: Path, out: Path, **overrides: Any) -> Settings:
@@ -54,3 +57,31 @@ def demo_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Train
         },
     )
     return train(settings)
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in a temporary folder with no inherited tracking or cae settings."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("CAE_", "MLFLOW_")):
+            monkeypatch.delenv(name)
+
+
+# --- PostgreSQL (tests/test_postgres.py) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the whole session, stopped by its pid.
+
+    Skips, saying why, only where PostgreSQL cannot start (not installed, no ``postgres`` user).
+    """
+    try:
+        server = start_postgres()
+    except PostgresUnavailableError as err:
+        pytest.skip(f"PostgreSQL cannot start here: {err}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -4,7 +4,6 @@ check is bounded by --timeout anyway)."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,14 +13,7 @@ import torch
 from cae.cli import main
 from tests.servers import free_port
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run in a temporary folder with no inherited tracking or cae settings."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("CAE_", "MLFLOW_")):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def row(out: str, name: str) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from cae.cli import main
 from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracked, tracking_uri
 from cae.train import Callback, train
 from tests.conftest import quick_settings
-from tests.servers import free_port, running
+from tests.servers import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -25,13 +25,7 @@ FIELDS = ["cell_type", "assay", "sex"]
 SMALL_MODEL = ["--latent-dim", "8", "--batch-size", "64", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run in a temporary folder with no inherited tracking or cae settings."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("CAE_", "MLFLOW_")):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def sqlite_uri(path: Path) -> str:
@@ -206,16 +200,7 @@ def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
 @pytest.fixture
 def tracking_server(tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stopped by its pid."""
-    port = free_port()
-    command = [
-        str(VENV_BIN / "mlflow"), "server",
-        "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
-        "--artifacts-destination", str(tmp_path / "server-artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    url = f"http://127.0.0.1:{port}"
-    with running(command, env, f"{url}/health", tmp_path / "server.log"):
+    with mlflow_server(sqlite_uri(tmp_path / "server.db"), tmp_path) as url:
         yield url
 
 

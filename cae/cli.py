@@ -306,12 +306,13 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 def cmd_tune_create(args: argparse.Namespace) -> None:
     """Create a study and its MLflow parent run."""
+    from cae.tracking.callbacks import redact
     from cae.tune.study import create
 
     settings = _settings(args, _TUNE_FLAGS)
     parent = create(settings)
-    print(f"created study '{settings.tune.study}' in {settings.tune.storage}; MLflow parent run "
-          f"{parent}")  # fmt: skip
+    print(f"created study '{settings.tune.study}' in {redact(settings.tune.storage)}; MLflow "
+          f"parent run {parent}")  # fmt: skip
 
 
 def cmd_tune_worker(args: argparse.Namespace) -> None:
@@ -383,6 +384,35 @@ def cmd_submit(args: argparse.Namespace) -> None:
         print(script)
         return
     print(submit(script, settings.tune.slurm.output / "train.sbatch", args.sbatch_arg or []))
+
+
+# --- cae doctor --------------------------------------------------------------------------------
+
+_DOCTOR_FLAGS = [f for f in _TUNE_FLAGS if f.flag in ("--tracking-uri", "--storage", "--device")]
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the environment; print one row per check. Returns 1 if any check FAILed, else 0."""
+    from cae.doctor import diagnose, report
+
+    checks = diagnose(_settings(args, _DOCTOR_FLAGS), timeout=args.timeout)
+    print(report(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def _add_doctor(commands: Any) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="check versions, device, tracking store, study storage and SLURM",
+        description="Check the environment and print OK, WARN or FAIL for each part, with what to "
+        "do about each problem. Exit status 0 if nothing FAILed, 1 otherwise (WARN is not a "
+        "failure: SLURM, for one, is optional). Nothing is written.",
+    )
+    _add_flags(doctor, _DOCTOR_FLAGS)
+    doctor.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per network check (default 5)"
+    )
+    doctor.set_defaults(func=cmd_doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -597,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm_train.add_argument("--dry-run", action="store_true", help="print the script only")
     slurm_train.add_argument("train_args", nargs=argparse.REMAINDER, help="-- cae train flags")
     slurm_train.set_defaults(func=cmd_submit)
+    _add_doctor(commands)
     return parser
 
 
@@ -612,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cae.train.trainer import EXIT_PREEMPTED, Preempted  # after --help/--version: loads torch
 
     try:
-        args.func(args)
+        status = args.func(args)  # None, or an exit status (cae doctor)
     except CAEError as err:
         if args.debug:
             raise
@@ -624,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as stopped:
         print(f"cae {args.command}: {stopped}", file=sys.stderr)
         return EXIT_PREEMPTED
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

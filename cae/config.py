@@ -16,7 +16,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -298,6 +306,32 @@ class TuneConfig(_Section):
     space: SearchSpace = SearchSpace()
     out_dir: Path = Field(Path("tune"), description="Trials' training folders: <out>/<study>/.")
     slurm: SlurmConfig = SlurmConfig()
+
+    # RDB storage (PostgreSQL) only: a worker that dies mid-trial stops its trial's heartbeat; the
+    # next worker to start a trial fails it and runs its parameters again. Saved with the study,
+    # so every worker of one study uses the values the study was created with.
+    heartbeat_interval: int = Field(
+        60, ge=1, description="RDB storage: seconds between a running trial's heartbeats."
+    )
+    grace_period: int = Field(
+        120,
+        ge=1,
+        description="RDB storage: a RUNNING trial without a heartbeat for this many seconds is "
+        "failed and retried by the next worker that starts a trial.",
+    )
+    max_retry: int = Field(
+        2, ge=0, description="RDB storage: how many times a trial whose worker died is retried."
+    )
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeat(self) -> TuneConfig:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"tune.grace_period ({self.grace_period} s) must be longer than "
+                f"tune.heartbeat_interval ({self.heartbeat_interval} s), or live trials are "
+                "failed between two heartbeats; raise grace_period (e.g. twice the interval)"
+            )
+        return self
 
 
 class EvaluateConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # The suite shares its 2 CPU cores with other work. With torch's default of one spinning thread
 # per core in every process (pytest and the trainings it starts), epochs ran ten times slower
@@ -18,6 +19,7 @@ import pytest
 from cae.config import Settings, load_settings
 from cae.data.synth import SynthConfig, generate
 from cae.train.trainer import TrainResult, train
+from tests.servers import Postgres, PostgresUnavailableError, start_postgres
 
 
 def quick_settings(data: Path, out: Path, **overrides: Any) -> Settings:
@@ -71,3 +73,22 @@ def demo_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Train
         },
     )
     return train(settings)
+
+
+# --- PostgreSQL (tests/test_postgres.py) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 for the whole session, stopped by its pid.
+
+    Skips, saying why, only where PostgreSQL cannot start (not installed, no ``postgres`` user).
+    """
+    try:
+        server = start_postgres()
+    except PostgresUnavailableError as err:
+        pytest.skip(f"PostgreSQL cannot start here: {err}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -25,7 +25,7 @@ from cae.train import Callback, train
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
 from cae.train.trainer import TrainingError
 from tests.conftest import quick_settings
-from tests.servers import free_port, mlflow_server, running
+from tests.servers import free_port, mlflow_server_command, running
 from tests.test_tracking import assert_training_recorded, only_run
 
 SMALL = ["--latent-dim", "8", "--batch-size", "64", "--num-workers", "0", "--no-progress"]
@@ -165,7 +165,9 @@ def test_training_outlives_its_tracking_server_and_nothing_is_lost(
     # MLflow's own retries would make each failed request take minutes; one attempt will do here.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    command, env, health = mlflow_server(tmp_path, free_port())
+    command, env, health = mlflow_server_command(
+        f"sqlite:///{tmp_path / 'server.db'}", tmp_path, free_port()
+    )
     url = health.removesuffix("/health")
     out = tmp_path / "run"
     settings = quick_settings(

@@ -17,7 +17,7 @@ from cae.cli import main
 from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracked, tracking_uri
 from cae.train import Callback, train
 from tests.conftest import quick_settings
-from tests.servers import free_port, mlflow_server, running
+from tests.servers import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -25,7 +25,7 @@ FIELDS = ["cell_type", "assay", "sex"]
 SMALL_MODEL = ["--latent-dim", "8", "--batch-size", "64", "--no-progress"]
 
 
-pytestmark = pytest.mark.usefixtures("isolated")  # a temporary folder, no CAE_/MLFLOW_ settings
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def sqlite_uri(path: Path) -> str:
@@ -200,9 +200,8 @@ def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
 @pytest.fixture
 def tracking_server(tmp_path: Path) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stopped by its pid."""
-    command, env, health = mlflow_server(tmp_path, free_port())
-    with running(command, env, health, tmp_path / "server.log"):
-        yield health.removesuffix("/health")
+    with mlflow_server(sqlite_uri(tmp_path / "server.db"), tmp_path) as url:
+        yield url
 
 
 def test_training_logs_to_a_tracking_server_over_http(small_data, tmp_path, tracking_server):

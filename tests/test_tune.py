@@ -30,7 +30,21 @@ VENV_BIN = Path(sys.executable).parent
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
-def write_config(folder: Path, data: Path, study: str, n_trials: int, epochs: int = 3) -> Path:
+def write_config(
+    folder: Path,
+    data: Path,
+    study: str,
+    n_trials: int,
+    epochs: int = 3,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    tune_extra: str = "",
+) -> Path:
+    """A study's TOML: tiny trials on ``data``; tracking in ``folder``/mlflow.db and the study in
+    ``folder``/journal.log unless ``tracking_uri`` or ``storage`` say otherwise; ``tune_extra``
+    holds more lines of the ``[tune]`` table."""
+    tracking_uri = tracking_uri or f"sqlite:///{folder / 'mlflow.db'}"
+    storage = storage or str(folder / "journal.log")
     config = folder / "tune.toml"
     config.write_text(
         f"""
@@ -44,12 +58,13 @@ epochs = {epochs}
 batch_size = 64
 progress = false
 [tracking]
-uri = "sqlite:///{folder / "mlflow.db"}"
+uri = "{tracking_uri}"
 [tune]
 study = "{study}"
-storage = "{folder / "journal.log"}"
+storage = "{storage}"
 n_trials = {n_trials}
 out_dir = "{folder / "trials"}"
+{tune_extra}
 [tune.space.latent_dim]
 low = 4
 high = 16
@@ -64,11 +79,13 @@ cpus = 1
     return config
 
 
-def worker_env(folder: Path, job: str, task: str, restarts: int = 0) -> dict[str, str]:
+def worker_env(
+    folder: Path, job: str, task: str, restarts: int = 0, tracking_uri: str | None = None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CAE_", "MLFLOW_", "SLURM_"))}
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-        MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}",
+        MLFLOW_TRACKING_URI=tracking_uri or f"sqlite:///{folder / 'mlflow.db'}",
         SLURM_JOB_ID=job,
         SLURM_ARRAY_TASK_ID=task,
         SLURM_RESTART_COUNT=str(restarts),
@@ -76,9 +93,9 @@ def worker_env(folder: Path, job: str, task: str, restarts: int = 0) -> dict[str
     return env
 
 
-def worker(folder: Path, study: str) -> list[str]:
+def worker(folder: Path, study: str, storage: str | None = None) -> list[str]:
     return [str(VENV_BIN / "cae"), "-q", "tune", "worker", "--study", study,
-            "--storage", str(folder / "journal.log"), "--no-progress"]  # fmt: skip
+            "--storage", storage or str(folder / "journal.log"), "--no-progress"]  # fmt: skip
 
 
 def study_trials(folder: Path, study: str) -> list[optuna.trial.FrozenTrial]:
@@ -90,9 +107,11 @@ def assert_every_trial_has_a_nested_run(folder: Path, trials, study: str) -> Non
     parent = load(TuneConfig(study=study, storage=str(folder / "journal.log"))).user_attrs[
         "mlflow_parent_run_id"
     ]
+    experiment = client.get_run(parent).info.experiment_id
     for trial in trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.info.experiment_id == experiment, "nested in the study's experiment"
         assert run.data.tags["cae.trial"] == str(trial.number)
         assert run.data.tags["cae.study"] == study
         expected = "FINISHED" if trial.state == optuna.trial.TrialState.COMPLETE else "KILLED"

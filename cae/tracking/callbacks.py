@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import matplotlib.pyplot as plt
 
@@ -39,6 +40,15 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 def tracking_uri(uri: str | None) -> str:
     """The tracking URI in force: ``uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***`` (for messages, tags and reports)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def git_commit(directory: Path | None = None) -> str | None:
@@ -190,7 +200,8 @@ class MLflowCallback(Callback):
 
 
 def start_run(settings: Settings) -> str:
-    """Start the training's MLflow run: inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) join that
+    """Start the training's MLflow run: nested under ``tracking.parent_run_id`` in the parent's
+    experiment (a tuning trial), else inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) join that
     run, otherwise start one in ``tracking.experiment`` at the tracking URI in force. Returns the
     run's id."""
     import mlflow
@@ -198,10 +209,12 @@ def start_run(settings: Settings) -> str:
     uri = tracking_uri(settings.tracking.uri)
     mlflow.set_tracking_uri(uri)
     if settings.tracking.parent_run_id:
+        parent = mlflow.MlflowClient().get_run(settings.tracking.parent_run_id)
         run = mlflow.start_run(
             run_name=settings.tracking.run_name,
             parent_run_id=settings.tracking.parent_run_id,
             nested=True,
+            experiment_id=parent.info.experiment_id,  # else MLflow's default experiment
         )
     elif os.environ.get("MLFLOW_RUN_ID"):
         run = mlflow.start_run()  # the MLproject's run

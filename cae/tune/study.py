@@ -9,6 +9,9 @@ run, and reports the validation objective each epoch so the pruner can stop it.
 Preemption with the journal: each trial records the SLURM task that runs it. A requeued task
 (``SLURM_RESTART_COUNT`` > 0) first marks its own trials still RUNNING as FAILED and enqueues their
 parameters again, then runs only the trials its task still owes: no trial is lost or duplicated.
+With an RDB storage, Optuna's heartbeat does the same for a worker that is never requeued: the next
+worker to start a trial fails the silent one and runs its parameters again. Either way the retry
+ends the MLflow run of the attempt it replaces as KILLED.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from cae.config import Settings, TuneConfig, nest, settings_from_dict
 from cae.errors import ConfigError
+from cae.tracking.callbacks import redact
 from cae.train.trainer import Callback, StopTraining, Trainer
 
 log = logging.getLogger(__name__)
@@ -32,20 +36,59 @@ RUN_ATTR = "mlflow_run_id"
 TARGET_ACCURACY = "val/target_accuracy"
 
 
-def open_storage(storage: str) -> Any:
-    """The Optuna storage for ``tune.storage``: an RDB URL (with heartbeat retry of killed
-    trials) or a journal file path (created with its folder)."""
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
-    from optuna.storages.journal import JournalFileBackend
+def is_rdb(storage: str) -> bool:
+    """Whether ``tune.storage`` is an RDB URL (``postgresql://...``, ``sqlite:///...``) rather than
+    a journal file path."""
+    return "://" in storage
 
-    if "://" in storage:
-        return RDBStorage(
-            storage,
-            heartbeat_interval=60,
-            grace_period=120,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-        )
-    path = Path(storage)
+
+def open_storage(tune: TuneConfig) -> Any:
+    """The Optuna storage for ``tune.storage``.
+
+    Args:
+        tune: ``storage`` is an RDB URL or a journal file path; for an RDB URL,
+            ``heartbeat_interval``, ``grace_period`` and ``max_retry`` set the heartbeat retry
+            of trials whose worker died.
+
+    Returns:
+        An ``RDBStorage`` (its tables are created if missing) or a ``JournalStorage`` (the file's
+        folder is created).
+
+    Raises:
+        ConfigError: the RDB URL's driver is not installed, or its database cannot be reached;
+            the message names the URL (without its password) and what to do.
+    """
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if is_rdb(tune.storage):
+        try:
+            with warnings.catch_warnings():  # the heartbeat has been "experimental" since 2.8
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(
+                    tune.storage,
+                    heartbeat_interval=tune.heartbeat_interval,
+                    grace_period=tune.grace_period,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=tune.max_retry
+                    ),
+                )
+        except ImportError as err:
+            raise ConfigError(
+                f"tune.storage {redact(tune.storage)}: no database driver ({err}); for "
+                "postgresql:// install cae[postgres] (pip install 'cae[postgres]')"
+            ) from None
+        except SQLAlchemyError as err:
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise ConfigError(
+                f"tune.storage {redact(tune.storage)} cannot be opened: {reason}; check that the "
+                "database server is up and the database exists (`cae doctor` checks it)"
+            ) from None
+    path = Path(tune.storage)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
@@ -82,20 +125,20 @@ def create(settings: Settings) -> str:
     from cae.tracking.callbacks import tracking_uri
 
     tune = settings.tune
-    storage = open_storage(tune.storage)
+    storage = open_storage(tune)
     try:
         study = optuna.create_study(
             study_name=tune.study, storage=storage, directions=_directions(tune)
         )
     except optuna.exceptions.DuplicatedStudyError:
         raise ConfigError(
-            f"study '{tune.study}' already exists in {tune.storage}; run workers against it "
-            "or choose another --study"
+            f"study '{tune.study}' already exists in {redact(tune.storage)}; run workers "
+            "against it or choose another --study"
         ) from None
     mlflow.set_tracking_uri(tracking_uri(settings.tracking.uri))
     mlflow.set_experiment(settings.tracking.experiment)
     with mlflow.start_run(run_name=f"study {tune.study}") as parent:
-        mlflow.set_tags({"cae.study": tune.study, "cae.study_storage": tune.storage})
+        mlflow.set_tags({"cae.study": tune.study, "cae.study_storage": redact(tune.storage)})
         mlflow.log_params(
             {f"tune.{k}": v for k, v in settings.flat().items() if k.startswith("tune.")}
         )
@@ -113,10 +156,11 @@ def load(tune: TuneConfig) -> Any:
     import optuna
 
     try:
-        return optuna.load_study(study_name=tune.study, storage=open_storage(tune.storage))
+        return optuna.load_study(study_name=tune.study, storage=open_storage(tune))
     except KeyError:
         raise ConfigError(
-            f"no study '{tune.study}' in {tune.storage}; create it first with `cae tune create`"
+            f"no study '{tune.study}' in {redact(tune.storage)}; create it first with "
+            "`cae tune create`"
         ) from None
 
 
@@ -141,6 +185,46 @@ class _Pruning(Callback):
         self.trial.report(metrics[self.metric], step=epoch)
         if self.trial.should_prune():
             raise StopTraining(f"pruned at epoch {epoch}")
+
+
+class _RecordRun(Callback):
+    """Links the trial to its MLflow run as soon as the run starts, so that a retry of the trial
+    can end the run of an attempt whose worker died (:func:`_end_interrupted_run`)."""
+
+    def __init__(self, trial: Any, runs: list[Callback]) -> None:
+        self.trial = trial
+        self.runs = runs
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from cae.tracking.callbacks import MLflowCallback
+
+        for callback in self.runs:  # the MLflow callback ran first: its run has started
+            if isinstance(callback, MLflowCallback) and callback.run_id is not None:
+                self.trial.set_user_attr(RUN_ATTR, callback.run_id)
+
+
+def _end_interrupted_run(trial: Any, settings: Settings) -> None:
+    """End the MLflow run of this trial's interrupted attempt as KILLED, if it is still RUNNING.
+
+    A retried trial (heartbeat retry with an RDB storage, or :func:`recover_interrupted`) carries
+    the run id of the attempt it replaces; a worker killed with SIGKILL or lost with its node
+    could not end that run itself.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cae.tracking.callbacks import tracking_uri
+
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient(tracking_uri(settings.tracking.uri))
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            log.warning("ended MLflow run %s of an interrupted attempt as KILLED", run_id)
+    except MlflowException as err:  # deleted meanwhile, or another store: nothing to end
+        log.warning("could not end MLflow run %s of an interrupted attempt: %s", run_id, err)
 
 
 def trial_settings(base: Settings, trial: Any) -> Settings:
@@ -176,6 +260,7 @@ def objective(trial: Any, base: Settings) -> float | tuple[float, float]:
     from cae.train.trainer import train
 
     settings = trial_settings(base, trial)
+    _end_interrupted_run(trial, settings)
     task = slurm_task()
     trial.set_user_attr(TASK_ATTR, task)
     callbacks: list[Callback] = []
@@ -183,7 +268,8 @@ def objective(trial: Any, base: Settings) -> float | tuple[float, float]:
     # exits with 75, and the requeued task fails and re-enqueues it (recover_interrupted).
     try:
         with tracked(settings) as callbacks:
-            result = train(settings, [*callbacks, _Pruning(trial, base.tune.objective)])
+            extra = [_RecordRun(trial, callbacks), _Pruning(trial, base.tune.objective)]
+            result = train(settings, [*callbacks, *extra])
     except StopTraining:
         raise optuna.TrialPruned() from None
     finally:  # finished, pruned or failed: link the trial and its run both ways
@@ -214,7 +300,8 @@ def recover_interrupted(study: Any, task: str) -> int:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.user_attrs.get(TASK_ATTR) == task:
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            carried = {RUN_ATTR: trial.user_attrs[RUN_ATTR]} if RUN_ATTR in trial.user_attrs else {}
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **carried})
             recovered += 1
             log.warning(
                 "trial %d of %s was interrupted: failed and enqueued again", trial.number, task
@@ -244,6 +331,8 @@ def work(tune: TuneConfig, overrides: Mapping[str, Any] | None = None) -> int:
         merged[section].update(fields)
     merged["tune"].update({"study": tune.study, "storage": tune.storage})
     base = settings_from_dict(merged, f"study {tune.study}")
+    if is_rdb(tune.storage):  # heartbeat settings as the study was created with
+        study = load(base.tune)
     task = slurm_task()
     if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
         recover_interrupted(study, task)

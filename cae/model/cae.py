@@ -11,31 +11,23 @@ Expression is explained additively, one term per head::
   ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale.
 
 Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimiser step).
-Context maps are applied to the whole batch at once, never in a Python loop over categories.
+Context maps are applied to the whole batch at once, never in a Python loop over categories
+(:mod:`cae.model.context_maps`).
 Shapes: B cells, G genes, L latent size, K_f categories of field f (index 0 is ``<unk>``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from cae.model.context_maps import ContextMapMethod, apply_context_maps
 
-def apply_context_maps(h: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Multiply every cell's latent vector by its own context's map, for the whole batch at once.
-
-    Args:
-        h: (B, L) latent vectors.
-        maps: (K, L, L) one map per category.
-        index: (B,) int64 category of each cell.
-
-    Returns:
-        (B, L) with row b equal to ``h[b] @ maps[index[b]]``.
-    """
-    return torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)  # (B, 1, L) @ (B, L, L)
+__all__ = ["CAE", "CAEOutput", "FieldHead", "apply_context_maps", "contribution_l2"]
 
 
 class CAEOutput(NamedTuple):
@@ -59,14 +51,21 @@ class FieldHead(nn.Module):
         self.context_maps = nn.Parameter(torch.eye(latent_dim).repeat(n_contexts, 1, 1))
         # Optional per-context gene-space offsets b_f[k] (K, G), zero at first.
         self.offsets = nn.Parameter(torch.zeros(n_contexts, n_genes)) if offsets else None
+        # How the maps are applied (cae.model.context_maps); not part of the state.
+        self.map_method: ContextMapMethod = "auto"
+        self.sparse_grad = False
+
+    def apply_maps(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, L): each latent times its category's context map."""
+        return apply_context_maps(h, self.context_maps, index, self.map_method, self.sparse_grad)
 
     def encode(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """(B, G), (B,) -> (B, L): the latent of each cell in its source context."""
-        return apply_context_maps(self.encoder(x), self.context_maps, source)
+        return self.apply_maps(self.encoder(x), source)
 
     def decode(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, L), (B,) -> (B, G): expression of each latent in its target context, unscaled."""
-        return self.decoder(apply_context_maps(h, self.context_maps, target))
+        return self.decoder(self.apply_maps(h, target))
 
     def offset(self, target: torch.Tensor) -> torch.Tensor | None:
         """(B,) -> (B, G) the target contexts' gene-space offsets, or None without offsets."""
@@ -143,10 +142,32 @@ class CAE(nn.Module):
         output = base + sum(fields.values()) if fields else base
         return CAEOutput(output, base, fields, base_hidden, field_hidden)
 
+    def configure_context_maps(self, method: ContextMapMethod, sparse_grad: bool) -> None:
+        """Choose how every head applies its context maps (see :mod:`cae.model.context_maps`):
+        ``auto``, ``grouped`` or ``gather``, and whether ``grouped`` gives the maps a gradient that
+        is sparse in the categories (for :class:`cae.train.optim.ContextAdam`)."""
+        for head in self.heads:
+            head.map_method = method
+            head.sparse_grad = sparse_grad
+
+    def row_parameters(self) -> list[nn.Parameter]:
+        """The per-category parameters (context maps): updated only where a batch touched them."""
+        return [head.context_maps for head in self.heads]
+
     @torch.no_grad()
-    def project_nonnegative(self) -> None:
-        """Clamp every parameter to >= 0 in place (call after each optimiser step)."""
-        torch._foreach_clamp_min_(list(self.parameters()), 0.0)
+    def project_nonnegative(self, rows: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Clamp every parameter to >= 0 in place (call after each optimiser step).
+
+        Args:
+            rows: for some parameters, the only rows (first-dimension indices) that changed; those
+                parameters are clamped there only (the optimiser's ``updated_rows``).
+        """
+        rows = rows or {}
+        dense = [p for p in self.parameters() if p not in rows]
+        if dense:
+            torch._foreach_clamp_min_(dense, 0.0)
+        for parameter, changed in rows.items():
+            parameter[changed] = parameter[changed].clamp_min_(0.0)
 
     def field_sizes(self) -> dict[str, int]:
         """``{field: K_f}`` as given at construction."""

@@ -92,7 +92,7 @@ def generator_losses(
     output steers the autoencoder but it does not learn from generated cells.
 
     Args:
-        model: the autoencoder.
+        model: the autoencoder (or a wrapper that calls it: DistributedDataParallel, compiled).
         classifier: the (frozen) context classifier.
         x: (B, G) model-space expression.
         source: (B, F) source categories.
@@ -106,7 +106,7 @@ def generator_losses(
     cycle2 = model(cycle1.output, target, source)
     reconstruction = F.mse_loss(cycle2.output, x)
     latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
-    latents += [F.mse_loss(cycle2.field_hidden[f], cycle1.field_hidden[f]) for f in model.fields]
+    latents += [F.mse_loss(cycle2.field_hidden[f], h) for f, h in cycle1.field_hidden.items()]
     integration = torch.stack(latents).mean()
     logits = classifier(cycle1.output)
     target_terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]

@@ -17,10 +17,12 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cae.config import LossWeights
 from cae.data.vocabulary import UNK_INDEX
@@ -154,3 +156,55 @@ def classifier_loss(
         correct.append(((logit.argmax(dim=1) == labels) & known).sum())
         labelled.append(known.sum())
     return torch.stack(terms).mean(), torch.stack(correct), torch.stack(labelled)
+
+
+def training_step(
+    model: CAE,
+    classifier: ContextClassifier,
+    optimizer: torch.optim.Optimizer,
+    classifier_optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    weights: LossWeights,
+    *,
+    forward_model: nn.Module | None = None,
+    forward_classifier: nn.Module | None = None,
+    autocast: AbstractContextManager | None = None,
+) -> tuple[GeneratorLosses, torch.Tensor]:
+    """One training step: the autoencoder's update against the frozen classifier, the projection
+    to non-negative weights, then the classifier's own update on the real cells.
+
+    Nothing is read back to the host: the returned losses stay on the device.
+
+    Args:
+        model, classifier: the networks (their parameters are updated).
+        optimizer: the autoencoder's optimiser; a :class:`cae.train.optim.ContextAdam` reports the
+            context-map rows it moved, and only those are projected.
+        classifier_optimizer: the classifier's optimiser.
+        x: (B, G) model-space expression.
+        source, target: (B, F) categories; targets from :func:`sample_targets`.
+        weights: the loss weights.
+        forward_model, forward_classifier: what to call for the forward passes when not the bare
+            networks (DistributedDataParallel wrappers, a compiled model).
+        autocast: the autocast context of the forward passes (none by default).
+
+    Returns:
+        ``(losses, classifier_loss)``.
+    """
+    autocast = autocast or nullcontext()
+    classifier.requires_grad_(False)
+    with autocast:
+        losses = generator_losses(forward_model or model, classifier, x, source, target, weights)
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    optimizer.step()
+    model.project_nonnegative(getattr(optimizer, "updated_rows", None))
+    classifier.requires_grad_(True)
+
+    with autocast:
+        c_loss, _, _ = classifier_loss(forward_classifier or classifier, x, source)
+    classifier_optimizer.zero_grad(set_to_none=True)
+    (weights.classifier * c_loss).backward()
+    classifier_optimizer.step()
+    return losses, c_loss

@@ -48,7 +48,7 @@ from cae.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from cae.train.cycle import classifier_loss, generator_losses, sample_targets
+from cae.train.cycle import classifier_loss, generator_losses, sample_targets, training_step
 from cae.train.host import configure_host
 from cae.train.optim import ContextAdam
 
@@ -539,23 +539,19 @@ class Trainer:
             # Targets are drawn on the host (reproducible on any device) from the host copy of
             # the contexts, then copied over without waiting: no host sync in the step.
             target = to_device(sample_targets(host_source, self.sizes, target_gen), self.device)
-            self.classifier.requires_grad_(False)
-            with self._autocast():
-                losses = generator_losses(
-                    self.train_model, self.classifier, x, source, target, cfg.train.weights
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            self.optimizer.step()
-            self.model.project_nonnegative(self.optimizer.updated_rows)
-            self.classifier.requires_grad_(True)
-
-            with self._autocast():
-                c_loss, _, _ = classifier_loss(self.train_classifier, x, source)
-            self.classifier_optimizer.zero_grad(set_to_none=True)
-            (cfg.train.weights.classifier * c_loss).backward()
-            self.classifier_optimizer.step()
-
+            losses, c_loss = training_step(
+                self.model,
+                self.classifier,
+                self.optimizer,
+                self.classifier_optimizer,
+                x,
+                source,
+                target,
+                cfg.train.weights,
+                forward_model=self.train_model,
+                forward_classifier=self.train_classifier,
+                autocast=self._autocast(),
+            )
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)

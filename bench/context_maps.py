@@ -108,10 +108,8 @@ def main() -> None:
                     f"seed {row['seed_over_floor']:5.1f}x)",
                     flush=True,
                 )
-    path = write_result(
-        args.out, "context_maps", {"device": str(device), "threads": args.threads, "cases": results}
-    )
-    print(f"wrote {path}")
+    result = {"device": str(device), "threads": args.threads, "cases": results}
+    write_result(args.out, "context_maps", result)
 
 
 if __name__ == "__main__":

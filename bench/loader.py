@@ -176,7 +176,7 @@ def main() -> None:
         "peak_rss": {str(k): v for k, v in rss.items()},
         "peak_rss_ratio": ratio,
     }
-    print(f"wrote {write_result(args.out, 'loader', result)}")
+    write_result(args.out, "loader", result)
 
 
 def step_through_loader(

@@ -106,8 +106,9 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(out: Path, name: str, result: Mapping[str, Any]) -> Path:
-    """Write ``result`` (plus the machine description) to ``out/name.json``."""
+    """Write ``result`` (plus the machine description) to ``out/name.json`` and say so."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **result}, indent=1) + "\n")
+    print(f"wrote {path}")
     return path

@@ -71,7 +71,7 @@ def main() -> None:
     print(f"per-value loop  {args.rows:,} rows x {len(FIELDS)} fields: {slow:7.2f} s")
     print(f"speed-up: {slow / fast:.1f}x")
     result = {"rows": args.rows, "vectorised_s": fast, "loop_s": slow, "speedup": slow / fast}
-    print(f"wrote {write_result(args.out, 'preprocess', result)}")
+    write_result(args.out, "preprocess", result)
 
 
 if __name__ == "__main__":

@@ -130,10 +130,8 @@ def main() -> None:
             f"matmul {row['matmul_gflop_s']:.0f} GFLOP/s)",
             flush=True,
         )
-    path = write_result(
-        args.out, "train_step", {"device": str(device), "threads": args.threads, "cases": results}
-    )
-    print(f"wrote {path}")
+    result = {"device": str(device), "threads": args.threads, "cases": results}
+    write_result(args.out, "train_step", result)
 
 
 if __name__ == "__main__":

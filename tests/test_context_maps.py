@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from cae.model.cae import CAE
-from cae.model.context_maps import apply_context_maps, choose_tile_size, plan_tiles
+from cae.model.context_maps import apply_context_maps, choose_layout, plan_tiles
+from cae.train import optim
 from cae.train.optim import ContextAdam
 
 
@@ -81,23 +82,36 @@ def test_context_maps_equal_the_seed_loop(method, sparse, n_categories, batch, l
         torch.testing.assert_close(grad[category], expected)
 
 
-def test_tile_size_keeps_balanced_categories_whole_and_splits_a_dominant_one():
+def test_layout_keeps_balanced_categories_whole_and_splits_a_dominant_one():
     balanced = np.full(26, 40)
-    assert choose_tile_size(balanced, latent_dim=128) == 40  # one tile per category
+    assert choose_layout(balanced, latent_dim=128) == (40, False)  # one tile per category
+    assert choose_layout(balanced, latent_dim=128, n_categories=26) == (40, True)  # no gather
     dominant = np.array([700] + [1] * 300)
-    size = choose_tile_size(dominant, latent_dim=128)
-    assert 1 < size < 700  # padding 300 categories to 700 rows each would waste far more
-    assert choose_tile_size(np.array([1, 1, 1]), latent_dim=128) == 1
+    size, direct = choose_layout(dominant, latent_dim=128, n_categories=301)
+    assert 1 < size < 700 and not direct  # padding 300 categories to 700 rows would waste more
+    assert choose_layout(np.array([1, 1, 1]), latent_dim=128) == (1, False)
+    few_of_many = np.ones(50, dtype=int)  # 50 of 790 categories present: gather those
+    assert choose_layout(few_of_many, latent_dim=128, n_categories=790) == (1, False)
 
 
-def test_tiles_place_every_cell_once_inside_its_categorys_tiles():
-    index = skewed_index(30, 257, seed=3)
-    tiles = plan_tiles(index, latent_dim=4)
+@pytest.mark.parametrize("n_categories", [None, 30])
+def test_tiles_place_every_cell_once_inside_its_categorys_tiles(n_categories):
+    # Balanced categories: the direct layout is the cheapest when K is given.
+    index = torch.randint(0, 30, (257,), generator=torch.Generator().manual_seed(3))
+    tiles = plan_tiles(index, latent_dim=64, n_categories=n_categories)
+    assert tiles.direct == (n_categories is not None)
     rows = tiles.destination
     assert len(set(rows.tolist())) == len(index)
     tile_of_cell = rows // tiles.size
-    category_of_tile = tiles.categories[tiles.tile_group]
-    assert torch.equal(category_of_tile[tile_of_cell], index)
+    assert torch.equal(tiles.tile_category[tile_of_cell], index)
+    assert tiles.categories.tolist() == index.unique().tolist()
+
+
+def test_a_dominant_category_is_split_into_tiles():
+    tiles = plan_tiles(skewed_index(30, 257, seed=3), latent_dim=64, n_categories=30)
+    assert tiles.split and not tiles.direct
+    tile_of_cell = tiles.destination // tiles.size
+    assert torch.equal(tiles.tile_category[tile_of_cell], skewed_index(30, 257, seed=3))
 
 
 def test_empty_batch():
@@ -111,10 +125,13 @@ def test_empty_batch():
 # --- the optimiser ----------------------------------------------------------------------------
 
 
-def test_context_adam_equals_adam_over_one_module_per_category():
+@pytest.mark.parametrize("fused", [True, False])
+def test_context_adam_equals_adam_over_one_module_per_category(fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(optim, "_FUSED_ADAM", None)
     """Several steps on batches that miss some categories: every category's map follows the
     seed's per-category Adam exactly (absent categories do not move; step counts per category),
-    from sparse and from dense gradients."""
+    from sparse and from dense gradients, by the fused kernel and by the fallback."""
     n_categories, latent, batch, lr = 7, 5, 12, 0.05
     generator = torch.Generator().manual_seed(0)
     start = torch.rand(n_categories, latent, latent, generator=generator)
@@ -134,10 +151,9 @@ def test_context_adam_equals_adam_over_one_module_per_category():
             out = apply_context_maps(h, maps, index, "grouped", sparse_grad=sparse)
             (out * weights).sum().backward()
             optimizers[sparse].step()
+            # On the CPU a dense gradient's touched rows are found too: both report them.
             rows = optimizers[sparse].updated_rows
-            assert (maps in rows) == sparse
-            if sparse:
-                assert rows[maps].tolist() == index.unique().tolist()
+            assert rows[maps].tolist() == index.unique().tolist()
     for maps in ours.values():
         for category, module in enumerate(linears):
             torch.testing.assert_close(maps[category], module.weight.detach().T)
@@ -176,3 +192,33 @@ def test_project_nonnegative_on_rows_clamps_only_those_rows():
     model.project_nonnegative({maps: torch.tensor([1, 3])})
     assert (maps[[1, 3]] >= 0).all() and (maps[[0, 2]] < 0).any()
     assert (model.base >= 0).all()
+
+
+def test_masked_update_from_a_dense_gradient_equals_the_row_update():
+    """The accelerator's sync-free path (every row computed, untouched rows kept) gives what the
+    row-by-row update gives."""
+    generator = torch.Generator().manual_seed(5)
+    start = torch.rand(6, 3, 3, generator=generator)
+    grad = torch.rand(6, 3, 3, generator=generator)
+    grad[[1, 4]] = 0.0
+    results = []
+    for masked in (False, True):
+        maps = nn.Parameter(start.clone())
+        optimizer = ContextAdam([maps], [maps], lr=0.1)
+        for _ in range(3):
+            maps.grad = grad.clone()
+            if masked:
+                group = optimizer.param_groups[1]
+                state = optimizer.state[maps]
+                if not state:
+                    state["step"] = torch.zeros(6)
+                    state["exp_avg"] = torch.zeros_like(maps)
+                    state["exp_avg_sq"] = torch.zeros_like(maps)
+                with torch.no_grad():
+                    optimizer._masked_step(maps, maps.grad, state, group)
+            else:
+                optimizer.step()
+        results.append((maps.detach().clone(), optimizer.state[maps]["step"].clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].tolist() == results[1][1].tolist() == [3, 0, 3, 3, 0, 3]
+    torch.testing.assert_close(results[0][0][[1, 4]], start[[1, 4]])

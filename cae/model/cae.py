@@ -166,8 +166,9 @@ class CAE(nn.Module):
         dense = [p for p in self.parameters() if p not in rows]
         if dense:
             torch._foreach_clamp_min_(dense, 0.0)
-        for parameter, changed in rows.items():
-            parameter[changed] = parameter[changed].clamp_min_(0.0)
+        for parameter, changed in rows.items():  # one pass over the changed rows, in place
+            views = parameter.unbind(0)
+            torch._foreach_clamp_min_([views[i] for i in changed.tolist()], 0.0)
 
     def field_sizes(self) -> dict[str, int]:
         """``{field: K_f}`` as given at construction."""

@@ -78,7 +78,6 @@ class ContextAdam(torch.optim.Adam):
     def _row_step(
         self, param: torch.Tensor, grad: torch.Tensor, group: dict
     ) -> torch.Tensor | None:
-        beta1, beta2 = group["betas"]
         state = self.state[param]
         if not state:
             # One step count per row (category), as if every category were its own parameter.
@@ -87,26 +86,71 @@ class ContextAdam(torch.optim.Adam):
             state["exp_avg_sq"] = torch.zeros_like(param)
         if grad.is_sparse:
             rows, values = _summed_rows(grad)
-            steps = state["step"][rows] + 1
-            state["step"][rows] = steps
-            exp_avg, exp_avg_sq = state["exp_avg"][rows], state["exp_avg_sq"][rows]
-            values_now = param[rows]
-            _adam_rows(values_now, values, exp_avg, exp_avg_sq, steps, group, beta1, beta2)
-            param.index_copy_(0, rows, values_now)
-            state["exp_avg"].index_copy_(0, rows, exp_avg)
-            state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-            return rows
+        elif param.device.type == "cpu":  # the rows reached: a host sync costs nothing here
+            rows = grad.flatten(1).ne(0).any(dim=1).nonzero().squeeze(1)
+            values = grad[rows]
+        else:
+            self._masked_step(param, grad, state, group)
+            return None
+        _adam_on_rows(param, rows, values, state, group)
+        return rows
+
+    @staticmethod
+    def _masked_step(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+        """The row update from a dense gradient on an accelerator, without a host sync: every
+        row is computed and only the rows with a non-zero gradient are kept."""
         touched = grad.flatten(1).ne(0).any(dim=1)  # (K,) rows this step reached
         steps = state["step"] + touched
         new_param = param.clone()
         exp_avg, exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
-        _adam_rows(new_param, grad, exp_avg, exp_avg_sq, steps.clamp_min(1), group, beta1, beta2)
+        _adam_math(new_param, grad, exp_avg, exp_avg_sq, steps.clamp_min(1), group)
         mask = touched.view(-1, *([1] * (param.dim() - 1)))
         param.copy_(torch.where(mask, new_param, param))
         state["exp_avg"].copy_(torch.where(mask, exp_avg, state["exp_avg"]))
         state["exp_avg_sq"].copy_(torch.where(mask, exp_avg_sq, state["exp_avg_sq"]))
         state["step"] = steps
-        return None
+
+
+def _adam_on_rows(
+    param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, state: dict, group: dict
+) -> None:
+    """Adam on some rows of ``param`` in place, each row with its own step count.
+
+    Every row is handed to torch's fused Adam kernel as a tensor of its own (a view, nothing is
+    copied), with its own step: one pass over the touched rows, the seed's per-module arithmetic.
+    Without that kernel (older torch, other devices) the rows are gathered and updated by
+    :func:`_adam_math`.
+    """
+    beta1, beta2 = group["betas"]
+    if _FUSED_ADAM is not None and param.device.type in ("cpu", "cuda"):
+        chosen = rows.tolist()
+        params, exp_avgs, exp_avg_sqs, steps = (
+            [t[i] for i in chosen]
+            for t in (
+                param.unbind(0),
+                state["exp_avg"].unbind(0),
+                state["exp_avg_sq"].unbind(0),
+                state["step"].unbind(0),
+            )
+        )
+        torch._foreach_add_(steps, 1.0)
+        _FUSED_ADAM(
+            params, list(values.unbind(0)), exp_avgs, exp_avg_sqs, [], steps,
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=0.0,
+            eps=group["eps"], amsgrad=False, maximize=False,
+        )  # fmt: skip
+        return
+    steps = state["step"][rows] + 1
+    state["step"][rows] = steps
+    exp_avg, exp_avg_sq = state["exp_avg"][rows], state["exp_avg_sq"][rows]
+    values_now = param[rows]
+    _adam_math(values_now, values, exp_avg, exp_avg_sq, steps, group)
+    param.index_copy_(0, rows, values_now)
+    state["exp_avg"].index_copy_(0, rows, exp_avg)
+    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+
+
+_FUSED_ADAM = getattr(torch, "_fused_adam_", None)
 
 
 def _summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,17 +170,16 @@ def _summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return distinct, summed.index_add_(0, position, values)
 
 
-def _adam_rows(
+def _adam_math(
     param: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     steps: torch.Tensor,
     group: dict,
-    beta1: float,
-    beta2: float,
 ) -> None:
-    """Adam's update of some rows in place, each row with its own step count ``steps`` (R,)."""
+    """Adam's update of rows in place (torch's formula), each row with its own step ``steps``."""
+    beta1, beta2 = group["betas"]
     shape = (-1, *([1] * (param.dim() - 1)))
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

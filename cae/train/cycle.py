@@ -193,9 +193,11 @@ def training_step(
         ``(losses, classifier_loss)``.
     """
     autocast = autocast or nullcontext()
+    forward_model = model if forward_model is None else forward_model
+    forward_classifier = classifier if forward_classifier is None else forward_classifier
     classifier.requires_grad_(False)
     with autocast:
-        losses = generator_losses(forward_model or model, classifier, x, source, target, weights)
+        losses = generator_losses(forward_model, classifier, x, source, target, weights)
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     optimizer.step()
@@ -203,7 +205,7 @@ def training_step(
     classifier.requires_grad_(True)
 
     with autocast:
-        c_loss, _, _ = classifier_loss(forward_classifier or classifier, x, source)
+        c_loss, _, _ = classifier_loss(forward_classifier, x, source)
     classifier_optimizer.zero_grad(set_to_none=True)
     (weights.classifier * c_loss).backward()
     classifier_optimizer.step()

@@ -66,7 +66,7 @@ def main() -> None:
     latent = 16 if args.quick else 128
     cardinalities = (3, 26) if args.quick else (3, 26, 790)
     batches = (64,) if args.quick else (256, 1024)
-    rounds = 2 if args.quick else 9
+    rounds = 2 if args.quick else 7
     copy, copy_bytes = copy_case(device, 16 if args.quick else 256)
     results = []
     for optimiser in (False, True):

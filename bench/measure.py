@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from cae.train.host import configure_host
+
 RESULTS = Path(__file__).with_name("results")
 
 
@@ -30,9 +32,9 @@ def arguments(description: str) -> argparse.ArgumentParser:
 
 
 def setup(threads: int) -> torch.device:
-    """Fix torch's threads, flush denormals as training does; the device benchmarks run on."""
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
+    """Fix torch's threads and set the host up as training does (denormals flushed, freed memory
+    kept: ``cae.train.host``), for every case alike; the device benchmarks run on."""
+    configure_host(threads, keep_freed_memory=True)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

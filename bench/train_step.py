@@ -95,7 +95,7 @@ def main() -> None:
     else:
         shapes, latent, batch = [2000, 8000], 128, 1024
         sizes = {"cell_type": 791, "assay": 27, "sex": 4}  # known values + <unk>
-    rounds = 2 if args.quick else 5
+    rounds = 2 if args.quick else 3
     results = []
     for genes in shapes:
         cases, flops = step_cases(genes, latent, batch, sizes, device)
@@ -103,7 +103,7 @@ def main() -> None:
         a = torch.rand(side, side, device=device)
         b = torch.rand(side, side, device=device)
         cases["roofline"] = lambda a=a, b=b: a @ b
-        times = interleaved(cases, rounds, device=device)
+        times = interleaved(cases, rounds, warmup=1, device=device)
         roofline = times["roofline"] * flops / (2 * side**3)  # scaled to the step's exact FLOPs
         row = {
             "genes": genes,

@@ -38,6 +38,9 @@ class CAEOutput(NamedTuple):
     fields: dict[str, torch.Tensor]  # field -> (B, G) scaled field head output
     base_hidden: torch.Tensor  # (B, L) base head latent
     field_hidden: dict[str, torch.Tensor]  # field -> (B, L) latent after the source context map
+    # The same cells decoded in their source contexts (forward(..., and_source=True)): it shares
+    # the encoding, so the self pass of a training step costs only its decoders.
+    own: CAEOutput | None = None
 
 
 class FieldHead(nn.Module):
@@ -116,7 +119,12 @@ class CAE(nn.Module):
             nn.init.uniform_(head.decoder.weight, 0.0, bound)
 
     def forward(
-        self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        and_source: bool = False,
     ) -> CAEOutput:
         """Encode ``x`` in its source contexts and decode it in the target contexts.
 
@@ -124,6 +132,7 @@ class CAE(nn.Module):
             x: (B, G) model-space expression.
             source: (B, F) int64 category of each cell for each field.
             target: (B, F) int64 categories to decode into; ``None`` reconstructs in ``source``.
+            and_source: also decode the same encoding in the source contexts (``.own``).
 
         Returns:
             A :class:`CAEOutput` with the summed output, every head's output and latents.
@@ -131,11 +140,24 @@ class CAE(nn.Module):
         target = source if target is None else target
         base_hidden = x @ self.base.T  # (B, L)
         base = base_hidden @ self.base  # (B, G)
+        field_hidden = {
+            field: head.encode(x, source[:, column])  # (B, L)
+            for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True))
+        }
+        own = self._decode(base, base_hidden, field_hidden, source) if and_source else None
+        return self._decode(base, base_hidden, field_hidden, target)._replace(own=own)
+
+    def _decode(
+        self,
+        base: torch.Tensor,
+        base_hidden: torch.Tensor,
+        field_hidden: dict[str, torch.Tensor],
+        target: torch.Tensor,
+    ) -> CAEOutput:
+        """Decode encoded cells in the ``target`` contexts (B, F) and sum the heads."""
         fields: dict[str, torch.Tensor] = {}
-        field_hidden: dict[str, torch.Tensor] = {}
         for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
-            hidden = head.encode(x, source[:, column])  # (B, L)
-            field_hidden[field] = hidden
+            hidden = field_hidden[field]
             values = self.logit_scale * head.decode(hidden, target[:, column])  # (B, G)
             offset = head.offset(target[:, column])
             fields[field] = values if offset is None else values + offset

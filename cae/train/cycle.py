@@ -104,7 +104,10 @@ def generator_losses(
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
     """
-    cycle1 = model(x, source, target)
+    # Cycle 1 and the self pass share one encoding of x (the same numbers as two passes).
+    cycle1 = model(x, source, target, and_source=True)
+    own = cycle1.own
+    assert own is not None
     cycle2 = model(cycle1.output, target, source)
     reconstruction = F.mse_loss(cycle2.output, x)
     latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
@@ -113,7 +116,6 @@ def generator_losses(
     logits = classifier(cycle1.output)
     target_terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]
     target_loss = torch.stack(target_terms).mean() if target_terms else x.new_zeros(())
-    own = model(x, source)
     self_reconstruction = F.mse_loss(own.output, x)
     heads = [values.square().mean() for values in own.fields.values()]
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())

@@ -29,8 +29,13 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
+# Benchmarks: ratios measured side by side in one run (bench/README in each docstring);
+# BENCH_ARGS=--quick for a smoke run. Results: bench/results/*.json.
 bench: install
-	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/context_maps.py $(BENCH_ARGS)
+	$(BIN)/python bench/train_step.py $(BENCH_ARGS)
+	$(BIN)/python bench/loader.py $(BENCH_ARGS)
+	$(BIN)/python bench/preprocess.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,20 +1,18 @@
 """Metadata preprocessing: our vectorised field specs + encoding versus a per-value Python loop
 (how a straightforward preprocessor walks the rows), measured side by side in one run.
 
-    python bench/preprocess.py [--rows 2000000]
+    python bench/preprocess.py [--rows 2000000] [--quick]
 
 Prints one line per case and the ratio, and writes bench/results/preprocess.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from measure import arguments, write_result
 
 from cae.data.vocabulary import DEFAULT_NULL_VALUES, Vocabularies, build_field_specs
 
@@ -60,9 +58,11 @@ def timed(function, frame: pd.DataFrame) -> tuple[float, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     args = parser.parse_args()
+    if args.quick:
+        args.rows = 20_000
     frame = census_like(args.rows)
     fast, ours = timed(vectorised, frame)
     slow, reference = timed(per_value_loop, frame)
@@ -70,10 +70,8 @@ def main() -> None:
     print(f"vectorised      {args.rows:,} rows x {len(FIELDS)} fields: {fast:7.2f} s")
     print(f"per-value loop  {args.rows:,} rows x {len(FIELDS)} fields: {slow:7.2f} s")
     print(f"speed-up: {slow / fast:.1f}x")
-    out = Path(__file__).with_name("results")
-    out.mkdir(exist_ok=True)
     result = {"rows": args.rows, "vectorised_s": fast, "loop_s": slow, "speedup": slow / fast}
-    (out / "preprocess.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, "preprocess", result)
 
 
 if __name__ == "__main__":

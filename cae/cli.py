@@ -178,12 +178,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cae.train.trainer import train
 
     settings = _settings(args, _TRAIN_FLAGS)
+    # Under torchrun every process runs this command; only rank 0 tracks and prints.
+    from cae.train.distributed import ranks_from_environment
+
+    ranks = ranks_from_environment()
     demo = DataConfig().path
     if Path(settings.data.path) == demo and not demo.exists():
+        if ranks.enabled:
+            raise ConfigError(f"{demo} does not exist; write it first (cae synth --out {demo})")
         from cae.data.synth import generate
 
         log.info("%s does not exist: writing the synthetic demo data there first", demo)
         generate(demo)
+    if not ranks.is_main:
+        train(settings)
+        return
     with tracked(settings) as callbacks:
         result = train(settings, callbacks)
     name = settings.tracking.register_as

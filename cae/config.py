@@ -40,6 +40,8 @@ from cae.errors import ConfigError
 
 Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
+ContextMapMethod = Literal["auto", "grouped", "gather"]  # cae.model.context_maps
+Precision = Literal["fp32", "bf16"]
 
 
 def _split_commas(value: Any) -> Any:
@@ -207,6 +209,29 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's).")
     progress: bool = Field(True, description="Show progress bars.")
+    # --- speed (measured by bench/; docs/performance.md) ---
+    context_maps: ContextMapMethod = Field(
+        "auto",
+        description="How context maps are applied: grouped (cells sorted by category, one batched "
+        "matmul, gradients and optimiser updates only for the categories a batch has: the CPU "
+        "default), gather (every cell's map gathered, no host sync: the accelerator default) or "
+        "auto.",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="bf16: autocast the forward passes to bfloat16 (GPUs with bf16; a CPU only "
+        "if it has bf16 instructions). Weights, gradients and optimiser state stay float32.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the autoencoder (slow first steps; pair with "
+        "context_maps=gather, which has static shapes and no host sync).",
+    )
+    keep_freed_memory: bool = Field(
+        True,
+        description="CPU training on Linux (glibc): keep freed memory for reuse instead of "
+        "returning it to the system, so that large per-step buffers stop page-faulting anew.",
+    )
 
 
 class OutputConfig(_Section):

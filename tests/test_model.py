@@ -146,3 +146,14 @@ def test_classifier_has_one_head_per_field():
     classifier = ContextClassifier(n_genes=12, hidden=8, field_sizes=SIZES)
     logits = classifier(torch.rand(3, 12))
     assert [tuple(t.shape) for t in logits] == [(3, k) for k in SIZES.values()]
+
+
+def test_and_source_decodes_the_same_encoding_in_the_source_contexts():
+    model = make_model()
+    x, source, target = torch.rand(6, 12), contexts(6), contexts(6, seed=2)
+    out = model(x, source, target, and_source=True)
+    alone = model(x, source)
+    assert out.own is not None and model(x, source, target).own is None
+    torch.testing.assert_close(out.own.output, alone.output)
+    torch.testing.assert_close(out.output, model(x, source, target).output)
+    assert out.own.field_hidden["sex"] is out.field_hidden["sex"]  # one encoding, shared

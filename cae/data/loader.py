@@ -1,9 +1,12 @@
 """Two-level loading: whole chunks prefetched in the background, mini-batches sliced in memory.
 
 The outer :class:`torch.utils.data.DataLoader` (batch size 1 chunk, ``num_workers`` persistent
-background processes, ``prefetch_factor`` chunks each) only reads from disk. The inner
-:func:`iter_batches` slices mini-batches out of the in-memory CSR chunk and densifies each whole
-batch in one call (never row by row); the input transform runs per batch on the training device.
+background processes, ``prefetch_factor`` chunks each) only reads from disk. A chunk travels from
+its worker to the training process in shared memory (its arrays as torch tensors), not through a
+pipe. The inner :func:`iter_batches` slices mini-batches out of the in-memory CSR chunk and
+densifies each whole batch in one call (never row by row); on an accelerator the batch's sparse
+arrays are pinned, copied without blocking and densified there; the input transform runs per batch
+on the training device.
 """
 
 from __future__ import annotations
@@ -33,13 +36,39 @@ class LoadedChunk:
     train_rows: np.ndarray  # int64 row indices used for training
     val_rows: np.ndarray  # int64 row indices held out for validation
 
+    def __reduce__(self) -> tuple:
+        """Pickle the arrays as torch tensors: between a loader worker and the training process
+        they then travel in shared memory instead of being copied through a pipe."""
+        matrix = self.expression
+        arrays = (matrix.data, matrix.indices, matrix.indptr, self.contexts)
+        rows = (self.train_rows, self.val_rows)
+        tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (*arrays, *rows))
+        return _rebuild_chunk, (self.chunk_id, matrix.shape, *tensors)
+
+
+def _rebuild_chunk(
+    chunk_id: str,
+    shape: tuple[int, int],
+    data: torch.Tensor,
+    indices: torch.Tensor,
+    indptr: torch.Tensor,
+    contexts: torch.Tensor,
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+) -> LoadedChunk:
+    """The inverse of :meth:`LoadedChunk.__reduce__` (numpy views of the received tensors)."""
+    matrix = sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=shape)
+    return LoadedChunk(chunk_id, matrix, contexts.numpy(), train_rows.numpy(), val_rows.numpy())
+
 
 @dataclass
 class Batch:
-    """A dense mini-batch on the training device."""
+    """A dense mini-batch on the training device, and its contexts on the host too (so that target
+    sampling, which runs on the host, never waits for the device)."""
 
     x: torch.Tensor  # (B, G) transformed expression
-    contexts: torch.Tensor  # (B, F) int64
+    contexts: torch.Tensor  # (B, F) int64, on the training device
+    host_contexts: torch.Tensor  # (B, F) int64, on the host
 
 
 def split_rows(
@@ -127,11 +156,17 @@ class ChunkDataset(Dataset[LoadedChunk]):
 
 class EpochOrder(Sampler[int]):
     """Chunk order for one epoch: the given chunk indices permuted by a seed of ``(seed, epoch)``,
-    so a resumed run visits chunks in the same order as an uninterrupted one."""
+    so a resumed run visits chunks in the same order as an uninterrupted one. With several
+    training processes every rank permutes alike and takes every ``world_size``-th chunk from
+    ``rank`` on: disjoint shares of the same epoch order."""
 
-    def __init__(self, indices: Sequence[int], seed: int) -> None:
+    def __init__(
+        self, indices: Sequence[int], seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.indices = list(indices)
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.skip = 0
 
@@ -141,13 +176,18 @@ class EpochOrder(Sampler[int]):
         self.epoch = epoch
         self.skip = skip
 
+    def shares(self, epoch: int) -> list[list[int]]:
+        """Every rank's chunks, in order, for ``epoch``."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, "chunks"))
+        permutation = torch.randperm(len(self.indices), generator=generator).tolist()
+        ordered = [self.indices[i] for i in permutation]
+        return [ordered[rank :: self.world_size] for rank in range(self.world_size)]
+
     def __len__(self) -> int:
-        return len(self.indices) - self.skip
+        return len(self.indices[self.rank :: self.world_size]) - self.skip
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, "chunks"))
-        permutation = torch.randperm(len(self.indices), generator=generator).tolist()
-        return iter([self.indices[i] for i in permutation[self.skip :]])
+        return iter(self.shares(self.epoch)[self.rank][self.skip :])
 
 
 def _keep(item: LoadedChunk) -> LoadedChunk:
@@ -187,18 +227,25 @@ def chunk_loader(
 def densify(block: sp.csr_matrix, device: torch.device) -> torch.Tensor:
     """Turn a whole CSR mini-batch into a dense float32 tensor on ``device`` in one call.
 
-    On an accelerator the sparse arrays travel and are densified there (less to copy for wide gene
-    spaces); on the CPU scipy densifies directly.
+    On an accelerator only the sparse arrays travel (pinned, copied without blocking) and are
+    densified there: far less to copy than the dense batch for wide gene spaces. On the CPU scipy
+    densifies directly.
     """
     if device.type == "cpu":
         return torch.from_numpy(block.toarray())
-    sparse = torch.sparse_csr_tensor(
-        torch.from_numpy(block.indptr.astype(np.int64)),
-        torch.from_numpy(block.indices.astype(np.int64)),
-        torch.from_numpy(block.data),
-        size=block.shape,
-    )
-    return sparse.to(device, non_blocking=True).to_dense()
+    index_type = np.int64 if block.indptr.dtype == np.int64 else np.int32
+    arrays = (block.indptr.astype(index_type), block.indices.astype(index_type), block.data)
+    crow, col, values = (to_device(torch.from_numpy(a), device) for a in arrays)
+    return torch.sparse_csr_tensor(crow, col, values, size=block.shape).to_dense()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device``: pinned and without blocking for an accelerator (the
+    copy overlaps the work already queued), unchanged for the CPU."""
+    if device.type == "cpu":
+        return tensor
+    pinned = tensor.pin_memory() if torch.cuda.is_available() else tensor
+    return pinned.to(device, non_blocking=True)
 
 
 def apply_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
@@ -244,7 +291,8 @@ def iter_batches(
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
         x = densify(chunk.expression[index], device)  # (B, G)
-        yield Batch(apply_transform(x, transform), contexts[index].to(device, non_blocking=True))
+        host = contexts[index]  # (B, F)
+        yield Batch(apply_transform(x, transform), to_device(host, device), host)
 
 
 def epoch_seed(seed: int, epoch: int, purpose: str) -> int:

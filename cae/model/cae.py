@@ -11,31 +11,23 @@ Expression is explained additively, one term per head::
   ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale.
 
 Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimiser step).
-Context maps are applied to the whole batch at once, never in a Python loop over categories.
+Context maps are applied to the whole batch at once, never in a Python loop over categories
+(:mod:`cae.model.context_maps`).
 Shapes: B cells, G genes, L latent size, K_f categories of field f (index 0 is ``<unk>``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from cae.model.context_maps import ContextMapMethod, apply_context_maps
 
-def apply_context_maps(h: torch.Tensor, maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Multiply every cell's latent vector by its own context's map, for the whole batch at once.
-
-    Args:
-        h: (B, L) latent vectors.
-        maps: (K, L, L) one map per category.
-        index: (B,) int64 category of each cell.
-
-    Returns:
-        (B, L) with row b equal to ``h[b] @ maps[index[b]]``.
-    """
-    return torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)  # (B, 1, L) @ (B, L, L)
+__all__ = ["CAE", "CAEOutput", "FieldHead", "apply_context_maps", "contribution_l2"]
 
 
 class CAEOutput(NamedTuple):
@@ -46,6 +38,9 @@ class CAEOutput(NamedTuple):
     fields: dict[str, torch.Tensor]  # field -> (B, G) scaled field head output
     base_hidden: torch.Tensor  # (B, L) base head latent
     field_hidden: dict[str, torch.Tensor]  # field -> (B, L) latent after the source context map
+    # The same cells decoded in their source contexts (forward(..., and_source=True)): it shares
+    # the encoding, so the self pass of a training step costs only its decoders.
+    own: CAEOutput | None = None
 
 
 class FieldHead(nn.Module):
@@ -59,14 +54,21 @@ class FieldHead(nn.Module):
         self.context_maps = nn.Parameter(torch.eye(latent_dim).repeat(n_contexts, 1, 1))
         # Optional per-context gene-space offsets b_f[k] (K, G), zero at first.
         self.offsets = nn.Parameter(torch.zeros(n_contexts, n_genes)) if offsets else None
+        # How the maps are applied (cae.model.context_maps); not part of the state.
+        self.map_method: ContextMapMethod = "auto"
+        self.sparse_grad = False
+
+    def apply_maps(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, L): each latent times its category's context map."""
+        return apply_context_maps(h, self.context_maps, index, self.map_method, self.sparse_grad)
 
     def encode(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """(B, G), (B,) -> (B, L): the latent of each cell in its source context."""
-        return apply_context_maps(self.encoder(x), self.context_maps, source)
+        return self.apply_maps(self.encoder(x), source)
 
     def decode(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, L), (B,) -> (B, G): expression of each latent in its target context, unscaled."""
-        return self.decoder(apply_context_maps(h, self.context_maps, target))
+        return self.decoder(self.apply_maps(h, target))
 
     def offset(self, target: torch.Tensor) -> torch.Tensor | None:
         """(B,) -> (B, G) the target contexts' gene-space offsets, or None without offsets."""
@@ -117,7 +119,12 @@ class CAE(nn.Module):
             nn.init.uniform_(head.decoder.weight, 0.0, bound)
 
     def forward(
-        self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        and_source: bool = False,
     ) -> CAEOutput:
         """Encode ``x`` in its source contexts and decode it in the target contexts.
 
@@ -125,6 +132,7 @@ class CAE(nn.Module):
             x: (B, G) model-space expression.
             source: (B, F) int64 category of each cell for each field.
             target: (B, F) int64 categories to decode into; ``None`` reconstructs in ``source``.
+            and_source: also decode the same encoding in the source contexts (``.own``).
 
         Returns:
             A :class:`CAEOutput` with the summed output, every head's output and latents.
@@ -132,11 +140,24 @@ class CAE(nn.Module):
         target = source if target is None else target
         base_hidden = x @ self.base.T  # (B, L)
         base = base_hidden @ self.base  # (B, G)
+        field_hidden = {
+            field: head.encode(x, source[:, column])  # (B, L)
+            for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True))
+        }
+        own = self._decode(base, base_hidden, field_hidden, source) if and_source else None
+        return self._decode(base, base_hidden, field_hidden, target)._replace(own=own)
+
+    def _decode(
+        self,
+        base: torch.Tensor,
+        base_hidden: torch.Tensor,
+        field_hidden: dict[str, torch.Tensor],
+        target: torch.Tensor,
+    ) -> CAEOutput:
+        """Decode encoded cells in the ``target`` contexts (B, F) and sum the heads."""
         fields: dict[str, torch.Tensor] = {}
-        field_hidden: dict[str, torch.Tensor] = {}
         for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
-            hidden = head.encode(x, source[:, column])  # (B, L)
-            field_hidden[field] = hidden
+            hidden = field_hidden[field]
             values = self.logit_scale * head.decode(hidden, target[:, column])  # (B, G)
             offset = head.offset(target[:, column])
             fields[field] = values if offset is None else values + offset
@@ -166,10 +187,33 @@ class CAE(nn.Module):
         own = self(x, source)
         return moved._replace(output=(x + moved.output - own.output).clamp_min(0.0))
 
+    def configure_context_maps(self, method: ContextMapMethod, sparse_grad: bool) -> None:
+        """Choose how every head applies its context maps (see :mod:`cae.model.context_maps`):
+        ``auto``, ``grouped`` or ``gather``, and whether ``grouped`` gives the maps a gradient that
+        is sparse in the categories (for :class:`cae.train.optim.ContextAdam`)."""
+        for head in self.heads:
+            head.map_method = method
+            head.sparse_grad = sparse_grad
+
+    def row_parameters(self) -> list[nn.Parameter]:
+        """The per-category parameters (context maps): updated only where a batch touched them."""
+        return [head.context_maps for head in self.heads]
+
     @torch.no_grad()
-    def project_nonnegative(self) -> None:
-        """Clamp every parameter to >= 0 in place (call after each optimiser step)."""
-        torch._foreach_clamp_min_(list(self.parameters()), 0.0)
+    def project_nonnegative(self, rows: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Clamp every parameter to >= 0 in place (call after each optimiser step).
+
+        Args:
+            rows: for some parameters, the only rows (first-dimension indices) that changed; those
+                parameters are clamped there only (the optimiser's ``updated_rows``).
+        """
+        rows = rows or {}
+        dense = [p for p in self.parameters() if p not in rows]
+        if dense:
+            torch._foreach_clamp_min_(dense, 0.0)
+        for parameter, changed in rows.items():  # one pass over the changed rows, in place
+            views = parameter.unbind(0)
+            torch._foreach_clamp_min_([views[i] for i in changed.tolist()], 0.0)
 
     def field_sizes(self) -> dict[str, int]:
         """``{field: K_f}`` as given at construction."""

@@ -26,7 +26,11 @@ from cae.errors import CheckpointError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
 
-CHECKPOINT_FORMAT = 1
+# Format 2 (issue 9): the autoencoder's optimiser is ContextAdam (per-category step counts for the
+# context maps). Format 1 checkpoints still load for inference (same model keys); they cannot be
+# resumed, since their optimiser state is plain Adam's.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
@@ -51,7 +55,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not a CAE checkpoint (format {CHECKPOINT_FORMAT})")
     return payload
 

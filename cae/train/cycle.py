@@ -24,10 +24,12 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cae.config import LossWeights
 from cae.data.vocabulary import UNK_INDEX
@@ -144,7 +146,7 @@ def generator_losses(
     output steers the autoencoder but it does not learn from generated cells.
 
     Args:
-        model: the autoencoder.
+        model: the autoencoder (or a wrapper that calls it: DistributedDataParallel, compiled).
         classifier: the (frozen) context classifier.
         x: (B, G) model-space expression.
         source: (B, F) source categories.
@@ -156,23 +158,27 @@ def generator_losses(
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
     """
-    cycle1 = model(x, source, target)
+    # Cycle 1 and the self pass share one encoding of x (the same numbers as two passes).
+    cycle1 = model(x, source, target, and_source=True)
+    own = cycle1.own
+    assert own is not None
     cycle2 = model(cycle1.output, target, source)
     reconstruction = F.mse_loss(cycle2.output, x)
     latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
-    latents += [F.mse_loss(cycle2.field_hidden[f], cycle1.field_hidden[f]) for f in model.fields]
+    latents += [F.mse_loss(cycle2.field_hidden[f], h) for f, h in cycle1.field_hidden.items()]
     integration = torch.stack(latents).mean()
     logits = classifier(cycle1.output)
     target_terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]
     target_loss = torch.stack(target_terms).mean() if target_terms else x.new_zeros(())
-    own = model(x, source)
     self_reconstruction = F.mse_loss(own.output, x)
     heads = [values.square().mean() for values in own.fields.values()]
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
     context_means = x.new_zeros(())
     if weights.context_means > 0:
         single = one_field_moves(source, target)
-        moved = model.counterfactual(x, source, single, residual).output
+        moved = model(x, source, single).output  # a plain call: model may be a DDP wrapper
+        if residual:
+            moved = (x + moved - own.output).clamp_min(0.0)
         context_means = context_means_loss(moved, single, x, source)
     total = (
         weights.reconstruction * reconstruction
@@ -215,3 +221,61 @@ def classifier_loss(
         correct.append(((logit.argmax(dim=1) == labels) & known).sum())
         labelled.append(known.sum())
     return torch.stack(terms).mean(), torch.stack(correct), torch.stack(labelled)
+
+
+def training_step(
+    model: CAE,
+    classifier: ContextClassifier,
+    optimizer: torch.optim.Optimizer,
+    classifier_optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    source: torch.Tensor,
+    target: torch.Tensor,
+    weights: LossWeights,
+    *,
+    forward_model: nn.Module | None = None,
+    forward_classifier: nn.Module | None = None,
+    autocast: AbstractContextManager | None = None,
+    residual: bool = False,
+) -> tuple[GeneratorLosses, torch.Tensor]:
+    """One training step: the autoencoder's update against the frozen classifier, the projection
+    to non-negative weights, then the classifier's own update on the real cells.
+
+    Nothing is read back to the host: the returned losses stay on the device.
+
+    Args:
+        model, classifier: the networks (their parameters are updated).
+        optimizer: the autoencoder's optimiser; a :class:`cae.train.optim.ContextAdam` reports the
+            context-map rows it moved, and only those are projected.
+        classifier_optimizer: the classifier's optimiser.
+        x: (B, G) model-space expression.
+        source, target: (B, F) categories; targets from :func:`sample_targets`.
+        weights: the loss weights.
+        forward_model, forward_classifier: what to call for the forward passes when not the bare
+            networks (DistributedDataParallel wrappers, a compiled model).
+        autocast: the autocast context of the forward passes (none by default).
+        residual: counterfactuals are residual (see :func:`generator_losses`).
+
+    Returns:
+        ``(losses, classifier_loss)``.
+    """
+    autocast = autocast or nullcontext()
+    forward_model = model if forward_model is None else forward_model
+    forward_classifier = classifier if forward_classifier is None else forward_classifier
+    classifier.requires_grad_(False)
+    with autocast:
+        losses = generator_losses(
+            forward_model, classifier, x, source, target, weights, residual=residual
+        )
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    optimizer.step()
+    model.project_nonnegative(getattr(optimizer, "updated_rows", None))
+    classifier.requires_grad_(True)
+
+    with autocast:
+        c_loss, _, _ = classifier_loss(forward_classifier, x, source)
+    classifier_optimizer.zero_grad(set_to_none=True)
+    (weights.classifier * c_loss).backward()
+    classifier_optimizer.step()
+    return losses, c_loss

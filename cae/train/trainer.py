@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from cae import __version__
@@ -34,6 +37,7 @@ from cae.data.loader import (
     epoch_seed,
     iter_batches,
     split_rows,
+    to_device,
 )
 from cae.data.store import DataStore
 from cae.data.vocabulary import (
@@ -46,13 +50,16 @@ from cae.data.vocabulary import (
 from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
 from cae.model.contributions import ContextTable
+from cae.train import distributed
 from cae.train.checkpoint import (
     CHECKPOINT_FORMAT,
     build_networks,
     read_checkpoint,
     save_checkpoint,
 )
-from cae.train.cycle import classifier_loss, generator_losses, sample_targets
+from cae.train.cycle import classifier_loss, generator_losses, sample_targets, training_step
+from cae.train.host import configure_host
+from cae.train.optim import ContextAdam
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +131,8 @@ class Callback:
 
 
 class _Means:
-    """Sums and counts kept on the device; read back once per epoch (no per-step host sync)."""
+    """Sums and counts kept on the device; read back once per epoch (no per-step host sync).
+    With several training processes the sums and counts are added across ranks when read."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -138,9 +146,12 @@ class _Means:
         if not self.sums:
             return {}
         names = list(self.sums)
-        totals = torch.stack([self.sums[n] for n in names]).cpu().tolist()
-        counts = [float(c) for c in torch.tensor([float(self.counts[n]) for n in names]).tolist()]
-        return {f"{prefix}{n}": t / c for n, t, c in zip(names, totals, counts, strict=True) if c}
+        totals = torch.stack([self.sums[n] for n in names])
+        counts = torch.stack([torch.as_tensor(self.counts[n]).to(totals) for n in names])
+        both = torch.stack([totals, counts])  # (2, metrics): one reduction for all
+        distributed.all_reduce_sum([both])
+        values = both.cpu().tolist()
+        return {f"{prefix}{n}": t / c for n, t, c in zip(names, *values, strict=True) if c}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,12 +187,14 @@ class Trainer:
 
     def __init__(self, settings: Settings, callbacks: Sequence[Callback] = ()) -> None:
         self.settings = settings
-        self.callbacks = list(callbacks)
         cfg = settings
-        if cfg.train.threads is not None:
-            torch.set_num_threads(cfg.train.threads)
-        torch.set_flush_denormal(True)  # clamped weights near zero turn denormal and slow the CPU
+        self.ranks = distributed.ranks_from_environment()
+        # Only rank 0 writes files and tracks; the other ranks train silently beside it.
+        self.callbacks = list(callbacks) if self.ranks.is_main else []
+        configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
         self.device = resolve_device(cfg.train.device)
+        if self.ranks.enabled:
+            self.device = distributed.start(self.ranks, self.device)
         self.out_dir = Path(cfg.output.dir) if cfg.output.dir else default_out_dir(cfg)
         self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
         resume_payload = self._check_out_dir()
@@ -214,10 +227,29 @@ class Trainer:
         self.model, self.classifier = build_networks(cfg, self.store.n_genes, sizes)
         self.model.to(self.device)
         self.classifier.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        method = cfg.train.context_maps
+        if method == "auto" and cfg.train.compile:
+            method = "gather"  # static shapes, no host sync: what the compiler wants
+        # Sparse map gradients need no reduction across ranks, which DDP does only for dense ones.
+        self.model.configure_context_maps(method, sparse_grad=not self.ranks.enabled)
+        self.optimizer = ContextAdam(
+            self.model.parameters(), self.model.row_parameters(), lr=cfg.train.lr
+        )
         self.classifier_optimizer = torch.optim.Adam(
             self.classifier.parameters(), lr=cfg.train.classifier_lr
         )
+        # What the training steps call: the same networks, wrapped for several processes (DDP
+        # averages gradients) and compiled when asked. Evaluation calls the bare networks.
+        self.train_model: nn.Module = self.model
+        self.train_classifier: nn.Module = self.classifier
+        if self.ranks.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            self.train_classifier = DistributedDataParallel(self.classifier, device_ids=ids)
+        if cfg.train.compile:
+            self.train_model = torch.compile(self.train_model)
         self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
         self.history: list[dict[str, float]] = []
         # Each head's output on the first evaluation batch of the last epoch (for histograms).
@@ -240,12 +272,19 @@ class Trainer:
         train_idx, val_idx, self.n_train_cells, self.n_val_cells = self._split_counts()
         if not train_idx:
             raise ConfigError("every chunk is a validation chunk; leave some for training")
-        self.order = EpochOrder(train_idx, cfg.train.seed)
+        ranks = self.ranks
+        if ranks.enabled and min(len(train_idx), len(val_idx or train_idx)) < ranks.world_size:
+            raise ConfigError(
+                f"{ranks.world_size} training processes need at least {ranks.world_size} training "
+                "and validation chunks each; use fewer processes or smaller chunks"
+            )
+        self.order = EpochOrder(train_idx, cfg.train.seed, ranks.rank, ranks.world_size)
         workers, prefetch = cfg.data.num_workers, cfg.data.prefetch_factor
         self.train_loader = chunk_loader(dataset, self.order, workers, prefetch)
         # Without held-out cells, epochs are evaluated on the training cells.
         self.eval_rows = "val_rows" if val_idx else "train_rows"
-        self.eval_loader = chunk_loader(dataset, val_idx or train_idx, workers, prefetch)
+        eval_idx = ranks.shard(val_idx or train_idx)
+        self.eval_loader = chunk_loader(dataset, eval_idx, workers, prefetch)
 
     def _check_out_dir(self) -> dict | None:
         output = self.settings.output
@@ -277,6 +316,12 @@ class Trainer:
         return None
 
     def _restore(self, payload: dict) -> None:
+        if payload["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by an older cae (checkpoint format "
+                f"{payload['format']}, plain Adam) and cannot be resumed with ContextAdam; load it "
+                "for inference (cae.train.load_checkpoint), or start a new training"
+            )
         self.model.load_state_dict(payload["model"])
         self.classifier.load_state_dict(payload["classifier"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -310,6 +355,7 @@ class Trainer:
         exclusions = data.exclusions
         matched = [0] * len(exclusions)
         train_idx, val_idx, n_train, n_val = [], [], 0, 0
+        self.train_rows_per_chunk: dict[int, int] = {}
         for index, chunk in enumerate(self.store.chunks):
             excluded = None
             if exclusions:
@@ -327,6 +373,7 @@ class Trainer:
             )
             if len(train_rows):
                 train_idx.append(index)
+                self.train_rows_per_chunk[index] = len(train_rows)
             if len(val_rows):
                 val_idx.append(index)
             n_train += len(train_rows)
@@ -353,6 +400,8 @@ class Trainer:
         Raises:
             TrainingError: a loss became non-finite (the last good checkpoint is kept).
         """
+        if self.ranks.enabled:  # a mid-epoch stop would need every rank to agree where
+            return self._fit()
         with _SignalGuard(self):
             return self._fit()
 
@@ -377,7 +426,8 @@ class Trainer:
             self._emit("on_checkpoint", self.checkpoint_path)
         if table.empty:  # resumed at the last epoch: evaluate once for the table
             _, table = self._evaluate()
-        table.to_csv(self.out_dir / "contributions.csv", index=False)
+        if self.ranks.is_main:
+            table.to_csv(self.out_dir / "contributions.csv", index=False)
         result = TrainResult(
             self.out_dir,
             self.checkpoint_path,
@@ -393,7 +443,8 @@ class Trainer:
 
     def _batches(
         self, loader: Iterable[LoadedChunk], rows: str, generator: torch.Generator | None
-    ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(x, contexts on the device, contexts on the host)`` of every batch."""
         cfg = self.settings
         for chunk in loader:
             for batch in iter_batches(
@@ -404,7 +455,24 @@ class Trainer:
                 cfg.data.transform,
                 generator,
             ):
-                yield batch.x, batch.contexts
+                yield batch.x, batch.contexts, batch.host_contexts
+
+    def _autocast(self) -> AbstractContextManager:
+        """bfloat16 autocast of forward passes when ``train.precision`` asks for it."""
+        enabled = self.settings.train.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _steps_per_rank(self, epoch: int) -> int | None:
+        """With several processes, the steps every rank takes this epoch: the fewest any rank's
+        chunks allow, so that all ranks stop together. None in one process (no limit)."""
+        if not self.ranks.enabled:
+            return None
+        size = self.settings.train.batch_size
+        steps = [
+            sum(math.ceil(self.train_rows_per_chunk[index] / size) for index in share)
+            for share in self.order.shares(epoch)
+        ]
+        return min(steps)
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.settings
@@ -420,6 +488,7 @@ class Trainer:
             means.counts = dict(self.partial["counts"])
             self.partial = None
         self.order.set_epoch(epoch, skip=skip)
+        self.steps_left = self._steps_per_rank(epoch)
         self.model.train()
         self.classifier.train()
         bar = tqdm(
@@ -440,6 +509,8 @@ class Trainer:
                 chunks_done += 1
                 self._check_finite(means, epoch, chunks_done, chunk)
                 self._emit("on_chunk_end", epoch, chunks_done)
+                if self.steps_left == 0:
+                    break
         return means.read("train/")
 
     def _check_finite(
@@ -473,30 +544,29 @@ class Trainer:
         bar: tqdm,
     ) -> None:
         cfg = self.settings
-        for x, source in self._batches([chunk], "train_rows", rows_gen):
+        for x, source, host_source in self._batches([chunk], "train_rows", rows_gen):
+            if self.steps_left is not None:
+                if self.steps_left == 0:
+                    return
+                self.steps_left -= 1
             n = x.shape[0]
-            target = sample_targets(source, self.sizes, target_gen)
-            self.classifier.requires_grad_(False)
-            losses = generator_losses(
+            # Targets are drawn on the host (reproducible on any device) from the host copy of
+            # the contexts, then copied over without waiting: no host sync in the step.
+            target = to_device(sample_targets(host_source, self.sizes, target_gen), self.device)
+            losses, c_loss = training_step(
                 self.model,
                 self.classifier,
+                self.optimizer,
+                self.classifier_optimizer,
                 x,
                 source,
                 target,
                 cfg.train.weights,
+                forward_model=self.train_model,
+                forward_classifier=self.train_classifier,
+                autocast=self._autocast(),
                 residual=cfg.model.counterfactual == "residual",
             )
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            self.optimizer.step()
-            self.model.project_nonnegative()
-            self.classifier.requires_grad_(True)
-
-            c_loss, _, _ = classifier_loss(self.classifier, x, source)
-            self.classifier_optimizer.zero_grad(set_to_none=True)
-            (cfg.train.weights.classifier * c_loss).backward()
-            self.classifier_optimizer.step()
-
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)
@@ -514,30 +584,31 @@ class Trainer:
         table = ContextTable(self.vocabularies, self.device)
         fields = self.vocabularies.fields
         first_batch = True
-        for x, source in self._batches(self.eval_loader, self.eval_rows, None):
+        for x, source, host_source in self._batches(self.eval_loader, self.eval_rows, None):
             n = x.shape[0]
-            target = sample_targets(source, self.sizes, generator)
-            losses = generator_losses(
-                self.model,
-                self.classifier,
-                x,
-                source,
-                target,
-                cfg.train.weights,
-                residual=cfg.model.counterfactual == "residual",
-            )
+            target = to_device(sample_targets(host_source, self.sizes, generator), self.device)
+            with self._autocast():
+                losses = generator_losses(
+                    self.model,
+                    self.classifier,
+                    x,
+                    source,
+                    target,
+                    cfg.train.weights,
+                    residual=cfg.model.counterfactual == "residual",
+                )
+                c_loss, correct, labelled = classifier_loss(self.classifier, x, source)
+                target_logits = self.classifier(losses.cycle1.output)
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
-            c_loss, correct, labelled = classifier_loss(self.classifier, x, source)
             means.add("classifier", c_loss * n, n)
-            target_logits = self.classifier(losses.cycle1.output)
             for i, name in enumerate(fields):
                 means.add(f"accuracy/{name}", correct[i], labelled[i])
                 hits = (target_logits[i].argmax(dim=1) == target[:, i]).sum()
                 means.add(f"target_accuracy/{name}", hits, n)
             if first_batch:
-                self.head_samples = {"base": losses.own.base.cpu()}
-                self.head_samples.update({f: v.cpu() for f, v in losses.own.fields.items()})
+                self.head_samples = {"base": losses.own.base.float().cpu()}
+                self.head_samples.update({f: v.float().cpu() for f, v in losses.own.fields.items()})
                 first_batch = False
             norms = contribution_l2(losses.own)
             for head, values in norms.items():
@@ -551,9 +622,12 @@ class Trainer:
         for head, value in l2.items():
             metrics[f"contrib_l2/{head}"] = value
             metrics[f"contrib_share/{head}"] = value / total if total else 0.0
+        distributed.all_reduce_sum(list(table.sums.values()))
         return metrics, table.frame()
 
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if not self.ranks.is_main:
+            return
         heads = ["base", *self.vocabularies.fields]
         shares = " ".join(f"{h} {metrics.get(f'contrib_share/{h}', 0):.3f}" for h in heads)
         val_key = "val/reconstruction" if "val/reconstruction" in metrics else "eval/reconstruction"
@@ -569,6 +643,8 @@ class Trainer:
         )
 
     def _write_static_files(self) -> None:
+        if not self.ranks.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         settings_json = json.dumps(self.settings.model_dump(mode="json"), indent=1)
         (self.out_dir / "settings.json").write_text(settings_json + "\n")
@@ -597,6 +673,8 @@ class Trainer:
                     chunks_done, epoch)  # fmt: skip
 
     def _save(self, epoch: int, partial: dict | None = None) -> None:
+        if not self.ranks.is_main:
+            return
         payload = {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
@@ -654,4 +732,9 @@ def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult
         CAEError: bad data or settings (a message naming the file, field or value), an output
             folder that would be overwritten, or a non-finite loss.
     """
-    return Trainer(settings, callbacks).fit()
+    ranks = distributed.ranks_from_environment()
+    try:
+        return Trainer(settings, callbacks).fit()
+    finally:
+        if ranks.enabled:
+            distributed.stop()

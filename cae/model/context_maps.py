@@ -1,0 +1,328 @@
+"""Per-category context maps applied to a whole batch: ``out[b] = h[b] @ maps[index[b]]``.
+
+A field with K categories has one L x L map per category, stacked in one (K, L, L) parameter. The
+seed applied them with a Python loop over the categories present in a batch (one ``nn.Linear`` per
+category, a device sync for each); here the whole batch is one call, by one of two methods:
+
+* ``grouped``: sort the cells by category and lay each category's cells out in tiles of P rows
+  (P chosen per batch from the category counts); one batched matmul applies every tile's map: the
+  stacked maps as they are when most categories are present, else the gathered maps of the
+  present ones. With ``sparse_grad`` the maps' gradient is sparse in K: only the categories the
+  batch used have rows, and every use's rows in a backward pass are summed by one grouped matmul
+  when the pass ends, so the optimiser (:class:`cae.train.optim.ContextAdam`) moves only those
+  categories, as the seed's per-category modules did, and pays nothing for absent ones. Planning
+  the tiles reads the counts on the host: cheap on a CPU, a sync on an accelerator.
+* ``gather``: gather every cell's own map (B, L, L) and run one batched matmul. No host sync and
+  static shapes (good for accelerators and ``torch.compile``); the gradient is dense in K.
+
+``auto`` picks ``grouped`` on the CPU and ``gather`` elsewhere (``bench/context_maps.py`` measures
+both against the seed's loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+# Say so explicitly (the default) so that sparse gradients do not warn on every run.
+torch.sparse.check_sparse_tensor_invariants.disable()
+
+ContextMapMethod = Literal["auto", "grouped", "gather"]
+CONTEXT_MAP_METHODS: tuple[str, ...] = ("auto", "grouped", "gather")
+
+
+def resolve_method(method: str, device: torch.device) -> Literal["grouped", "gather"]:
+    """``auto`` -> ``grouped`` on the CPU, ``gather`` on any other device; others unchanged.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method not in CONTEXT_MAP_METHODS:
+        raise ValueError(f"context map method {method!r} is not one of {CONTEXT_MAP_METHODS}")
+    if method == "auto":
+        return "grouped" if device.type == "cpu" else "gather"
+    return method  # type: ignore[return-value]
+
+
+def apply_context_maps(
+    h: torch.Tensor,
+    maps: torch.Tensor,
+    index: torch.Tensor,
+    method: ContextMapMethod = "gather",
+    sparse_grad: bool = False,
+) -> torch.Tensor:
+    """Multiply every cell's latent vector by its own context's map, for the whole batch at once.
+
+    Args:
+        h: (B, L) latent vectors.
+        maps: (K, L, L) one map per category.
+        index: (B,) int64 category of each cell.
+        method: ``grouped``, ``gather`` or ``auto`` (see the module docstring).
+        sparse_grad: with ``grouped``, give ``maps`` a sparse COO gradient holding only the
+            categories present in ``index`` (dense otherwise; ``gather`` is always dense).
+
+    Returns:
+        (B, L) with row b equal to ``h[b] @ maps[index[b]]``.
+    """
+    if resolve_method(method, h.device) == "gather":
+        return torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)  # (B, 1, L) @ (B, L, L)
+    return _GroupedContextMaps.apply(h, maps, index, sparse_grad)
+
+
+@dataclass
+class Tiles:
+    """How one batch's cells are laid out for the grouped matmul.
+
+    Cells sorted by category are cut into tiles of ``size`` rows; a category with more cells than
+    that spans several tiles, and the last tile of each category is padded with zero rows. In the
+    ``direct`` layout tile k is category k for every k < K (absent categories get empty tiles):
+    the stacked maps are then used as they are, with no gather.
+    """
+
+    size: int  # P, rows per tile
+    categories: torch.Tensor  # (U,) int64 sorted categories present in the batch
+    tile_category: torch.Tensor  # (T,) int64 category of each tile
+    destination: torch.Tensor  # (B,) int64 row of each cell in the (T * P, L) padded layout
+    direct: bool  # tile k is category k, T = K
+
+    @property
+    def n_tiles(self) -> int:
+        """T, the number of tiles."""
+        return len(self.tile_category)
+
+    @property
+    def split(self) -> bool:
+        """Whether some category spans more than one tile."""
+        return not self.direct and self.n_tiles != len(self.categories)
+
+
+def choose_layout(
+    counts: np.ndarray, latent_dim: int, n_categories: int | None = None
+) -> tuple[int, bool]:
+    """The tile size P, and whether to use the direct layout, that minimise the estimated cost.
+
+    In the gathered layout each tile costs its map (L x L: gathered, then read, about 2L rows'
+    worth of memory traffic) plus its P rows of activations: ``T(P) * (2L + P)`` with
+    ``T(P) = sum ceil(count / P)``; candidates for P are the powers of two below the largest count
+    and the largest count itself. The direct layout reads all K maps in place and pads every
+    category to the largest count: ``K * (L + max count)``.
+
+    Args:
+        counts: (U,) cells per present category.
+        latent_dim: L.
+        n_categories: K; None rules the direct layout out.
+
+    Returns:
+        ``(P, direct)``, P >= 1.
+    """
+    largest = int(counts.max())
+    candidates = [1 << i for i in range(max(largest - 1, 1).bit_length()) if 1 << i < largest]
+    candidates.append(largest)
+    costs = [int(np.ceil(counts / size).sum()) * (2 * latent_dim + size) for size in candidates]
+    best = int(np.argmin(costs))
+    if n_categories is not None and n_categories * (latent_dim + largest) < costs[best]:
+        return largest, True
+    return candidates[best], False
+
+
+def plan_tiles(index: torch.Tensor, latent_dim: int, n_categories: int | None = None) -> Tiles:
+    """Sort a batch's cells by category and lay them out in tiles (on the host: B is small).
+
+    Args:
+        index: (B,) int64 category of each cell, B >= 1.
+        latent_dim: L (weighs the cost of a tile's map against its rows).
+        n_categories: K, when the direct layout (no gather of maps) may be chosen.
+
+    Returns:
+        The :class:`Tiles`, its tensors on ``index``'s device.
+    """
+    cells = index.cpu().numpy()
+    order = np.argsort(cells, kind="stable")  # (B,)
+    ordered = cells[order]
+    first = np.empty(len(cells), dtype=bool)  # (B,) the first cell of each category
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    starts = np.flatnonzero(first)  # (U,)
+    categories = ordered[starts]
+    counts = np.diff(np.append(starts, len(cells)))
+    size, direct = choose_layout(counts, latent_dim, n_categories)
+    group = np.cumsum(first) - 1  # (B,) category position of each sorted cell
+    rank = np.arange(len(cells)) - starts[group]  # (B,) position within its category
+    if direct:
+        assert n_categories is not None
+        tile = categories[group]
+        tile_category = np.arange(n_categories)
+    else:
+        n_tiles = -(-counts // size)  # (U,) tiles per category
+        tile = (np.cumsum(n_tiles) - n_tiles)[group] + rank // size
+        tile_category = np.repeat(categories, n_tiles)  # (T,)
+    destination = np.empty(len(cells), dtype=np.int64)
+    destination[order] = tile * size + rank % size
+    device = index.device
+    return Tiles(
+        size,
+        torch.from_numpy(categories).to(device),
+        torch.from_numpy(tile_category).to(device),
+        torch.from_numpy(destination).to(device),
+        direct,
+    )
+
+
+class _GroupedContextMaps(torch.autograd.Function):
+    """Sorted grouped matmul over the categories present; gradient sparse (or dense) in K."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        h: torch.Tensor,
+        maps: torch.Tensor,
+        index: torch.Tensor,
+        sparse_grad: bool,
+    ) -> torch.Tensor:
+        ctx.maps, ctx.sparse_grad = maps, sparse_grad
+        if h.shape[0] == 0:
+            ctx.tiles = None
+            return h.new_empty(0, maps.shape[2])
+        tiles = plan_tiles(index, h.shape[1], maps.shape[0])
+        size, n_tiles = tiles.size, tiles.n_tiles
+        tile_maps = maps if tiles.direct else maps[tiles.tile_category]  # (T, L, L)
+        tile_maps = tile_maps.to(h.dtype)
+        padded = h.new_zeros(n_tiles * size, h.shape[1]).index_copy_(0, tiles.destination, h)
+        out = torch.bmm(padded.view(n_tiles, size, -1), tile_maps)  # (T, P, L)
+        ctx.save_for_backward(h, index, tile_maps)
+        ctx.tiles = tiles
+        return out.view(n_tiles * size, -1)[tiles.destination]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        maps: torch.Tensor = ctx.maps
+        if ctx.tiles is None:
+            return grad_out.new_zeros(0, maps.shape[1]), None, None, None
+        h, index, tile_maps = ctx.saved_tensors
+        tiles: Tiles = ctx.tiles
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            size, n_tiles = tiles.size, tiles.n_tiles
+            padded = grad_out.new_zeros(n_tiles * size, grad_out.shape[1])
+            padded.index_copy_(0, tiles.destination, grad_out)
+            # (W g^T)^T rather than g W^T: the same numbers, and faster on the CPU for small P.
+            grad_h = torch.bmm(tile_maps, padded.view(n_tiles, size, -1).transpose(1, 2))
+            grad_h = grad_h.transpose(1, 2).reshape(n_tiles * size, -1)[tiles.destination]
+        grad_maps = None
+        if ctx.needs_input_grad[1]:
+            if ctx.sparse_grad:  # summed over every use when the backward pass ends
+                _ROW_GRADIENTS.add(maps, h, grad_out, index)
+            else:
+                rows, values = grouped_outer_sum(h, grad_out, index)
+                grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
+                grad_maps = grad_maps.to(maps.dtype)
+        return grad_h, grad_maps, None, None
+
+
+def grouped_outer_sum(
+    h: torch.Tensor, g: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per category present, the sum over its rows of ``outer(h[b], g[b])``: the gradient of the
+    maps that produced ``g``'s outputs from ``h``.
+
+    Every category's first P rows go into one padded batched matmul that writes each category's
+    L x L sum once; the rows of the few categories with more than P rows are added to their sums
+    afterwards, one matmul each (no scatter-add of L x L blocks, which is slow on the CPU).
+
+    Args:
+        h: (N, L) the maps' inputs.
+        g: (N, L) gradients of their outputs.
+        index: (N,) category of each row, N >= 1.
+
+    Returns:
+        ``(rows, values)``: (U,) sorted distinct categories and (U, L, L) their gradients.
+    """
+    cells = index.cpu().numpy()
+    order = np.argsort(cells, kind="stable")
+    ordered = cells[order]
+    first = np.empty(len(cells), dtype=bool)
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    starts = np.flatnonzero(first)  # (U,)
+    counts = np.diff(np.append(starts, len(cells)))
+    size = _outer_tile_size(counts, h.shape[1])
+    group = np.cumsum(first) - 1
+    rank = np.arange(len(cells)) - starts[group]
+    kept = rank < size  # a category's first P rows go into its tile
+    device = index.device
+    rows = torch.from_numpy(order[kept]).to(device)
+    slots = torch.from_numpy(group[kept] * size + rank[kept]).to(device)
+    n_groups, latent = len(starts), h.shape[1]
+    h_tiles = h.new_zeros(n_groups * size, latent).index_copy_(0, slots, h[rows])
+    g_tiles = g.new_zeros(n_groups * size, g.shape[1]).index_copy_(0, slots, g[rows])
+    h_tiles, g_tiles = h_tiles.view(n_groups, size, -1), g_tiles.view(n_groups, size, -1)
+    values = torch.bmm(h_tiles.transpose(1, 2), g_tiles)  # (U, L, L)
+    for position in np.flatnonzero(counts > size).tolist():  # the rest of the large categories
+        start = starts[position]
+        rest = torch.from_numpy(order[start + size : start + counts[position]]).to(device)
+        values[position].addmm_(h[rest].T, g[rest])
+    return torch.from_numpy(ordered[starts]).to(device), values
+
+
+def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:
+    """P for :func:`grouped_outer_sum`: every category costs its L x L output and P padded rows,
+    each larger category a separate matmul (about 2L rows' worth) over its other rows."""
+    largest = int(counts.max())
+    candidates = [1 << i for i in range(max(largest - 1, 1).bit_length()) if 1 << i < largest]
+    candidates.append(largest)
+    costs = [
+        len(counts) * (latent_dim + size)
+        + int((counts > size).sum()) * 2 * latent_dim
+        + int(np.clip(counts - size, 0, None).sum())
+        for size in candidates
+    ]
+    return candidates[int(np.argmin(costs))]
+
+
+class _RowGradientCollector:
+    """Collects, during one backward pass, every use's factors of a sparse-gradient map's
+    gradient (the maps' inputs and output gradients, by category), and when the pass ends sets
+    their sum on the parameter as one sparse COO ``.grad`` holding only the categories used.
+
+    A training step applies each field's maps six times (encode and decode, in three passes);
+    summing the outer products of all uses in one grouped matmul writes each touched category's
+    L x L gradient once, instead of once per use plus the sums of sparse tensors autograd makes.
+    The gradient therefore appears on ``.grad`` when ``backward()`` returns (use ``backward()``,
+    not ``torch.autograd.grad``, for these maps).
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]] = {}
+
+    def add(
+        self, maps: torch.Tensor, h: torch.Tensor, g: torch.Tensor, index: torch.Tensor
+    ) -> None:
+        """Keep one use's factors; the first flush queued on this backward pass sums them all."""
+        torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+        self.pending.setdefault(id(maps), (maps, []))[1].append((h, g, index))
+
+    def flush(self) -> None:
+        """Set the summed gradient of every pending parameter (a no-op when nothing is left)."""
+        pending, self.pending = self.pending, {}
+        with torch.no_grad():
+            for maps, uses in pending.values():
+                h, g, index = (torch.cat(parts) for parts in zip(*uses, strict=True))
+                rows, values = grouped_outer_sum(h, g, index)
+                grad = _sparse_rows(rows, values.to(maps.dtype), maps.shape)
+                maps.grad = grad if maps.grad is None else maps.grad + grad
+
+
+_ROW_GRADIENTS = _RowGradientCollector()
+
+
+def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A sparse COO tensor holding ``values`` at the sorted, distinct first-dimension ``rows``."""
+    return torch.sparse_coo_tensor(
+        rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False
+    )

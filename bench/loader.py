@@ -10,10 +10,12 @@ non-zero (CSR, ``scipy.sparse.save_npz``), metadata with cell_type (790 values),
 
 * raw: each chunk read, checked and encoded as a loader worker does, then densified batch by batch
   (1,024 shuffled cells), all in the measuring process: what one process can do at most;
-* loader: the trainer's two-level loader (one persistent worker prefetching 2 chunks, batches
-  sliced and densified in the training process) with a trivial consumer;
-* seed loader: the seed's design (chunk workers started anew each epoch; an inner loader whose
-  items densify one row each), on the first two chunks;
+* loader: the trainer's two-level loader (one persistent worker prefetching 2 chunks, the
+  default; and two workers), batches sliced and densified in the training process, with a
+  trivial consumer;
+* seed loader: the seed's design (chunk workers started anew each epoch; per chunk an inner loader
+  whose items densify one row each, its worker started anew), on the first two chunks; and the
+  same with the rows densified in the measuring process (no inner worker), kinder to it;
 * train step fed by the loader versus the same steps on batches already in memory (genes 2,000,
   latent 128, fields as above);
 * peak RSS of ``cae train`` (1 epoch) on 4 and on 16 chunks, each in its own process.
@@ -106,44 +108,69 @@ def main() -> None:
                 for b in iter_batches(chunk, rows, batch, cpu, "none", generator):
                     b.x.shape  # noqa: B018 (a trivial consumer)
 
-        order = EpochOrder(range(n_chunks), seed=0)
-        loader = chunk_loader(dataset, order, num_workers=1, prefetch_factor=2)
-        epoch = [0]
+        def two_level(workers: int) -> object:
+            order = EpochOrder(range(n_chunks), seed=0)
+            loader = chunk_loader(dataset, order, num_workers=workers, prefetch_factor=2)
+            epoch = [0]
 
-        def two_level() -> None:
-            epoch[0] += 1
-            order.set_epoch(epoch[0])
-            generator = torch.Generator().manual_seed(epoch[0])
-            for chunk in loader:
-                for b in iter_batches(chunk, chunk.train_rows, batch, cpu, "none", generator):
-                    b.x.shape  # noqa: B018
+            def run() -> None:
+                epoch[0] += 1
+                order.set_epoch(epoch[0])
+                generator = torch.Generator().manual_seed(epoch[0])
+                for chunk in loader:
+                    for b in iter_batches(chunk, chunk.train_rows, batch, cpu, "none", generator):
+                        b.x.shape  # noqa: B018
+
+            return run
 
         seed_chunks = min(2, n_chunks)
 
-        def seed_loader() -> None:
-            outer = torch.utils.data.DataLoader(  # workers started anew for every epoch
-                dataset, batch_size=None, sampler=range(seed_chunks), collate_fn=lambda c: c,
-                num_workers=1, persistent_workers=False,
-            )  # fmt: skip
-            generator = torch.Generator().manual_seed(0)
-            for chunk in outer:
-                for x, _ in seed_batches(chunk.expression, chunk.contexts, batch, generator):
-                    x.shape  # noqa: B018
+        def seed_loader(inner_workers: int) -> object:
+            def run() -> None:
+                outer = torch.utils.data.DataLoader(  # workers started anew for every epoch
+                    dataset, batch_size=None, sampler=range(seed_chunks), collate_fn=lambda c: c,
+                    num_workers=1, persistent_workers=False,
+                )  # fmt: skip
+                generator = torch.Generator().manual_seed(0)
+                for chunk in outer:
+                    rows = seed_batches(
+                        chunk.expression, chunk.contexts, batch, generator, inner_workers
+                    )
+                    for x, _ in rows:
+                        x.shape  # noqa: B018
 
-        times = interleaved(
-            {"raw": raw, "loader": two_level, "seed": seed_loader}, rounds, warmup=1
-        )
+            return run
+
+        cases = {
+            "raw": raw,
+            "loader": two_level(1),  # the trainer's default: one worker
+            "loader_2": two_level(2),
+            "seed": seed_loader(1),  # the seed's design: inner workers started for each chunk
+            "seed_inline": seed_loader(0),  # kinder to it: rows densified in this process
+        }
+        times = interleaved(cases, rounds, warmup=1)
         rates = {
             "raw_cells_per_s": total / times["raw"],
             "loader_cells_per_s": total / times["loader"],
+            "loader_2_workers_cells_per_s": total / times["loader_2"],
             "seed_cells_per_s": seed_chunks * cells / times["seed"],
+            "seed_inline_cells_per_s": seed_chunks * cells / times["seed_inline"],
         }
         over_raw = rates["loader_cells_per_s"] / rates["raw_cells_per_s"]
         over_seed = rates["loader_cells_per_s"] / rates["seed_cells_per_s"]
+        over_inline = rates["loader_cells_per_s"] / rates["seed_inline_cells_per_s"]
         print(
             f"loader, trivial consumer: {rates['loader_cells_per_s']:9.0f} cells/s  raw "
             f"read+densify {rates['raw_cells_per_s']:9.0f} cells/s ({over_raw:5.1%})  seed "
-            f"row-by-row {rates['seed_cells_per_s']:8.0f} cells/s (ours {over_seed:5.1f}x)",
+            f"row-by-row {rates['seed_cells_per_s']:8.0f} cells/s (ours {over_seed:5.1f}x; "
+            f"{over_inline:4.1f}x with its rows densified inline)",
+            flush=True,
+        )
+        two = rates["loader_2_workers_cells_per_s"]
+        raw_share, seed_ratio = two / rates["raw_cells_per_s"], two / rates["seed_cells_per_s"]
+        print(
+            f"loader, 2 workers:        {two:9.0f} cells/s  ({raw_share:5.1%} of raw, "
+            f"{seed_ratio:4.1f}x the seed's loader)",
             flush=True,
         )
         step = step_through_loader(dataset, n_chunks, batch, genes, quick, rounds)
@@ -172,6 +199,7 @@ def main() -> None:
         **rates,
         "loader_over_raw": over_raw,
         "loader_over_seed": over_seed,
+        "loader_over_seed_inline": over_inline,
         "train_step": step,
         "peak_rss": {str(k): v for k, v in rss.items()},
         "peak_rss_ratio": ratio,

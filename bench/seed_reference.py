@@ -65,10 +65,15 @@ def seed_way(model: CAE) -> CAE:
 
 
 def seed_batches(
-    chunk: sp.csr_matrix, contexts: np.ndarray, batch_size: int, generator: torch.Generator
+    chunk: sp.csr_matrix,
+    contexts: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    num_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The seed's inner loader over one chunk: a map-style dataset whose item densifies one row,
-    collated by a ``DataLoader`` (the chunk's rows in a shuffled order)."""
+    collated by a ``DataLoader`` (the chunk's rows in a shuffled order). With ``num_workers`` the
+    loader starts its workers anew for this chunk, as the seed's per-chunk inner loaders did."""
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -79,6 +84,11 @@ def seed_batches(
             return dense, torch.from_numpy(contexts[row])
 
     loader = torch.utils.data.DataLoader(
-        Rows(), batch_size=batch_size, shuffle=True, generator=generator
+        Rows(),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
     )
     yield from loader

@@ -287,11 +287,11 @@ def iter_batches(
     """
     if generator is not None:
         rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
-    contexts = torch.from_numpy(chunk.contexts)
     for start in range(0, len(rows), batch_size):
         index = rows[start : start + batch_size]
         x = densify(chunk.expression[index], device)  # (B, G)
-        host = contexts[index]  # (B, F)
+        # numpy, not torch, indexing: tiny, and torch's can wait on a busy machine's other thread
+        host = torch.from_numpy(chunk.contexts[index])  # (B, F)
         yield Batch(apply_transform(x, transform), to_device(host, device), host)
 
 

@@ -4,14 +4,16 @@ A field with K categories has one L x L map per category, stacked in one (K, L, 
 seed applied them with a Python loop over the categories present in a batch (one ``nn.Linear`` per
 category, a device sync for each); here the whole batch is one call, by one of two methods:
 
-* ``grouped``: sort the cells by category and lay each category's cells out in tiles of P rows
-  (P chosen per batch from the category counts); one batched matmul applies every tile's map: the
-  stacked maps as they are when most categories are present, else the gathered maps of the
-  present ones. With ``sparse_grad`` the maps' gradient is sparse in K: only the categories the
-  batch used have rows, and every use's rows in a backward pass are summed by one grouped matmul
-  when the pass ends, so the optimiser (:class:`cae.train.optim.ContextAdam`) moves only those
-  categories, as the seed's per-category modules did, and pays nothing for absent ones. Planning
-  the tiles reads the counts on the host: cheap on a CPU, a sync on an accelerator.
+* ``grouped``: sort the cells by category. With few categories present (up to
+  :data:`SEGMENTS_UP_TO`), one matmul per category over its cells. Otherwise lay each category's
+  cells out in tiles of P rows (P chosen per batch from the category counts) and let one batched
+  matmul apply every tile's map: the stacked maps as they are when most categories are present,
+  else the gathered maps of the present ones. With ``sparse_grad`` the maps' gradient is sparse in
+  K: only the categories the batch used have rows, and every use's rows in a backward pass are
+  summed by one grouped matmul when the pass ends, so the optimiser
+  (:class:`cae.train.optim.ContextAdam`) moves only those categories, as the seed's per-category
+  modules did, and pays nothing for absent ones. Sorting reads the categories on the host: cheap
+  on a CPU, a sync on an accelerator.
 * ``gather``: gather every cell's own map (B, L, L) and run one batched matmul. No host sync and
   static shapes (good for accelerators and ``torch.compile``); the gradient is dense in K.
 
@@ -128,6 +130,44 @@ def choose_layout(
     return candidates[best], False
 
 
+# With this many categories present or fewer, one matmul per category on the sorted cells is
+# cheapest: no padding, and few calls. Few matters: on a busy machine each multi-threaded call can
+# wait a scheduler time slice for its other thread, so one batched call beats dozens of small ones.
+SEGMENTS_UP_TO = 8
+
+
+@dataclass
+class CategorySort:
+    """A batch's cells sorted by category (host arrays: B is small)."""
+
+    order: np.ndarray  # (B,) the cell at each sorted position
+    categories: np.ndarray  # (U,) sorted distinct categories
+    starts: np.ndarray  # (U,) first sorted position of each category
+    counts: np.ndarray  # (U,) cells of each category
+    group: np.ndarray  # (B,) position in ``categories`` of each sorted cell
+    rank: np.ndarray  # (B,) rank of each sorted cell within its category
+
+
+def sort_by_category(index: torch.Tensor) -> CategorySort:
+    """Sort the cells of ``index`` (B,), B >= 1, by category, stably, on the host."""
+    cells = index.cpu().numpy()
+    order = np.argsort(cells, kind="stable")
+    ordered = cells[order]
+    first = np.empty(len(cells), dtype=bool)  # the first cell of each category
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    group = np.cumsum(first) - 1
+    return CategorySort(
+        order,
+        ordered[starts],
+        starts,
+        np.diff(np.append(starts, len(cells))),
+        group,
+        np.arange(len(cells)) - starts[group],
+    )
+
+
 def plan_tiles(index: torch.Tensor, latent_dim: int, n_categories: int | None = None) -> Tiles:
     """Sort a batch's cells by category and lay them out in tiles (on the host: B is small).
 
@@ -139,36 +179,40 @@ def plan_tiles(index: torch.Tensor, latent_dim: int, n_categories: int | None = 
     Returns:
         The :class:`Tiles`, its tensors on ``index``'s device.
     """
-    cells = index.cpu().numpy()
-    order = np.argsort(cells, kind="stable")  # (B,)
-    ordered = cells[order]
-    first = np.empty(len(cells), dtype=bool)  # (B,) the first cell of each category
-    first[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    starts = np.flatnonzero(first)  # (U,)
-    categories = ordered[starts]
-    counts = np.diff(np.append(starts, len(cells)))
-    size, direct = choose_layout(counts, latent_dim, n_categories)
-    group = np.cumsum(first) - 1  # (B,) category position of each sorted cell
-    rank = np.arange(len(cells)) - starts[group]  # (B,) position within its category
+    sort = sort_by_category(index)
+    size, direct = choose_layout(sort.counts, latent_dim, n_categories)
     if direct:
         assert n_categories is not None
-        tile = categories[group]
+        tile = sort.categories[sort.group]
         tile_category = np.arange(n_categories)
     else:
-        n_tiles = -(-counts // size)  # (U,) tiles per category
-        tile = (np.cumsum(n_tiles) - n_tiles)[group] + rank // size
-        tile_category = np.repeat(categories, n_tiles)  # (T,)
-    destination = np.empty(len(cells), dtype=np.int64)
-    destination[order] = tile * size + rank % size
+        n_tiles = -(-sort.counts // size)  # (U,) tiles per category
+        tile = (np.cumsum(n_tiles) - n_tiles)[sort.group] + sort.rank // size
+        tile_category = np.repeat(sort.categories, n_tiles)  # (T,)
+    destination = np.empty(len(sort.order), dtype=np.int64)
+    destination[sort.order] = tile * size + sort.rank % size
     device = index.device
     return Tiles(
         size,
-        torch.from_numpy(categories).to(device),
+        torch.from_numpy(sort.categories).to(device),
         torch.from_numpy(tile_category).to(device),
         torch.from_numpy(destination).to(device),
         direct,
     )
+
+
+def _segment_matmul(
+    x: torch.Tensor, order: torch.Tensor, sort: CategorySort, matrices: list[torch.Tensor]
+) -> torch.Tensor:
+    """(B, L) -> (B, M): each cell times its category's matrix (``matrices[u]``: L x M), one
+    matmul per category over its sorted cells."""
+    ordered = x[order]
+    out = x.new_empty(len(ordered), matrices[0].shape[1])
+    for start, count, matrix in zip(
+        sort.starts.tolist(), sort.counts.tolist(), matrices, strict=True
+    ):
+        torch.mm(ordered[start : start + count], matrix, out=out[start : start + count])
+    return torch.empty_like(out).index_copy_(0, order, out)
 
 
 class _GroupedContextMaps(torch.autograd.Function):
@@ -183,9 +227,16 @@ class _GroupedContextMaps(torch.autograd.Function):
         sparse_grad: bool,
     ) -> torch.Tensor:
         ctx.maps, ctx.sparse_grad = maps, sparse_grad
+        ctx.tiles = ctx.segments = None
         if h.shape[0] == 0:
-            ctx.tiles = None
             return h.new_empty(0, maps.shape[2])
+        sort = sort_by_category(index)
+        if len(sort.categories) <= SEGMENTS_UP_TO:
+            order = torch.from_numpy(sort.order).to(h.device)
+            ctx.segments = (sort, order)
+            ctx.save_for_backward(h, index)
+            chosen = [maps[c].to(h.dtype) for c in sort.categories.tolist()]
+            return _segment_matmul(h, order, sort, chosen)
         tiles = plan_tiles(index, h.shape[1], maps.shape[0])
         size, n_tiles = tiles.size, tiles.n_tiles
         tile_maps = maps if tiles.direct else maps[tiles.tile_category]  # (T, L, L)
@@ -202,12 +253,17 @@ class _GroupedContextMaps(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         maps: torch.Tensor = ctx.maps
-        if ctx.tiles is None:
+        if ctx.tiles is None and ctx.segments is None:
             return grad_out.new_zeros(0, maps.shape[1]), None, None, None
-        h, index, tile_maps = ctx.saved_tensors
-        tiles: Tiles = ctx.tiles
+        h, index = ctx.saved_tensors[:2]
         grad_h = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.segments is not None:
+            sort, order = ctx.segments
+            chosen = [maps[c].T.to(grad_out.dtype) for c in sort.categories.tolist()]
+            grad_h = _segment_matmul(grad_out, order, sort, chosen)
+        elif ctx.needs_input_grad[0]:
+            tiles: Tiles = ctx.tiles
+            tile_maps = ctx.saved_tensors[2]
             size, n_tiles = tiles.size, tiles.n_tiles
             padded = grad_out.new_zeros(n_tiles * size, grad_out.shape[1])
             padded.index_copy_(0, tiles.destination, grad_out)
@@ -231,8 +287,9 @@ def grouped_outer_sum(
     """Per category present, the sum over its rows of ``outer(h[b], g[b])``: the gradient of the
     maps that produced ``g``'s outputs from ``h``.
 
-    Every category's first P rows go into one padded batched matmul that writes each category's
-    L x L sum once; the rows of the few categories with more than P rows are added to their sums
+    With few categories, one matmul per category over its sorted rows. Otherwise every
+    category's first P rows go into one padded batched matmul that writes each category's L x L
+    sum once; the rows of the few categories with more than P rows are added to their sums
     afterwards, one matmul each (no scatter-add of L x L blocks, which is slow on the CPU).
 
     Args:
@@ -243,31 +300,33 @@ def grouped_outer_sum(
     Returns:
         ``(rows, values)``: (U,) sorted distinct categories and (U, L, L) their gradients.
     """
-    cells = index.cpu().numpy()
-    order = np.argsort(cells, kind="stable")
-    ordered = cells[order]
-    first = np.empty(len(cells), dtype=bool)
-    first[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    starts = np.flatnonzero(first)  # (U,)
-    counts = np.diff(np.append(starts, len(cells)))
-    size = _outer_tile_size(counts, h.shape[1])
-    group = np.cumsum(first) - 1
-    rank = np.arange(len(cells)) - starts[group]
-    kept = rank < size  # a category's first P rows go into its tile
+    sort = sort_by_category(index)
     device = index.device
-    rows = torch.from_numpy(order[kept]).to(device)
-    slots = torch.from_numpy(group[kept] * size + rank[kept]).to(device)
-    n_groups, latent = len(starts), h.shape[1]
+    categories = torch.from_numpy(sort.categories).to(device)
+    order = torch.from_numpy(sort.order).to(device)
+    n_groups, latent = len(sort.categories), h.shape[1]
+    if n_groups <= SEGMENTS_UP_TO:  # one matmul per category, no padding
+        h_sorted, g_sorted = h[order], g[order]
+        values = h.new_empty(n_groups, latent, g.shape[1])
+        for position, (start, count) in enumerate(
+            zip(sort.starts.tolist(), sort.counts.tolist(), strict=True)
+        ):
+            rows = slice(start, start + count)
+            torch.mm(h_sorted[rows].T, g_sorted[rows], out=values[position])
+        return categories, values
+    size = _outer_tile_size(sort.counts, latent)
+    kept = sort.rank < size  # a category's first P rows go into its tile
+    rows = torch.from_numpy(sort.order[kept]).to(device)
+    slots = torch.from_numpy(sort.group[kept] * size + sort.rank[kept]).to(device)
     h_tiles = h.new_zeros(n_groups * size, latent).index_copy_(0, slots, h[rows])
     g_tiles = g.new_zeros(n_groups * size, g.shape[1]).index_copy_(0, slots, g[rows])
     h_tiles, g_tiles = h_tiles.view(n_groups, size, -1), g_tiles.view(n_groups, size, -1)
     values = torch.bmm(h_tiles.transpose(1, 2), g_tiles)  # (U, L, L)
-    for position in np.flatnonzero(counts > size).tolist():  # the rest of the large categories
-        start = starts[position]
-        rest = torch.from_numpy(order[start + size : start + counts[position]]).to(device)
+    for position in np.flatnonzero(sort.counts > size).tolist():  # the rest of large categories
+        start = sort.starts[position]
+        rest = order[start + size : start + sort.counts[position]]
         values[position].addmm_(h[rest].T, g[rest])
-    return torch.from_numpy(ordered[starts]).to(device), values
+    return categories, values
 
 
 def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:

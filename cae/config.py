@@ -209,7 +209,7 @@ class TrainConfig(_Section):
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's).")
     progress: bool = Field(True, description="Show progress bars.")
-    # --- speed (measured by bench/; docs/performance.md) ---
+    # --- speed (measured by bench/) ---
     context_maps: ContextMapMethod = Field(
         "auto",
         description="How context maps are applied: grouped (cells sorted by category, one batched "

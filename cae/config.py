@@ -44,29 +44,27 @@ ContextMapMethod = Literal["auto", "grouped", "gather"]  # cae.model.context_map
 Precision = Literal["fp32", "bf16"]
 
 
-def _split_commas(value: Any) -> Any:
-    """Let list settings be written ``a,b,c`` on the command line and in environment variables."""
+def _split_on(value: Any, separator: str) -> Any:
+    """A list setting written as text: a JSON list, or items joined by ``separator``."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
             return json.loads(text)
-        return [part.strip() for part in text.split(",") if part.strip()]
+        return [part.strip() for part in text.split(separator) if part.strip()]
     return value
 
 
-CommaList = Annotated[list[str], NoDecode]
+def _split_commas(value: Any) -> Any:
+    """Let list settings be written ``a,b,c`` on the command line and in environment variables."""
+    return _split_on(value, ",")
 
 
 def _split_semicolons(value: Any) -> Any:
-    """``"a=1,b=2;a=3"`` -> ``["a=1,b=2", "a=3"]`` (a JSON list passes through)."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            return json.loads(text)
-        return [part.strip() for part in text.split(";") if part.strip()]
-    return value
+    """``"a=1,b=2;a=3"`` -> ``["a=1,b=2", "a=3"]``: selections hold commas themselves."""
+    return _split_on(value, ";")
 
 
+CommaList = Annotated[list[str], NoDecode]
 SelectionList = Annotated[list[str], NoDecode, BeforeValidator(_split_semicolons)]
 
 

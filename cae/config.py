@@ -162,6 +162,11 @@ class ModelConfig(_Section):
         description="Per-context gene-space offsets in every field head "
         "(False = the seed's design).",
     )
+    nonnegative: Literal["all", "base"] = Field(
+        "all",
+        description="Parameters kept >= 0: all (the seed's design) or base (the base head only; "
+        "field heads take either sign, so a field's change can depend on the cell both ways).",
+    )
     classifier_hidden: int = Field(128, ge=1, description="Hidden width of the context classifier.")
     counterfactual: Literal["decode", "residual"] = Field(
         "decode",
@@ -290,11 +295,18 @@ class Range(_Section):
 
 
 class SearchSpace(_Section):
-    """What a study tunes: latent size, metadata logit scale (the seed's 0.0159 by hand) and lr."""
+    """What a study tunes: latent size, metadata logit scale (the seed's 0.0159 by hand) and lr,
+    plus any other settings as lists of choices (the model options, loss weights)."""
 
     latent_dim: Range = Range(low=32, high=512)
     logit_scale: Range = Range(low=1e-3, high=1.0)
     lr: Range = Range(low=1e-4, high=1e-2)
+    choices: dict[str, list[str | float | bool]] = Field(
+        default_factory=dict,
+        description='Dotted setting -> values to choose from, e.g. {"model.nonnegative": '
+        '["all", "base"], "train.weights.context_means": [0, 10]}; each is an Optuna '
+        "categorical parameter named by its setting.",
+    )
 
 
 class SlurmConfig(_Section):
@@ -432,6 +444,31 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
+    @model_validator(mode="after")
+    def _check_choices(self) -> Settings:
+        """Every ``tune.space.choices`` entry names a setting, and each of its values is valid
+        there (checked by assigning it to a copy of the setting's section)."""
+        for name, options in self.tune.space.choices.items():
+            *path, leaf = name.split(".")
+            section: Any = self.model_copy(deep=True)
+            for part in path:
+                section = getattr(section, part, None)
+            if not isinstance(section, BaseModel) or leaf not in type(section).model_fields:
+                raise ValueError(
+                    f"tune.space.choices names '{name}', which is not a setting; use a dotted "
+                    "setting name such as model.nonnegative or train.weights.context_means"
+                )
+            if not options:
+                raise ValueError(f"tune.space.choices['{name}'] is empty; list at least one value")
+            for option in options:
+                try:
+                    setattr(section, leaf, option)
+                except ValidationError as err:
+                    raise ValueError(
+                        f"tune.space.choices['{name}'] lists {option!r}: {err.errors()[0]['msg']}"
+                    ) from None
+        return self
+
     def flat(self) -> dict[str, str]:
         """Return every setting as ``{"section.name": "value"}`` strings (MLflow params).
 
@@ -534,20 +571,37 @@ def serve_settings(saved: Settings) -> ServeConfig:
 
 
 def nest(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Turn ``{"train.epochs": 3}`` into ``{"train": {"epochs": 3}}``; nested dicts pass through."""
+    """Turn ``{"train.epochs": 3}`` into ``{"train": {"epochs": 3}}``, merging nested dicts at any
+    depth. Only the top-level keys are split at dots: keys inside a mapping value are taken as they
+    are (``tune.space.choices`` is keyed by dotted setting names). The input is not changed."""
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if isinstance(value, Mapping):
-            value = nest(value)
         *parents, leaf = key.split(".")
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf].update(value)
-        else:
-            node[leaf] = value
+        _merge_into(node, leaf, value)
     return out
+
+
+def deep_merge(base: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested ``base`` with the nested or dotted ``updates`` merged in at any depth
+    (:func:`nest`)."""
+    out = nest(base)
+    for key, value in nest(updates).items():
+        _merge_into(out, key, value)
+    return out
+
+
+def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
+    """``node[key] = value``, merging a mapping into a dict already there (copies, recursively)."""
+    if not isinstance(value, Mapping):
+        node[key] = value
+        return
+    if not isinstance(node.get(key), dict):
+        node[key] = {}
+    for inner, item in value.items():
+        _merge_into(node[key], inner, item)
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -555,6 +609,9 @@ def describe_validation_error(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
         name = ".".join(str(part) for part in item["loc"])
+        if not name:  # a check across settings (Settings' own validators) says it all
+            lines.append(item["msg"].removeprefix("Value error, "))
+            continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         lines.append(f"{name}{shown}: {item['msg']}")

@@ -13,6 +13,7 @@ from cae.config import (
     LossWeights,
     Settings,
     TrainConfig,
+    deep_merge,
     load_settings,
     nest,
     settings_from_dict,
@@ -131,6 +132,19 @@ def test_nest() -> None:
         "a": {"b": {"c": 1, "d": 2}, "e": 3},
         "f": 4,
     }
+
+    # keys inside a value are literal: choices are keyed by dotted setting names
+    assert nest({"t.c": {"model.x": [1]}}) == {"t": {"c": {"model.x": [1]}}}
+
+
+def test_deep_merge_keeps_siblings_and_the_base() -> None:
+    base = {"train": {"epochs": 3, "weights": {"target": 1.0, "parsimony": 0.1}}, "tune": {"a": 1}}
+    merged = deep_merge(base, {"train.weights.target": 0.5, "tune": {"b": 2}})
+    assert merged == {
+        "train": {"epochs": 3, "weights": {"target": 0.5, "parsimony": 0.1}},
+        "tune": {"a": 1, "b": 2},
+    }
+    assert base["train"]["weights"]["target"] == 1.0  # not changed in place
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,3 +322,23 @@ def test_section_defaults_are_independent() -> None:
     assert second.train.weights == LossWeights()
     assert second.data.fields == DataConfig.model_fields["fields"].default
     assert first.train.weights.target == 0.5
+
+
+def test_tune_choices_are_checked_against_the_settings(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[tune.space.choices]\n"model.nonnegative" = ["all", "base"]\n'
+        '"train.weights.context_means" = [0, 10]\n'
+    )
+    choices = load_settings(good).tune.space.choices
+    assert choices == {"model.nonnegative": ["all", "base"], "train.weights.context_means": [0, 10]}
+    for line, words in [
+        ('"model.nonsense" = [1]', ["'model.nonsense'", "not a setting"]),
+        ('"model.nonnegative" = ["maybe"]', ["'maybe'", "'all' or 'base'"]),
+        ('"train.lr" = []', ["'train.lr'", "empty"]),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f"[tune.space.choices]\n{line}\n")
+        with pytest.raises(ConfigError) as err:
+            load_settings(bad)
+        check_error(err.value, ConfigError, *words, "bad.toml")

@@ -114,6 +114,18 @@ def test_project_nonnegative_clamps_every_parameter():
     assert all((p >= 0).all() for p in model.parameters())
 
 
+def test_signed_heads_keep_only_the_base_nonnegative():
+    model = CAE(12, 5, SIZES, logit_scale=0.5, context_offsets=True, nonnegative="base")
+    heads = [p for head in model.heads for p in head.parameters()]
+    assert all((head.encoder.weight < 0).any() for head in model.heads)  # signed from the start
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.sub_(0.5)
+    model.project_nonnegative()
+    assert (model.base >= 0).all()
+    assert all((p < 0).any() for p in heads)  # encoders, decoders, maps and offsets keep signs
+
+
 def test_fresh_model_is_nonnegative_with_identity_maps():
     model = CAE(n_genes=12, latent_dim=5, field_sizes=SIZES, logit_scale=0.0159)
     assert all((p >= 0).all() for p in model.parameters())

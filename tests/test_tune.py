@@ -21,8 +21,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cae.cli import main
-from cae.config import TuneConfig
-from cae.tune.study import TASK_ATTR, load
+from cae.config import TuneConfig, load_settings
+from cae.tune.study import PARENT_RUN_ATTR, TASK_ATTR, load, trial_settings
 from tests.servers import stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,3 +358,20 @@ def test_tune_submit_runs_a_slurm_array(slurm, small_data: Path, tmp_path: Path,
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_trials_choose_among_listed_settings_and_keep_the_rest(tmp_path: Path) -> None:
+    config = tmp_path / "tune.toml"
+    config.write_text(
+        "[train.weights]\nparsimony = 0.3\n"
+        '[tune.space.choices]\n"model.nonnegative" = ["base"]\n'
+        '"train.weights.context_means" = [10]\n'
+    )
+    base = load_settings(config)
+    study = optuna.create_study()
+    study.set_user_attr(PARENT_RUN_ATTR, "parent")
+    settings = trial_settings(base, study.ask())
+    assert settings.model.nonnegative == "base"
+    assert settings.train.weights.context_means == 10
+    assert settings.train.weights.parsimony == 0.3  # a sibling of a chosen setting survives
+    assert study.trials[0].params["model.nonnegative"] == "base"

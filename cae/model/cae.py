@@ -10,7 +10,9 @@ Expression is explained additively, one term per head::
   contexts gives ``h_f = C_f[source](E_f x)``; decoding to the target contexts gives
   ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale.
 
-Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimiser step).
+Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimiser step), as the
+seed has it; ``nonnegative="base"`` keeps only the base head so, and lets the field heads take
+either sign (a field's term can then lower genes as a function of the cell, not only by offsets).
 Context maps are applied to the whole batch at once, never in a Python loop over categories
 (:mod:`cae.model.context_maps`).
 Shapes: B cells, G genes, L latent size, K_f categories of field f (index 0 is ``<unk>``).
@@ -20,14 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from cae.model.context_maps import ContextMapMethod, apply_context_maps
 
-__all__ = ["CAE", "CAEOutput", "FieldHead", "apply_context_maps", "contribution_l2"]
+__all__ = [
+    "CAE", "CAEOutput", "FieldHead", "Nonnegative", "apply_context_maps", "contribution_l2",
+]  # fmt: skip
+
+# Which parameters are kept >= 0: "all" (the seed's design) or "base" (signed field heads).
+Nonnegative = Literal["all", "base"]
 
 
 class CAEOutput(NamedTuple):
@@ -88,6 +95,9 @@ class CAE(nn.Module):
             offset added (unscaled) to its head's output: ``x_hat_f = s * D_f(...) + b_f[target]``.
             An extension of the seed's design (False restores it); the output stays a sum of
             per-field gene-space terms.
+        nonnegative: ``"all"`` keeps every parameter >= 0 (the seed's design); ``"base"`` only the
+            base head, so that field heads (encoders, decoders, maps, offsets) take either sign and
+            start as signed uniforms of the same size.
     """
 
     def __init__(
@@ -97,9 +107,11 @@ class CAE(nn.Module):
         field_sizes: dict[str, int],
         logit_scale: float,
         context_offsets: bool = False,
+        nonnegative: Nonnegative = "all",
     ) -> None:
         super().__init__()
         self.n_genes = n_genes
+        self.nonnegative = nonnegative
         self.latent_dim = latent_dim
         self.fields: tuple[str, ...] = tuple(field_sizes)
         self.logit_scale = logit_scale
@@ -110,13 +122,15 @@ class CAE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Non-negative uniform weights sized so that an untrained base head roughly reproduces the
-        scale of its input (U(0, a) with a = 2 / sqrt(L G)); identity context maps."""
+        """Uniform weights sized so that an untrained base head roughly reproduces the scale of its
+        input (U(0, a) with a = 2 / sqrt(L G)); field heads the same, or U(-a, a) when signed;
+        identity context maps."""
         bound = 2.0 / math.sqrt(self.latent_dim * self.n_genes)
+        low = 0.0 if self.nonnegative == "all" else -bound
         nn.init.uniform_(self.base, 0.0, bound)
         for head in self.heads:
-            nn.init.uniform_(head.encoder.weight, 0.0, bound)
-            nn.init.uniform_(head.decoder.weight, 0.0, bound)
+            nn.init.uniform_(head.encoder.weight, low, bound)
+            nn.init.uniform_(head.decoder.weight, low, bound)
 
     def forward(
         self,
@@ -201,12 +215,16 @@ class CAE(nn.Module):
 
     @torch.no_grad()
     def project_nonnegative(self, rows: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Clamp every parameter to >= 0 in place (call after each optimiser step).
+        """Clamp every parameter (the base head alone with ``nonnegative="base"``) to >= 0 in
+        place (call after each optimiser step).
 
         Args:
             rows: for some parameters, the only rows (first-dimension indices) that changed; those
                 parameters are clamped there only (the optimiser's ``updated_rows``).
         """
+        if self.nonnegative == "base":
+            self.base.clamp_min_(0.0)
+            return
         rows = rows or {}
         dense = [p for p in self.parameters() if p not in rows]
         if dense:

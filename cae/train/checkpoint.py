@@ -190,6 +190,7 @@ def build_networks(
         sizes,
         settings.model.logit_scale,
         settings.model.context_offsets,
+        settings.model.nonnegative,
     )
     classifier = ContextClassifier(n_genes, settings.model.classifier_hidden, sizes)
     return model, classifier

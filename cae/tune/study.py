@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cae.config import Settings, TuneConfig, nest, settings_from_dict
+from cae.config import Settings, TuneConfig, deep_merge, settings_from_dict
 from cae.errors import ConfigError
 from cae.tracking.callbacks import redact
 from cae.train.trainer import Callback, StopTraining, Trainer
@@ -245,9 +245,9 @@ def trial_settings(base: Settings, trial: Any) -> Settings:
         "tracking.run_name": f"trial {trial.number}",
         "tracking.register_as": None,
     }  # fmt: skip
-    merged = base.model_dump(mode="json")
-    for section, fields in nest(values).items():
-        merged[section].update(fields)
+    for name, options in space.choices.items():
+        values[name] = trial.suggest_categorical(name, options)
+    merged = deep_merge(base.model_dump(mode="json"), values)
     return settings_from_dict(merged, f"trial {trial.number}")
 
 
@@ -326,10 +326,8 @@ def work(tune: TuneConfig, overrides: Mapping[str, Any] | None = None) -> int:
     saved = study.user_attrs.get(SETTINGS_ATTR)
     if saved is None:
         raise ConfigError(f"study '{tune.study}' was not created by `cae tune create`")
-    merged = saved
-    for section, fields in nest(overrides or {}).items():
-        merged[section].update(fields)
-    merged["tune"].update({"study": tune.study, "storage": tune.storage})
+    given = {**(overrides or {}), "tune.study": tune.study, "tune.storage": tune.storage}
+    merged = deep_merge(saved, given)
     base = settings_from_dict(merged, f"study {tune.study}")
     if is_rdb(tune.storage):  # heartbeat settings as the study was created with
         study = load(base.tune)

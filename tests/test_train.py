@@ -4,6 +4,7 @@ target, resumes exactly, is deterministic, handles <unk>, and protects existing 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,25 @@ def test_h5ad_input_trains(small_data: Path, tmp_path: Path):
         quick_settings(tmp_path / "cells.h5ad", tmp_path / "run", **{"data.h5ad_chunk_size": 250})
     )
     assert result.epochs == 2 and np.isfinite(result.final["val/loss"])
+
+
+def test_a_field_sorted_into_chunks_is_warned_about(small_data: Path, tmp_path: Path, caplog):
+    data = tmp_path / "sorted"
+    shutil.copytree(small_data, data)
+    for i, path in enumerate(sorted(data.glob("synth_metadata_*.pkl"))):
+        frame = pd.read_pickle(path)
+        frame["sex"] = ["female", "male"][i % 2]  # one sex per chunk
+        frame.to_pickle(path)
+    with caplog.at_level("WARNING", logger="cae.train.trainer"):
+        train(quick_settings(data, tmp_path / "out", **{"train.epochs": 1}))
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if "single value within every chunk" in r.getMessage()
+    ]
+    assert len(warned) == 1 and "'sex'" in warned[0] and str(data) in warned[0]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cae.train.trainer"):
+        train(quick_settings(small_data, tmp_path / "mixed", **{"train.epochs": 1}))
+    assert not any("single value within every chunk" in r.getMessage() for r in caplog.records)

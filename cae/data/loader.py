@@ -11,10 +11,11 @@ on the training device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -293,6 +294,35 @@ def iter_batches(
         # numpy, not torch, indexing: tiny, and torch's can wait on a busy machine's other thread
         host = torch.from_numpy(chunk.contexts[index])  # (B, F)
         yield Batch(apply_transform(x, transform), to_device(host, device), host)
+
+
+class UnmixedFields:
+    """Watches metadata chunks go by and tells which fields take one value within every chunk.
+
+    Mini-batches are sliced out of one chunk at a time, so such a field never varies inside a
+    batch (chunks written sorted by it, as Kang's file is by condition, or Census chunks by
+    dataset): the classifier and the context-means term then see one value per batch.
+    """
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.fields = list(fields)
+        self.mixed: set[str] = set()
+        self.n_chunks = 0
+
+    def watch(
+        self, frames: Iterable[tuple[str, pd.DataFrame]]
+    ) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Pass ``(source, frame)`` pairs through, noting the fields that vary within a chunk."""
+        for source, frame in frames:
+            self.n_chunks += 1
+            for name in self.fields:
+                if name in frame.columns and frame[name].nunique(dropna=True) > 1:
+                    self.mixed.add(name)
+            yield source, frame
+
+    def unmixed(self) -> list[str]:
+        """The fields that took a single value in each of several chunks."""
+        return [f for f in self.fields if f not in self.mixed] if self.n_chunks > 1 else []
 
 
 def epoch_seed(seed: int, epoch: int, purpose: str) -> int:

@@ -33,6 +33,7 @@ from cae.data.loader import (
     ChunkDataset,
     EpochOrder,
     LoadedChunk,
+    UnmixedFields,
     chunk_loader,
     epoch_seed,
     iter_batches,
@@ -211,10 +212,21 @@ class Trainer:
             if resume_payload.get("data_fingerprint") != self.fingerprint:
                 log.warning("resuming on data whose fingerprint differs from the checkpoint's")
         else:
+            watcher = UnmixedFields(cfg.data.fields)
             self.field_specs = build_field_specs(
-                self.store.iter_metadata(cfg.data.fields), cfg.data.fields, cfg.data.null_values
+                watcher.watch(self.store.iter_metadata(cfg.data.fields)),
+                cfg.data.fields,
+                cfg.data.null_values,
             )
             require_usable(self.field_specs, str(self.store.path))
+            for name in watcher.unmixed():
+                log.warning(
+                    "field '%s' takes a single value within every chunk of %s: mini-batches are "
+                    "drawn from one chunk at a time, so no batch mixes its values and the "
+                    "classifier and the context-means term learn little from it; write the "
+                    "chunks with the cells shuffled across them",
+                    name, self.store.path,
+                )  # fmt: skip
             self.vocabularies = Vocabularies.from_specs(self.field_specs)
         for spec in self.field_specs.values():  # only in checkpoints of older versions
             if not spec.using:

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cae.config import DataConfig
+from cae.config import DataConfig, load_settings
 from cae.data.store import DataStore
 from cae.data.synth import expected_expression
 from cae.errors import CheckpointError, ConfigError, MetadataError
@@ -46,9 +46,39 @@ def test_validation_reconstruction_falls_well_below_the_first_epoch(demo_run: Tr
     assert curve[-1] < 0.6 * curve[0], curve
 
 
-def test_contribution_ranking_matches_the_true_effect_sizes(demo_data: Path, demo_run):
+# The model options of experiments/kang.toml (the best preset on real data), on the demo preset.
+KANG_OPTIONS = {
+    "model.nonnegative": "base",
+    "model.counterfactual": "residual",
+    "model.logit_scale": 1.0,
+    "train.weights.context_means": 10.0,
+}
+
+
+@pytest.fixture(scope="module")
+def options_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """The demo preset with Kang's model options, on the demo data."""
+    settings = load_settings(
+        Path(__file__).parents[1] / "experiments" / "demo.toml",
+        {
+            "data.path": str(demo_data),
+            "output.dir": str(tmp_path_factory.mktemp("options_run")),
+            "train.progress": False,
+            **KANG_OPTIONS,
+        },
+    )
+    return train(settings)
+
+
+@pytest.fixture(params=["demo", "kang_options"])
+def run(request: pytest.FixtureRequest) -> TrainResult:
+    """Each preset's training: the demo preset, and the same with Kang's model options."""
+    return request.getfixturevalue("demo_run" if request.param == "demo" else "options_run")
+
+
+def test_contribution_ranking_matches_the_true_effect_sizes(demo_data: Path, run: TrainResult):
     truth = json.loads((demo_data / "truth.json").read_text())
-    final = demo_run.final
+    final = run.final
     ranked = sorted(truth["ranking"], key=lambda f: -final[f"contrib_l2/{f}"])
     assert ranked == truth["ranking"] == ["cell_type", "assay", "sex"]
     shares = sum(final[f"contrib_share/{h}"] for h in ["base", *truth["ranking"]])
@@ -56,10 +86,10 @@ def test_contribution_ranking_matches_the_true_effect_sizes(demo_data: Path, dem
 
 
 def test_counterfactual_cells_are_closer_to_the_true_target_than_unchanged_cells(
-    demo_data: Path, demo_run: TrainResult
+    demo_data: Path, run: TrainResult
 ):
     truth = json.loads((demo_data / "truth.json").read_text())
-    trained = load_checkpoint(demo_run.checkpoint)
+    trained = load_checkpoint(run.checkpoint)
     x, meta = load_cells(demo_data)
     source = {"cell_type": "B", "assay": "10x 3' v3", "sex": "female"}
     rows = np.ones(len(meta), dtype=bool)

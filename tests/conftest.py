@@ -61,18 +61,18 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("demo") / "data", SynthConfig())
 
 
+def demo_settings(data: Path, out: Path, **overrides: Any) -> Settings:
+    """The demo preset (experiments/demo.toml) on ``data``, writing to ``out``, quiet."""
+    values = {"data.path": str(data), "output.dir": str(out), "train.progress": False}
+    return load_settings(
+        Path(__file__).parents[1] / "experiments" / "demo.toml", values | overrides
+    )
+
+
 @pytest.fixture(scope="session")
 def demo_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """One training on the demo data with the demo preset (experiments/demo.toml)."""
-    settings = load_settings(
-        Path(__file__).parents[1] / "experiments" / "demo.toml",
-        {
-            "data.path": str(demo_data),
-            "output.dir": str(tmp_path_factory.mktemp("demo_run")),
-            "train.progress": False,
-        },
-    )
-    return train(settings)
+    return train(demo_settings(demo_data, tmp_path_factory.mktemp("demo_run")))
 
 
 # --- PostgreSQL (tests/test_postgres.py) ---------------------------------------------------------

@@ -13,13 +13,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cae.config import DataConfig, load_settings
+from cae.config import DataConfig
 from cae.data.store import DataStore
 from cae.data.synth import expected_expression
 from cae.errors import CheckpointError, ConfigError, MetadataError
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
 from cae.train.trainer import TrainResult, train
-from tests.conftest import quick_settings
+from tests.conftest import demo_settings, quick_settings
 
 
 def r2(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -58,16 +58,7 @@ KANG_OPTIONS = {
 @pytest.fixture(scope="module")
 def options_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
     """The demo preset with Kang's model options, on the demo data."""
-    settings = load_settings(
-        Path(__file__).parents[1] / "experiments" / "demo.toml",
-        {
-            "data.path": str(demo_data),
-            "output.dir": str(tmp_path_factory.mktemp("options_run")),
-            "train.progress": False,
-            **KANG_OPTIONS,
-        },
-    )
-    return train(settings)
+    return train(demo_settings(demo_data, tmp_path_factory.mktemp("options_run"), **KANG_OPTIONS))
 
 
 @pytest.fixture(params=["demo", "kang_options"])

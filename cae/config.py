@@ -42,6 +42,7 @@ Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
 ContextMapMethod = Literal["auto", "grouped", "gather"]  # cae.model.context_maps
 Precision = Literal["fp32", "bf16"]
+Nonnegative = Literal["all", "base"]  # cae.model.cae
 
 
 def _split_on(value: Any, separator: str) -> Any:
@@ -162,7 +163,7 @@ class ModelConfig(_Section):
         description="Per-context gene-space offsets in every field head "
         "(False = the seed's design).",
     )
-    nonnegative: Literal["all", "base"] = Field(
+    nonnegative: Nonnegative = Field(
         "all",
         description="Parameters kept >= 0: all (the seed's design) or base (the base head only; "
         "field heads take either sign, so a field's change can depend on the cell both ways).",
@@ -301,7 +302,7 @@ class SearchSpace(_Section):
     latent_dim: Range = Range(low=32, high=512)
     logit_scale: Range = Range(low=1e-3, high=1.0)
     lr: Range = Range(low=1e-4, high=1e-2)
-    choices: dict[str, list[str | float | bool]] = Field(
+    choices: dict[str, list[bool | int | float | str]] = Field(
         default_factory=dict,
         description='Dotted setting -> values to choose from, e.g. {"model.nonnegative": '
         '["all", "base"], "train.weights.context_means": [0, 10]}; each is an Optuna '

@@ -14,7 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from cae.config import DataConfig
-from cae.data.store import DataStore
+from cae.data.store import DataStore, load_npz
 from cae.data.synth import SynthConfig, generate
 from cae.errors import CAEError, DataError, MetadataError
 
@@ -446,3 +446,14 @@ def test_fingerprint_stable_and_sensitive(tmp_path: Path) -> None:
 
     (tmp_path / "genes.txt").write_text("".join(f"g{i}\n" for i in range(N_GENES)))
     assert open_store(tmp_path).fingerprint() not in (first, changed)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+@pytest.mark.parametrize("compressed", [True, False])
+def test_load_npz_reads_what_scipy_reads(tmp_path: Path, fmt: str, compressed: bool):
+    matrix = sp.random(50, 30, density=0.2, format=fmt, dtype=np.float32, random_state=0)
+    path = tmp_path / "m.npz"
+    sp.save_npz(path, matrix, compressed=compressed)
+    loaded = load_npz(path)
+    assert loaded.format == fmt and loaded.shape == (50, 30)
+    np.testing.assert_array_equal(loaded.toarray(), matrix.toarray())

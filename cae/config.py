@@ -192,6 +192,14 @@ class LossWeights(_Section):
         ge=0.0,
         description="Penalty on the field heads' squared output (0 = the seed's design exactly).",
     )
+    shared: float = Field(
+        0.0,
+        ge=0.0,
+        description="Penalty on what a field head's output shares between a cell's source and "
+        "target contexts (the squared mean of the two): that belongs to the base head, and a "
+        "field's contribution then measures what differs between its values (0 = off, the "
+        "seed's design).",
+    )
     context_means: float = Field(
         0.0,
         ge=0.0,
@@ -208,7 +216,22 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1, description="Cells per mini-batch.")
     lr: float = Field(3e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
     classifier_lr: float = Field(1e-3, gt=0.0, description="Learning rate of the classifier.")
+    ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Decay of an exponential moving average of the autoencoder's weights, "
+        "updated every step; the average is what is evaluated, saved for inference and served "
+        "(0 = off: the last step's weights; 0.999 averages over about the last 1,000 steps).",
+    )
     weights: LossWeights = LossWeights()
+    context_means_reference: Literal["batch", "data"] = Field(
+        "data",
+        description="What the context-means term compares moved cells with: the mean of the real "
+        "cells of each context combination over all training cells (data: computed once before "
+        "training, exact; a table of every combination of the fields' categories x genes) or "
+        "among the batch's cells (batch: a few cells per combination, noisy).",
+    )
     seed: int = Field(0, description="Seed of initialisation, shuffling and target sampling.")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's).")

@@ -9,6 +9,7 @@ from cae.config import LossWeights
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
 from cae.train.cycle import (
+    ContextMeans,
     classifier_loss,
     context_means_loss,
     generator_losses,
@@ -100,6 +101,33 @@ def test_context_means_loss_by_hand() -> None:
     # (3 - 1)^2 on gene 0, 0 on gene 1: mean over genes 2
     assert context_means_loss(moved, target, x, source).item() == pytest.approx(2.0)
     assert context_means_loss(moved[2:], target[2:], x, source).item() == 0.0
+
+
+def test_context_means_of_the_data_average_every_combination_over_batches() -> None:
+    generator = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([3, 4])
+    x = torch.rand(40, 6, generator=generator)
+    source = torch.stack([torch.randint(0, k, (40,), generator=generator) for k in (3, 4)], 1)
+    batches = [(x[i : i + 7], source[i : i + 7]) for i in range(0, 40, 7)]
+    means = ContextMeans.accumulate(batches, sizes, n_genes=6)
+    pairs = sorted({tuple(row) for row in source.tolist()})
+    assert means.codes.tolist() == sorted(a + 3 * b for a, b in pairs)
+    assert ContextMeans.table_bytes(sizes, 6) == 3 * 4 * 6 * 4
+    for code, mean, count in zip(means.codes.tolist(), means.means, means.counts, strict=True):
+        rows = (source[:, 0] + 3 * source[:, 1]) == code
+        torch.testing.assert_close(mean, x[rows].mean(dim=0))
+        assert count.item() == rows.sum().item()
+    # Against the batch's own cells as the reference, the term is the batch version's.
+    moved = torch.rand(40, 6, generator=generator)
+    target = torch.stack([torch.randint(0, k, (40,), generator=generator) for k in (3, 4)], 1)
+    torch.testing.assert_close(
+        means.loss(moved, target), context_means_loss(moved, target, x, source)
+    )
+    one = ContextMeans.accumulate([(x[:1], torch.tensor([[1, 2]]))], sizes, n_genes=6)
+    assert one.loss(moved[:1], torch.tensor([[2, 3]])).item() == 0.0  # no such training cells
+    assert one.loss(moved[:1], torch.tensor([[1, 2]])).item() > 0.0
+    with pytest.raises(ValueError, match="no training cells"):
+        ContextMeans.accumulate([], sizes, n_genes=6)
 
 
 def test_one_field_moves_change_one_field_per_cell() -> None:

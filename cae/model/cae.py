@@ -14,14 +14,15 @@ Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimis
 seed has it; ``nonnegative="base"`` keeps only the base head so, and lets the field heads take
 either sign (a field's term can then lower genes as a function of the cell, not only by offsets).
 Context maps are applied to the whole batch at once, never in a Python loop over categories
-(:mod:`cae.model.context_maps`).
+(:mod:`cae.model.context_maps`). All heads encode in one matmul; a training step's passes
+(``terms=False``) decode only the sum of the heads, in one matmul over all their latents.
 Shapes: B cells, G genes, L latent size, K_f categories of field f (index 0 is ``<unk>``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -41,13 +42,21 @@ class CAEOutput(NamedTuple):
     """Everything one forward pass computes; contributions come free from the per-head outputs."""
 
     output: torch.Tensor  # (B, G) base + sum of field heads
-    base: torch.Tensor  # (B, G) base head output
-    fields: dict[str, torch.Tensor]  # field -> (B, G) scaled field head output
+    # (B, G) base head output, and field -> (B, G) scaled field head output; None and {} when the
+    # pass was asked for its sum only (forward(..., terms=False)).
+    base: torch.Tensor | None
+    fields: dict[str, torch.Tensor]
     base_hidden: torch.Tensor  # (B, L) base head latent
     field_hidden: dict[str, torch.Tensor]  # field -> (B, L) latent after the source context map
     # The same cells decoded in their source contexts (forward(..., and_source=True)): it shares
     # the encoding, so the self pass of a training step costs only its decoders.
     own: CAEOutput | None = None
+    # On that self pass: field -> the mean over cells and genes of its head's squared output
+    # (the parsimony term), computed without the (B, G) outputs when terms=False; and with
+    # forward(..., shared=True) the same of the mean of its outputs in the source and the target
+    # contexts (what the two contexts share).
+    squares: dict[str, torch.Tensor] | None = None
+    shared: dict[str, torch.Tensor] | None = None
 
 
 class FieldHead(nn.Module):
@@ -69,10 +78,6 @@ class FieldHead(nn.Module):
         """(B, L), (B,) -> (B, L): each latent times its category's context map."""
         return apply_context_maps(h, self.context_maps, index, self.map_method, self.sparse_grad)
 
-    def encode(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """(B, G), (B,) -> (B, L): the latent of each cell in its source context."""
-        return self.apply_maps(self.encoder(x), source)
-
     def decode(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, L), (B,) -> (B, G): expression of each latent in its target context, unscaled."""
         return self.decoder(self.apply_maps(h, target))
@@ -80,6 +85,25 @@ class FieldHead(nn.Module):
     def offset(self, target: torch.Tensor) -> torch.Tensor | None:
         """(B,) -> (B, G) the target contexts' gene-space offsets, or None without offsets."""
         return None if self.offsets is None else self.offsets[target]
+
+    def mean_square(
+        self, z: torch.Tensor, targets: Sequence[torch.Tensor], n_genes: int
+    ) -> torch.Tensor:
+        """The mean over cells and genes of the squared output ``z D^T + o``, ``o`` the mean of
+        the offsets ``b[t]`` over ``targets`` (each (B,)), from scaled latents ``z`` (B, L),
+        without forming the (B, G) output: ``|z D^T|^2 = sum(z (D^T D) * z)``, plus with offsets
+        ``2 sum(z * (o D)) + |o|^2`` (``o D`` per category, then gathered, when few)."""
+        weight = self.decoder.weight  # (G, L)
+        total = ((z @ (weight.T @ weight)) * z).sum()
+        if self.offsets is not None:
+            if len(targets) == 1 and self.offsets.shape[0] <= z.shape[0]:
+                projected = (self.offsets @ weight)[targets[0]]
+                squares = self.offsets.square().sum(dim=1)[targets[0]].sum()
+            else:
+                offset = sum(self.offsets[t] for t in targets) / len(targets)
+                projected, squares = offset @ weight, offset.square().sum()
+            total = total + 2 * (z * projected).sum() + squares
+        return total / (z.shape[0] * n_genes)
 
 
 class CAE(nn.Module):
@@ -139,27 +163,49 @@ class CAE(nn.Module):
         target: torch.Tensor | None = None,
         *,
         and_source: bool = False,
+        terms: bool = True,
+        shared: bool = False,
     ) -> CAEOutput:
         """Encode ``x`` in its source contexts and decode it in the target contexts.
+
+        All heads encode in one matmul. With ``terms`` every head's (B, G) output is computed and
+        summed; without, only the sum, as one matmul over every head's latent (what a training
+        step needs, and faster: no (B, G) per head, larger matmuls).
 
         Args:
             x: (B, G) model-space expression.
             source: (B, F) int64 category of each cell for each field.
             target: (B, F) int64 categories to decode into; ``None`` reconstructs in ``source``.
-            and_source: also decode the same encoding in the source contexts (``.own``).
+            and_source: also decode the same encoding in the source contexts (``.own``, with
+                ``squares``).
+            terms: return every head's output (``base``, ``fields``: contributions); False
+                leaves them None and {}.
+            shared: with ``and_source``, also give the self pass ``shared``.
 
         Returns:
-            A :class:`CAEOutput` with the summed output, every head's output and latents.
+            A :class:`CAEOutput` with the summed output, the heads' outputs and the latents.
         """
         target = source if target is None else target
-        base_hidden = x @ self.base.T  # (B, L)
-        base = base_hidden @ self.base  # (B, G)
+        latent = self.latent_dim
+        encoders = torch.cat([self.base, *(head.encoder.weight for head in self.heads)])
+        base_hidden, *encoded = (x @ encoders.T).split(latent, dim=1)  # (B, L) each
         field_hidden = {
-            field: head.encode(x, source[:, column])  # (B, L)
-            for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True))
+            field: head.apply_maps(h, source[:, column])  # (B, L)
+            for column, (field, head, h) in enumerate(
+                zip(self.fields, self.heads, encoded, strict=True)
+            )
         }
-        own = self._decode(base, base_hidden, field_hidden, source) if and_source else None
-        return self._decode(base, base_hidden, field_hidden, target)._replace(own=own)
+        if terms or not self.heads:
+            base = base_hidden @ self.base  # (B, G)
+            out = self._decode(base, base_hidden, field_hidden, target)
+            if not and_source:
+                return out
+            own = self._decode(base, base_hidden, field_hidden, source)
+            squares = {f: values.square().mean() for f, values in own.fields.items()}
+            both = {f: (values + out.fields[f]) / 2 for f, values in own.fields.items()}
+            common = {f: values.square().mean() for f, values in both.items()} if shared else None
+            return out._replace(own=own._replace(squares=squares, shared=common))
+        return self._decode_sum(x, base_hidden, field_hidden, source, target, and_source, shared)
 
     def _decode(
         self,
@@ -177,6 +223,63 @@ class CAE(nn.Module):
             fields[field] = values if offset is None else values + offset
         output = base + sum(fields.values()) if fields else base
         return CAEOutput(output, base, fields, base_hidden, field_hidden)
+
+    def _decode_sum(
+        self,
+        x: torch.Tensor,
+        base_hidden: torch.Tensor,
+        field_hidden: dict[str, torch.Tensor],
+        source: torch.Tensor,
+        target: torch.Tensor,
+        and_source: bool,
+        shared: bool,
+    ) -> CAEOutput:
+        """The summed output in the ``target`` contexts (and the source ones), one matmul each:
+        ``[h_base, s C_1 h_1, ...] @ [W; D_1^T; ...]`` plus the offsets."""
+        contexts = [target, source] if and_source else [target]
+        n = x.shape[0]
+        decoded: list[list[torch.Tensor]] = [[] for _ in contexts]  # per pass, field -> (B, L)
+        for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
+            # Both passes' maps in one call: a category's map is read once for both.
+            hidden = field_hidden[field].repeat(len(contexts), 1)
+            index = torch.cat([c[:, column] for c in contexts])
+            mapped = self.logit_scale * head.apply_maps(hidden, index)
+            for pass_, part in zip(decoded, mapped.split(n), strict=True):
+                pass_.append(part)
+        decoders = torch.cat([head.decoder.weight for head in self.heads], dim=1)  # (G, F L)
+        shifts = [self._offsets(context) for context in contexts]
+        if and_source:  # the base head's term once, for both passes
+            base = base_hidden @ self.base
+            outputs = [
+                torch.addmm(base if shift is None else base + shift, torch.cat(z, 1), decoders.T)
+                for z, shift in zip(decoded, shifts, strict=True)
+            ]
+        else:
+            stacked = torch.cat([self.base.T, decoders], dim=1)  # (G, (1 + F) L)
+            out = torch.cat([base_hidden, *decoded[0]], dim=1) @ stacked.T
+            outputs = [out if shifts[0] is None else out + shifts[0]]
+        result = CAEOutput(outputs[0], None, {}, base_hidden, field_hidden)
+        if not and_source:
+            return result
+        squares, common = {}, {}
+        for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
+            z_target, z_source = decoded[0][column], decoded[1][column]
+            rows = source[:, column], target[:, column]
+            squares[field] = head.mean_square(z_source, rows[:1], self.n_genes)
+            if shared:
+                common[field] = head.mean_square((z_source + z_target) / 2, rows, self.n_genes)
+        own = CAEOutput(outputs[1], None, {}, base_hidden, field_hidden)
+        own = own._replace(squares=squares, shared=common if shared else None)
+        return result._replace(own=own)
+
+    def _offsets(self, contexts: torch.Tensor) -> torch.Tensor | None:
+        """(B, F) -> (B, G) the sum of every field's offsets of these contexts, or None."""
+        parts = [
+            offset
+            for column, head in enumerate(self.heads)
+            if (offset := head.offset(contexts[:, column])) is not None
+        ]
+        return sum(parts[1:], parts[0]) if parts else None
 
     def counterfactual(
         self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, residual: bool

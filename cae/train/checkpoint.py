@@ -196,6 +196,16 @@ def build_networks(
     return model, classifier
 
 
+def inference_weights(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The autoencoder's state dict to predict with: the moving average of its weights when the
+    checkpoint has one (``train.ema``), else the last step's weights."""
+    averaged = payload.get("averaged")
+    if averaged is None:
+        return payload["model"]
+    prefix = "module."
+    return {k.removeprefix(prefix): v for k, v in averaged.items() if k.startswith(prefix)}
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Load a trained model from a checkpoint file or a training output folder.
 
@@ -214,7 +224,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
     vocabularies = Vocabularies.from_dict(payload["vocabularies"])
     specs = {d["field"]: FieldSpec.from_dict(d) for d in payload["field_specs"]}
     model, classifier = build_networks(settings, len(payload["genes"]), vocabularies.sizes())
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(inference_weights(payload))
     classifier.load_state_dict(payload["classifier"])
     model.to(device).eval()
     classifier.to(device).eval()

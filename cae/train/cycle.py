@@ -12,18 +12,26 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 * parsimony (an extension, weight 0 restores the seed): the mean squared output of the field heads
   in the self pass, so that what the base head can explain stays there and each field's
   contribution measures what only that field explains;
+* shared (an extension, off by default): the mean squared output of each field head averaged over
+  the cell's source and target contexts, the part of a field's term its two values share. With
+  field heads of either sign (``model.nonnegative = "base"``) a head can carry cell identity
+  that is the same in every context of its field; this pushes that to the base head, so a field's
+  contribution measures what differs between its values;
 * context means (an extension, off by default): every cell is moved in one field
-  (:func:`one_field_moves`); for every context combination that both a moved cell's targets and a
-  real cell's source take in the batch, the squared distance between the mean of the cells moved
-  there (``model.counterfactual``, decoded or residual) and the mean of the real cells there. It
-  ties the size of a counterfactual shift to real cells of the target context (the cycle and
-  classifier terms only ask for its direction). Costs a forward pass and one host sync
-  (``torch.unique``) per step when on;
+  (:func:`one_field_moves`); for every context combination the moved cells' targets take, the
+  squared distance between the mean of the cells moved there (``model.counterfactual``, decoded or
+  residual) and the mean of the real cells of that combination: the real cells of the batch
+  (``train.context_means_reference = "batch"``, the combinations both sides have), or all real
+  training cells (``"data"``: :class:`ContextMeans`, computed once before training; exact, where a
+  batch has a few cells per combination). It ties the size of a counterfactual shift to real cells
+  of the target context (the cycle and classifier terms only ask for its direction). Costs a
+  forward pass and one host sync (``torch.unique``) per step when on;
 * the classifier's own supervised loss on real cells (a separate optimiser).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -47,6 +55,7 @@ class GeneratorLosses:
     target: torch.Tensor
     self_reconstruction: torch.Tensor
     parsimony: torch.Tensor
+    shared: torch.Tensor
     context_means: torch.Tensor
     cycle1: CAEOutput
     own: CAEOutput  # the cell in its own context: (x, source -> source)
@@ -60,6 +69,7 @@ class GeneratorLosses:
             "target": self.target,
             "self_reconstruction": self.self_reconstruction,
             "parsimony": self.parsimony,
+            "shared": self.shared,
             "context_means": self.context_means,
         }
 
@@ -131,6 +141,83 @@ def context_means_loss(
     return (distance * weight).sum() / weight.sum().clamp_min(1)
 
 
+@dataclass
+class ContextMeans:
+    """The mean expression of the real cells of every context combination seen in training.
+
+    A combination (one category per field) is coded as one int64, ``sum_f index_f * stride_f``
+    with strides the cumulative products of the fields' sizes.
+    """
+
+    codes: torch.Tensor  # (C,) sorted distinct combination codes
+    means: torch.Tensor  # (C, G) mean model-space expression of each combination's cells
+    counts: torch.Tensor  # (C,) cells of each combination
+    strides: torch.Tensor  # (F,) int64
+
+    @staticmethod
+    def strides_for(sizes: torch.Tensor) -> torch.Tensor:
+        """(F,) categories per field -> (F,) the strides of the combination codes."""
+        return torch.cumprod(torch.cat([sizes.new_ones(1), sizes[:-1]]), 0)
+
+    def code(self, contexts: torch.Tensor) -> torch.Tensor:
+        """(B, F) contexts -> (B,) their combination codes."""
+        return (contexts * self.strides.to(contexts.device)).sum(dim=1)
+
+    @classmethod
+    def accumulate(
+        cls, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], sizes: torch.Tensor, n_genes: int
+    ) -> ContextMeans:
+        """Average the cells of every combination over ``(x (B, G), contexts (B, F))`` batches,
+        in a table over every possible combination (see :meth:`table_bytes`).
+
+        Raises:
+            ValueError: no batch had a cell.
+        """
+        strides = cls.strides_for(sizes)
+        n_codes = int(torch.prod(sizes))
+        sums = counts = None
+        for x, contexts in batches:
+            if sums is None or counts is None:
+                sums = x.new_zeros(n_codes, n_genes, dtype=torch.float32)
+                counts = x.new_zeros(n_codes, dtype=torch.float32)
+            codes = (contexts * strides.to(contexts.device)).sum(dim=1)
+            sums.index_add_(0, codes, x.float())
+            counts.index_add_(0, codes, counts.new_ones(len(codes)))
+        if sums is None or counts is None or not bool((counts > 0).any()):
+            raise ValueError("no training cells to average")
+        present = torch.nonzero(counts).squeeze(1)  # sorted codes
+        means = sums[present] / counts[present].unsqueeze(1)
+        return cls(present, means, counts[present], strides)
+
+    @staticmethod
+    def table_bytes(sizes: torch.Tensor, n_genes: int) -> int:
+        """Bytes of :meth:`accumulate`'s table: every combination of the fields' categories
+        times the genes, float32."""
+        return int(torch.prod(sizes)) * n_genes * 4
+
+    def loss(self, moved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The context-means term against these means.
+
+        Args:
+            moved: (B, G) cells moved to ``target``.
+            target: (B, F) their target categories.
+
+        Returns:
+            The mean over genes of ``(mean moved - mean real)^2`` per target combination that
+            training cells have, averaged with the moved cells' counts as weights; 0 when none.
+        """
+        groups, inverse, counts = torch.unique(
+            self.code(target), return_inverse=True, return_counts=True
+        )
+        sums = moved.new_zeros(len(groups), moved.shape[1]).index_add_(0, inverse, moved)
+        position = torch.searchsorted(self.codes, groups).clamp_max(len(self.codes) - 1)
+        known = self.codes[position] == groups  # (groups,) combinations training cells have
+        reference = self.means[position].to(moved.dtype)
+        distance = (sums / counts.unsqueeze(1) - reference).square().mean(dim=1)
+        weight = counts * known
+        return (distance * weight).sum() / weight.sum().clamp_min(1)
+
+
 def generator_losses(
     model: CAE,
     classifier: ContextClassifier,
@@ -139,6 +226,8 @@ def generator_losses(
     target: torch.Tensor,
     weights: LossWeights,
     residual: bool = False,
+    terms: bool = False,
+    reference: ContextMeans | None = None,
 ) -> GeneratorLosses:
     """Run both cycles (and the self pass) and weigh the autoencoder's loss terms.
 
@@ -154,15 +243,19 @@ def generator_losses(
         weights: the loss weights.
         residual: counterfactuals are residual (``model.counterfactual``): the context-means
             term compares ``x + cycle 1 - self pass`` with the real cells.
+        terms: also compute every head's (B, G) output of the passes (contributions; slower).
+        reference: the training cells' combination means for the context-means term; None
+            compares with the real cells of the batch.
 
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
     """
     # Cycle 1 and the self pass share one encoding of x (the same numbers as two passes).
-    cycle1 = model(x, source, target, and_source=True)
+    shared_on = weights.shared > 0
+    cycle1 = model(x, source, target, and_source=True, terms=terms, shared=shared_on)
     own = cycle1.own
-    assert own is not None
-    cycle2 = model(cycle1.output, target, source)
+    assert own is not None and own.squares is not None
+    cycle2 = model(cycle1.output, target, source, terms=False)
     reconstruction = F.mse_loss(cycle2.output, x)
     latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
     latents += [F.mse_loss(cycle2.field_hidden[f], h) for f, h in cycle1.field_hidden.items()]
@@ -171,25 +264,32 @@ def generator_losses(
     target_terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]
     target_loss = torch.stack(target_terms).mean() if target_terms else x.new_zeros(())
     self_reconstruction = F.mse_loss(own.output, x)
-    heads = [values.square().mean() for values in own.fields.values()]
+    heads = list(own.squares.values())
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
+    shared = x.new_zeros(())
+    if shared_on and own.shared:
+        shared = torch.stack(list(own.shared.values())).sum()
     context_means = x.new_zeros(())
     if weights.context_means > 0:
         single = one_field_moves(source, target)
-        moved = model(x, source, single).output  # a plain call: model may be a DDP wrapper
+        moved = model(x, source, single, terms=False).output  # a plain call: maybe a DDP wrapper
         if residual:
             moved = (x + moved - own.output).clamp_min(0.0)
-        context_means = context_means_loss(moved, single, x, source)
+        if reference is None:
+            context_means = context_means_loss(moved, single, x, source)
+        else:
+            context_means = reference.loss(moved, single)
     total = (
         weights.reconstruction * reconstruction
         + weights.integration * integration
         + weights.target * target_loss
         + weights.self_reconstruction * self_reconstruction
         + weights.parsimony * parsimony
+        + weights.shared * shared
         + weights.context_means * context_means
     )
     return GeneratorLosses(
-        total, reconstruction, integration, target_loss, self_reconstruction, parsimony,
+        total, reconstruction, integration, target_loss, self_reconstruction, parsimony, shared,
         context_means, cycle1, own,
     )  # fmt: skip
 
@@ -237,6 +337,7 @@ def training_step(
     forward_classifier: nn.Module | None = None,
     autocast: AbstractContextManager | None = None,
     residual: bool = False,
+    reference: ContextMeans | None = None,
 ) -> tuple[GeneratorLosses, torch.Tensor]:
     """One training step: the autoencoder's update against the frozen classifier, the projection
     to non-negative weights, then the classifier's own update on the real cells.
@@ -255,6 +356,7 @@ def training_step(
             networks (DistributedDataParallel wrappers, a compiled model).
         autocast: the autocast context of the forward passes (none by default).
         residual: counterfactuals are residual (see :func:`generator_losses`).
+        reference: the context-means term's reference (see :func:`generator_losses`).
 
     Returns:
         ``(losses, classifier_loss)``.
@@ -265,8 +367,9 @@ def training_step(
     classifier.requires_grad_(False)
     with autocast:
         losses = generator_losses(
-            forward_model, classifier, x, source, target, weights, residual=residual
-        )
+            forward_model, classifier, x, source, target, weights, residual=residual,
+            reference=reference,
+        )  # fmt: skip
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     optimizer.step()

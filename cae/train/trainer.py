@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from cae import __version__
@@ -58,13 +59,23 @@ from cae.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from cae.train.cycle import classifier_loss, generator_losses, sample_targets, training_step
+from cae.train.cycle import (
+    ContextMeans,
+    classifier_loss,
+    generator_losses,
+    sample_targets,
+    training_step,
+)
 from cae.train.host import configure_host
 from cae.train.optim import ContextAdam
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
+
+
+# The largest table of combination means train.context_means_reference = "data" builds (bytes).
+_REFERENCE_LIMIT = 2 * 2**30
 
 
 class TrainingError(CAEError):
@@ -262,6 +273,15 @@ class Trainer:
             self.train_classifier = DistributedDataParallel(self.classifier, device_ids=ids)
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
+        # The moving average of the weights (train.ema), or the weights themselves: what is
+        # evaluated and saved for inference.
+        self.averaged: AveragedModel | None = None
+        self.eval_model: nn.Module = self.model
+        if cfg.train.ema > 0:
+            self.averaged = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True
+            )
+            self.eval_model = self.averaged.module
         self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
         self.history: list[dict[str, float]] = []
         # Each head's output on the first evaluation batch of the last epoch (for histograms).
@@ -297,6 +317,9 @@ class Trainer:
         self.eval_rows = "val_rows" if val_idx else "train_rows"
         eval_idx = ranks.shard(val_idx or train_idx)
         self.eval_loader = chunk_loader(dataset, eval_idx, workers, prefetch)
+        self.reference: ContextMeans | None = None
+        if cfg.train.weights.context_means > 0 and cfg.train.context_means_reference == "data":
+            self.reference = self._context_means(chunk_loader(dataset, train_idx, workers, 1))
 
     def _check_out_dir(self) -> dict | None:
         output = self.settings.output
@@ -335,6 +358,13 @@ class Trainer:
                 "for inference (cae.train.load_checkpoint), or start a new training"
             )
         self.model.load_state_dict(payload["model"])
+        if self.averaged is not None:
+            if payload.get("averaged") is None:
+                raise ConfigError(
+                    f"{self.checkpoint_path} was trained without train.ema; resume it with "
+                    "train.ema = 0, or start a new training"
+                )
+            self.averaged.load_state_dict(payload["averaged"])
         self.classifier.load_state_dict(payload["classifier"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.classifier_optimizer.load_state_dict(payload["classifier_optimizer"])
@@ -398,6 +428,25 @@ class Trainer:
                 )
             log.info("data.exclude '%s' keeps %d cells out of training", selection, count)
         return train_idx, val_idx, n_train, n_val
+
+    def _context_means(self, loader: Iterable[LoadedChunk]) -> ContextMeans:
+        """The training cells' mean per context combination (train.context_means_reference)."""
+        table = ContextMeans.table_bytes(self.sizes, self.store.n_genes)
+        if table > _REFERENCE_LIMIT:
+            raise ConfigError(
+                f"train.context_means_reference = 'data' needs a table of every combination of "
+                f"the fields' categories x {self.store.n_genes:,} genes ({table / 2**30:.1f} GiB); "
+                "use 'batch', or fewer fields"
+            )
+        if self.ranks.enabled:
+            raise ConfigError(
+                "train.context_means_reference = 'data' is computed in one process; with "
+                "several training processes use 'batch'"
+            )
+        batches = self._batches(loader, "train_rows", None)
+        return ContextMeans.accumulate(
+            ((x, source) for x, source, _ in batches), self.sizes, self.store.n_genes
+        )
 
     def _emit(self, event: str, *args: object) -> None:
         for callback in self.callbacks:
@@ -578,7 +627,10 @@ class Trainer:
                 forward_classifier=self.train_classifier,
                 autocast=self._autocast(),
                 residual=cfg.model.counterfactual == "residual",
+                reference=self.reference,
             )
+            if self.averaged is not None:
+                self.averaged.update_parameters(self.model)
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)
@@ -589,7 +641,7 @@ class Trainer:
         """Losses, classifier accuracies and contributions on the held-out cells (the training
         cells when nothing is held out), with targets drawn the same way every epoch."""
         cfg = self.settings
-        self.model.eval()
+        self.eval_model.eval()
         self.classifier.eval()
         generator = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation"))
         means = _Means()
@@ -601,13 +653,15 @@ class Trainer:
             target = to_device(sample_targets(host_source, self.sizes, generator), self.device)
             with self._autocast():
                 losses = generator_losses(
-                    self.model,
+                    self.eval_model,
                     self.classifier,
                     x,
                     source,
                     target,
                     cfg.train.weights,
                     residual=cfg.model.counterfactual == "residual",
+                    terms=True,
+                    reference=self.reference,
                 )
                 c_loss, correct, labelled = classifier_loss(self.classifier, x, source)
                 target_logits = self.classifier(losses.cycle1.output)
@@ -692,6 +746,8 @@ class Trainer:
             "version": __version__,
             "epoch": epoch,
             "model": self.model.state_dict(),
+            # train.ema: the average (what inference loads) and its step count, else None.
+            "averaged": None if self.averaged is None else self.averaged.state_dict(),
             "classifier": self.classifier.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "classifier_optimizer": self.classifier_optimizer.state_dict(),

@@ -202,8 +202,12 @@ class CAE(nn.Module):
                 return out
             own = self._decode(base, base_hidden, field_hidden, source)
             squares = {f: values.square().mean() for f, values in own.fields.items()}
-            both = {f: (values + out.fields[f]) / 2 for f, values in own.fields.items()}
-            common = {f: values.square().mean() for f, values in both.items()} if shared else None
+            common = None
+            if shared:  # what the source and target contexts' outputs have in common
+                common = {
+                    f: ((values + out.fields[f]) / 2).square().mean()
+                    for f, values in own.fields.items()
+                }
             return out._replace(own=own._replace(squares=squares, shared=common))
         return self._decode_sum(x, base_hidden, field_hidden, source, target, and_source, shared)
 

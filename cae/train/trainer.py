@@ -443,10 +443,18 @@ class Trainer:
                 "train.context_means_reference = 'data' is computed in one process; with "
                 "several training processes use 'batch'"
             )
-        batches = self._batches(loader, "train_rows", None)
-        return ContextMeans.accumulate(
-            ((x, source) for x, source, _ in batches), self.sizes, self.store.n_genes
-        )
+        bar = tqdm(
+            total=self.n_train_cells, desc="context means", unit="cells", leave=False,
+            disable=not self.settings.train.progress,
+        )  # fmt: skip
+
+        def counted() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for x, source, _ in self._batches(loader, "train_rows", None):
+                bar.update(x.shape[0])
+                yield x, source
+
+        with bar:
+            return ContextMeans.accumulate(counted(), self.sizes, self.store.n_genes)
 
     def _emit(self, event: str, *args: object) -> None:
         for callback in self.callbacks:

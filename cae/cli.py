@@ -209,9 +209,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {result.epochs} epochs; checkpoint {result.checkpoint}")
     heads = ["base", *result.vocabularies.fields]
     for head in heads:
+        effect = f"  effect_l2 {final[f'effect_l2/{head}']:8.4f}" if head != "base" else ""
         print(
             f"  {head:<24} contrib_l2 {final[f'contrib_l2/{head}']:9.4f}  "
-            f"share {final[f'contrib_share/{head}']:6.1%}"
+            f"share {final[f'contrib_share/{head}']:6.1%}{effect}"
         )
 
 
@@ -496,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--last", type=int, default=5, help="how many runs (default 5)")
     compare.add_argument(
         "--metric",
-        choices=["contrib_share", "contrib_l2"],
+        choices=["contrib_share", "contrib_l2", "effect_l2"],
         default="contrib_share",
-        help="share of the summed L2 (default) or the L2 itself",
+        help="share of the summed L2 (default), the L2 itself, or the fields' effects (the L2 "
+        "of the mean change each value makes; no base row)",
     )
     compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     compare.set_defaults(func=cmd_runs_compare)

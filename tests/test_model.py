@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cae.data.vocabulary import FieldVocabulary, Vocabularies
 from cae.model.cae import CAE, apply_context_maps, contribution_l2
 from cae.model.classifier import ContextClassifier
+from cae.model.contributions import ContextTable, field_means
 
 SIZES = {"cell_type": 6, "assay": 4, "sex": 3}
 
@@ -152,6 +154,51 @@ def test_contribution_l2_is_the_gene_wise_norm_of_each_head():
     norms = contribution_l2(out)
     assert list(norms) == ["base", *SIZES]
     torch.testing.assert_close(norms["sex"], out.fields["sex"].pow(2).sum(dim=1).sqrt())
+
+
+@pytest.mark.parametrize("offsets", [True, False])
+def test_field_effects_are_each_term_minus_its_mean_over_the_known_target_values(offsets):
+    model = make_model(offsets)
+    x, source = torch.rand(5, 12), contexts(5)
+    out = model(x, source)
+    effects = model.field_effects(out)
+    for column, (field, size) in enumerate(SIZES.items()):
+        moved = []
+        for value in range(1, size):  # every known value as the target; <unk> (0) left out
+            target = source.clone()
+            target[:, column] = value
+            moved.append(model(x, source, target).fields[field])
+        expected = out.fields[field] - torch.stack(moved).mean(dim=0)
+        torch.testing.assert_close(effects[field], expected)
+    # a head that is the same in every context has no effect, whatever its size
+    with torch.no_grad():
+        head = model.heads[0]
+        head.context_maps.copy_(head.context_maps[1].expand_as(head.context_maps))
+        if head.offsets is not None:
+            head.offsets.copy_(head.offsets[1].expand_as(head.offsets))
+    out = model(x, source)
+    assert out.fields["cell_type"].abs().min() > 0
+    torch.testing.assert_close(
+        model.field_effects(out)["cell_type"], torch.zeros(5, 12), atol=1e-6, rtol=0
+    )
+    with pytest.raises(ValueError, match="terms=True"):
+        model.field_effects(model(x, source, terms=False))
+
+
+def test_context_table_effect_is_the_norm_of_each_values_mean_effect():
+    vocabularies = Vocabularies(("sex",), {"sex": FieldVocabulary("sex", ("female", "male"))})
+    table = ContextTable(vocabularies, n_genes=2, device=torch.device("cpu"))
+    contexts = torch.tensor([[1], [1], [2]])
+    norms = {"base": torch.ones(3), "sex": torch.tensor([1.0, 3.0, 2.0])}
+    # the two female cells' effects cancel on gene 0: their mean is (0, 1)
+    effects = {"sex": torch.tensor([[1.0, 1.0], [-1.0, 1.0], [3.0, 4.0]])}
+    table.add(contexts, norms, effects)
+    frame = table.frame().set_index("value")
+    assert frame.loc["female", "contrib_l2"] == 2.0 and frame.loc["male", "contrib_l2"] == 2.0
+    assert frame.loc["female", "effect_l2"] == pytest.approx(1.0)
+    assert frame.loc["male", "effect_l2"] == pytest.approx(5.0)
+    means = field_means(frame.reset_index(), "effect_l2")
+    assert means == {"sex": pytest.approx((2 * 1.0 + 5.0) / 3)}
 
 
 @pytest.mark.parametrize("offsets", [True, False])

@@ -64,6 +64,7 @@ def assert_training_recorded(client: MlflowClient, run, epochs: int, fields: lis
             assert sorted(m.step for m in history) == list(range(1, epochs + 1)), metric
     for field in fields:
         assert len(client.get_metric_history(run_id, f"val/accuracy/{field}")) == epochs
+        assert len(client.get_metric_history(run_id, f"effect_l2/{field}")) == epochs
     for term in ["loss", "reconstruction", "integration", "target", "classifier"]:
         assert len(client.get_metric_history(run_id, f"train/{term}")) == epochs
         assert len(client.get_metric_history(run_id, f"val/{term}")) == epochs
@@ -166,6 +167,10 @@ def test_runs_compare_prints_contributions_side_by_side(small_data, tmp_path, ca
     table = {line.split()[0]: line.split()[1:] for line in rows}
     assert set(table) >= {"base", *FIELDS}
     assert table["assay"][0] == "NaN", "the two-field run has no assay head"
+    assert main(["runs", "compare", "--tracking-uri", uri, "--metric", "effect_l2"]) == 0
+    effects = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert effects["base"] == ["NaN", "NaN"], "the base head has no effect"
+    assert all(float(v) >= 0 for v in effects["sex"]), effects
     assert main(["runs", "compare", "--tracking-uri", uri, "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
 

@@ -46,7 +46,7 @@ from cae.evaluate.metrics import (
     r2_var,
 )
 from cae.model.cae import contribution_l2
-from cae.model.contributions import ContextTable, GeneContributions
+from cae.model.contributions import ContextTable, GeneContributions, field_means
 from cae.train.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -439,23 +439,22 @@ def contributions(
         term (:meth:`~cae.model.contributions.GeneContributions.top_genes`).
     """
     device = next(trained.model.parameters()).device
-    table = ContextTable(trained.vocabularies, device)
+    table = ContextTable(trained.vocabularies, len(trained.genes), device)
     genes = GeneContributions(trained.vocabularies, trained.genes, device)
     fields = list(trained.vocabularies.fields)
     for start in range(0, x.shape[0], _BLOCK):
         block = meta.iloc[start : start + _BLOCK][fields]
         out = trained.counterfactual(x[start : start + _BLOCK], block, {})
         contexts = trained.encode_contexts(block, len(block)).to(device)
-        table.add(contexts, contribution_l2(out))
+        table.add(contexts, contribution_l2(out), trained.model.field_effects(out))
         genes.add(contexts, out)
     return table.frame(), genes.top_genes(report_genes)
 
 
 def field_ranking(per_context: pd.DataFrame) -> list[str]:
-    """Fields by their cell-weighted mean L2 contribution, largest first."""
-    weighted = per_context.assign(w=per_context["contrib_l2"] * per_context["n_cells"])
-    totals = weighted.groupby("field")["w"].sum() / weighted.groupby("field")["n_cells"].sum()
-    return list(totals.sort_values(ascending=False).index)
+    """Fields by their cell-weighted mean effect (``effect_l2``), largest first."""
+    effects = field_means(per_context, "effect_l2")
+    return sorted(effects, key=lambda field: -effects[field])
 
 
 def slug(text: str) -> str:

@@ -129,7 +129,7 @@ def write_report(
         figures: dict[str, Figure] = {"figures/methods.png": methods_figure(scores, metric)}
         mean_over_folds = (
             per_context.groupby(["field", "value"], as_index=False, sort=False)[
-                ["n_cells", "contrib_l2"]
+                ["n_cells", "contrib_l2", "effect_l2"]
             ].mean()
             if "fold" in per_context.columns
             else per_context

@@ -308,6 +308,36 @@ class CAE(nn.Module):
         own = self(x, source)
         return moved._replace(output=(x + moved.output - own.output).clamp_min(0.0))
 
+    def field_effects(self, out: CAEOutput) -> dict[str, torch.Tensor]:
+        """What each field's value changes: every field head's term minus its mean over the
+        field's known categories as targets (uniformly weighted, ``<unk>`` left out), for the same
+        encoding. The term is linear in the target's map and offset, so the mean is the head
+        decoded through the mean map and mean offset: ``s D_f(mean_k C_f[k] h_f) + mean_k b_f[k]``.
+
+        Args:
+            out: a pass computed with ``terms=True`` (its ``fields`` and ``field_hidden``).
+
+        Returns:
+            ``{field: (B, G)}``; zeros for a field with no known category.
+
+        Raises:
+            ValueError: ``out`` holds no per-head terms.
+        """
+        if self.heads and not out.fields:
+            raise ValueError("field_effects needs a pass computed with terms=True")
+        effects = {}
+        for field, head in zip(self.fields, self.heads, strict=True):
+            term = out.fields[field]
+            if head.context_maps.shape[0] < 2:
+                effects[field] = torch.zeros_like(term)
+                continue
+            mean_map = head.context_maps[1:].mean(dim=0)  # (L, L)
+            mean = self.logit_scale * head.decoder(out.field_hidden[field] @ mean_map)
+            if head.offsets is not None:
+                mean = mean + head.offsets[1:].mean(dim=0)
+            effects[field] = term - mean
+        return effects
+
     def configure_context_maps(self, method: ContextMapMethod, sparse_grad: bool) -> None:
         """Choose how every head applies its context maps (see :mod:`cae.model.context_maps`):
         ``auto``, ``grouped`` or ``gather``, and whether ``grouped`` gives the maps a gradient that

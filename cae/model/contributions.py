@@ -11,33 +11,53 @@ from cae.model.cae import CAEOutput
 
 
 class ContextTable:
-    """Per field and context value: cells, and summed L2 of the field's head, base and all heads.
+    """Per field and context value: cells, the summed L2 of the field's head, base and all heads,
+    and the summed effect of the field (:meth:`cae.model.cae.CAE.field_effects`) per gene.
 
     Args:
         vocabularies: the model's vocabularies (rows of the table).
+        n_genes: G, genes per cell.
         device: where the sums live.
     """
 
-    def __init__(self, vocabularies: Vocabularies, device: torch.device) -> None:
+    def __init__(self, vocabularies: Vocabularies, n_genes: int, device: torch.device) -> None:
         self.vocabularies = vocabularies
         sizes = vocabularies.sizes()
         self.sums = {f: torch.zeros(sizes[f], 4, device=device) for f in vocabularies.fields}
+        self.effects = {
+            f: torch.zeros(sizes[f], n_genes, device=device) for f in vocabularies.fields
+        }
 
-    def add(self, contexts: torch.Tensor, norms: dict[str, torch.Tensor]) -> None:
-        """Add a batch: (B, F) context indices and per-head (B,) L2 norms (``contribution_l2``)."""
+    def add(
+        self,
+        contexts: torch.Tensor,
+        norms: dict[str, torch.Tensor],
+        effects: dict[str, torch.Tensor],
+    ) -> None:
+        """Add a batch: (B, F) context indices, per-head (B,) L2 norms (``contribution_l2``) and
+        per field the (B, G) effects (``CAE.field_effects``)."""
         total = torch.stack(list(norms.values())).sum(dim=0)  # (B,)
         for column, name in enumerate(self.vocabularies.fields):
             values = torch.stack(
                 [torch.ones_like(total), norms[name], norms["base"], total], dim=1
             )  # (B, 4)
             self.sums[name].index_add_(0, contexts[:, column], values)
+            self.effects[name].index_add_(0, contexts[:, column], effects[name].float())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every accumulator, for summing the tables of several processes in place."""
+        return [*self.sums.values(), *self.effects.values()]
 
     def frame(self) -> pd.DataFrame:
         """One row per field and value seen: ``field, value, n_cells, contrib_l2`` (mean L2 of the
-        field's term), ``contrib_share`` (its share of all heads' L2) and ``base_l2``."""
+        field's term), ``contrib_share`` (its share of all heads' L2), ``base_l2`` and
+        ``effect_l2``: the L2 norm over genes of the mean effect of the value over its cells (how
+        far the field's term of those cells lies, on average, from its mean over the field's
+        values; what the value changes in their expression)."""
         rows = []
         for name in self.vocabularies.fields:
             labels = [UNK, *self.vocabularies.by_field[name].values]
+            effect = torch.linalg.vector_norm(self.effects[name], dim=1).cpu().tolist()
             for index, (n, field_l2, base_l2, total) in enumerate(self.sums[name].cpu().tolist()):
                 if n > 0:
                     rows.append(
@@ -48,11 +68,29 @@ class ContextTable:
                             "contrib_l2": field_l2 / n,
                             "contrib_share": field_l2 / total if total else 0.0,
                             "base_l2": base_l2 / n,
+                            "effect_l2": effect[index] / n,
                         }
                     )
-        return pd.DataFrame(
-            rows, columns=["field", "value", "n_cells", "contrib_l2", "contrib_share", "base_l2"]
-        )
+        return pd.DataFrame(rows, columns=list(CONTEXT_COLUMNS))
+
+
+CONTEXT_COLUMNS = (
+    "field", "value", "n_cells", "contrib_l2", "contrib_share", "base_l2", "effect_l2",
+)  # fmt: skip
+"""The columns of :meth:`ContextTable.frame`."""
+
+
+def field_means(per_context: pd.DataFrame, column: str) -> dict[str, float]:
+    """Per field, the cell-weighted mean over its values of a column of
+    :meth:`ContextTable.frame` (``contrib_l2``, ``effect_l2``, ...), in the table's field order.
+
+    Raises:
+        KeyError: the table has no such column.
+    """
+    weighted = per_context[column] * per_context["n_cells"]
+    groups = weighted.groupby(per_context["field"], sort=False)
+    totals = groups.sum() / per_context["n_cells"].groupby(per_context["field"], sort=False).sum()
+    return {str(field): float(value) for field, value in totals.items()}
 
 
 class GeneContributions:

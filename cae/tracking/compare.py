@@ -21,7 +21,7 @@ def contribution_table(
         tracking_uri: where the runs are (sqlite file, folder or http server).
         experiment: an experiment name; ``None`` looks in every experiment.
         last: how many of the latest CAE runs to show.
-        metric: ``contrib_share`` or ``contrib_l2``.
+        metric: ``contrib_share``, ``contrib_l2`` or ``effect_l2`` (fields only: NaN for base).
 
     Returns:
         A DataFrame indexed by head (``base`` first, then fields), one column per run labelled

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -37,20 +38,25 @@ def contribution_shares_figure(history: Sequence[dict[str, float]], heads: Seque
 
 
 def context_contributions_figure(table: pd.DataFrame, field: str) -> Figure:
-    """Bar chart of one field's L2 contribution per context value.
+    """Bar chart of one field's L2 contribution and effect per context value.
 
     Args:
-        table: the per-context table (columns ``field``, ``value``, ``n_cells``, ``contrib_l2``).
+        table: the per-context table (columns ``field``, ``value``, ``n_cells``, ``contrib_l2``,
+            ``effect_l2``).
         field: which field to draw.
 
     Returns:
         The matplotlib figure.
     """
-    rows = table[table["field"] == field].sort_values("contrib_l2", ascending=False)
-    figure, axis = plt.subplots(figsize=(6, 0.6 + 0.35 * max(len(rows), 1)), layout="constrained")
+    rows = table[table["field"] == field].sort_values("effect_l2", ascending=False)
+    figure, axis = plt.subplots(figsize=(6, 0.6 + 0.6 * max(len(rows), 1)), layout="constrained")
     labels = [f"{value} (n={n:,})" for value, n in zip(rows["value"], rows["n_cells"], strict=True)]
-    axis.barh(labels, rows["contrib_l2"])
+    where = np.arange(len(rows))
+    axis.barh(where - 0.2, rows["contrib_l2"], height=0.4, label="term (mean L2 per cell)")
+    axis.barh(where + 0.2, rows["effect_l2"], height=0.4, label="effect (L2 of the mean)")
+    axis.set_yticks(where, labels)
     axis.invert_yaxis()
-    axis.set_xlabel("mean L2 norm of the field's term")
+    axis.set_xlabel("L2 norm over genes")
+    axis.legend(loc="lower right", fontsize="small")
     axis.set_title(f"{field}: contribution per context")
     return figure

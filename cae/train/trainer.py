@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -50,8 +51,8 @@ from cae.data.vocabulary import (
     save_preprocessed,
 )
 from cae.errors import CAEError, CheckpointError, ConfigError
-from cae.model.cae import contribution_l2
-from cae.model.contributions import ContextTable
+from cae.model.cae import CAE, contribution_l2
+from cae.model.contributions import ContextTable, field_means
 from cae.train import distributed
 from cae.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -276,12 +277,12 @@ class Trainer:
         # The moving average of the weights (train.ema), or the weights themselves: what is
         # evaluated and saved for inference.
         self.averaged: AveragedModel | None = None
-        self.eval_model: nn.Module = self.model
+        self.eval_model: CAE = self.model
         if cfg.train.ema > 0:
             self.averaged = AveragedModel(
                 self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True
             )
-            self.eval_model = self.averaged.module
+            self.eval_model = cast(CAE, self.averaged.module)
         self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
         self.history: list[dict[str, float]] = []
         # Each head's output on the first evaluation batch of the last epoch (for histograms).
@@ -653,7 +654,7 @@ class Trainer:
         self.classifier.eval()
         generator = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation"))
         means = _Means()
-        table = ContextTable(self.vocabularies, self.device)
+        table = ContextTable(self.vocabularies, self.store.n_genes, self.device)
         fields = self.vocabularies.fields
         first_batch = True
         for x, source, host_source in self._batches(self.eval_loader, self.eval_rows, None):
@@ -687,7 +688,7 @@ class Trainer:
             norms = contribution_l2(losses.own)
             for head, values in norms.items():
                 means.add(f"contrib_l2/{head}", values.sum(), n)
-            table.add(source, norms)
+            table.add(source, norms, self.eval_model.field_effects(losses.own))
         prefix = "val/" if self.eval_rows == "val_rows" else "eval/"
         raw = means.read("")
         metrics = {f"{prefix}{k}": v for k, v in raw.items() if not k.startswith("contrib")}
@@ -696,8 +697,11 @@ class Trainer:
         for head, value in l2.items():
             metrics[f"contrib_l2/{head}"] = value
             metrics[f"contrib_share/{head}"] = value / total if total else 0.0
-        distributed.all_reduce_sum(list(table.sums.values()))
-        return metrics, table.frame()
+        distributed.all_reduce_sum(table.tensors())
+        per_context = table.frame()
+        for field, value in field_means(per_context, "effect_l2").items():
+            metrics[f"effect_l2/{field}"] = value
+        return metrics, per_context
 
     def _log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if not self.ranks.is_main:

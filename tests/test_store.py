@@ -457,3 +457,20 @@ def test_load_npz_reads_what_scipy_reads(tmp_path: Path, fmt: str, compressed: b
     loaded = load_npz(path)
     assert loaded.format == fmt and loaded.shape == (50, 30)
     np.testing.assert_array_equal(loaded.toarray(), matrix.toarray())
+    assert loaded.data.flags.writeable, "callers may transform the values in place"
+
+
+def test_load_npz_checks_each_members_crc(tmp_path: Path):
+    """A member whose content does not match the zip directory's CRC is refused, as zipfile
+    refuses it (the values are decompressed outside zipfile)."""
+    path = tmp_path / "m.npz"
+    sp.save_npz(path, sp.random(50, 30, density=0.2, format="csr", random_state=0))
+    raw = bytearray(path.read_bytes())
+    entry = raw.find(b"PK\x01\x02")
+    while raw[entry + 46 : entry + 46 + len(b"data.npy")] != b"data.npy":
+        entry = raw.find(b"PK\x01\x02", entry + 1)  # the central directory's entries
+        assert entry >= 0
+    raw[entry + 16] ^= 0xFF  # its CRC-32 field
+    path.write_bytes(bytes(raw))
+    with pytest.raises(zipfile.BadZipFile, match="CRC"):
+        load_npz(path)

@@ -15,6 +15,7 @@ share metadata as ``.parquet``.
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import re
 import zipfile
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from isal import isal_zlib
 
 from cae.errors import DataError, MetadataError
 
@@ -36,7 +38,10 @@ if TYPE_CHECKING:
 
 METADATA_SUFFIXES = (".pkl", ".parquet")
 # What numpy and zipfile raise for a truncated, corrupt or foreign .npz.
-_NPZ_ERRORS = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error)
+_NPZ_ERRORS = (
+    OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error,
+    isal_zlib.error,
+)  # fmt: skip
 _CHUNK_ID = re.compile(r"(\d+)$")
 
 
@@ -351,10 +356,10 @@ def _npz_shape(path: Path) -> tuple[int, int]:
 
 
 def load_npz(path: Path) -> sp.spmatrix:
-    """``scipy.sparse.load_npz``, with a CSR or CSC file's two large arrays (values and column
-    indices) decompressed at once in two threads: zlib lets go of the GIL, so reading a
-    compressed chunk takes about 0.6 times as long on two cores. Each thread opens the file on
-    its own. Other formats are read by scipy.
+    """``scipy.sparse.load_npz``, faster for CSR and CSC files: their two large arrays (values and
+    column indices) are read at once in two threads, each decompressed by ISA-L (``isal``, about
+    twice as fast as zlib on chunk files), which lets go of the GIL. Other formats are read by
+    scipy.
 
     Raises:
         What ``numpy.load`` and ``scipy.sparse.load_npz`` raise on a bad file.
@@ -365,15 +370,32 @@ def load_npz(path: Path) -> sp.spmatrix:
         if fmt not in ("csr", "csc"):
             return sp.load_npz(path)
         shape, indptr = tuple(members["shape"]), members["indptr"]
-
-    def member(name: str) -> np.ndarray:
-        with np.load(path, allow_pickle=False) as own:
-            return own[name]
-
     with ThreadPoolExecutor(max_workers=2) as pool:
-        data, indices = pool.map(member, ["data", "indices"])
+        data, indices = pool.map(lambda name: _npz_member(path, name), ["data", "indices"])
     kind = sp.csr_matrix if fmt == "csr" else sp.csc_matrix
     return kind((data, indices, indptr), shape=shape)
+
+
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """One array of an ``.npz`` file; a deflated one decompressed by ISA-L (the member's size and
+    CRC checked, as zipfile does), a stored one read by numpy."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_DEFLATED:
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        header = file.read(30)  # the local file header; its name and extra field follow
+        if header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local file header of {info.filename}")
+        skip = int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+        file.seek(skip, 1)
+        raw = file.read(info.compress_size)
+    content = isal_zlib.decompress(raw, -15)  # a raw deflate stream, as zip members are
+    if len(content) != info.file_size or isal_zlib.crc32(content) != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC or size of {info.filename}")
+    return np.lib.format.read_array(io.BytesIO(content), allow_pickle=False)
 
 
 def _unreadable_npz(path: Path, err: Exception) -> DataError:

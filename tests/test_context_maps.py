@@ -183,15 +183,20 @@ def test_context_adam_leaves_absent_categories_untouched_and_state_round_trips()
     assert steps.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
 
 
-def test_project_nonnegative_on_rows_clamps_only_those_rows():
-    model = CAE(n_genes=6, latent_dim=3, field_sizes={"f": 4}, logit_scale=0.5)
+def test_project_nonnegative_on_rows_clamps_those_rows():
+    """A few changed rows are clamped one by one and the others left alone; when most rows
+    changed, the whole parameter is clamped in one call (the same result while the other rows
+    are >= 0, as projection after every step keeps them)."""
+    model = CAE(n_genes=6, latent_dim=3, field_sizes={"f": 8}, logit_scale=0.5)
     maps = model.heads[0].context_maps
     with torch.no_grad():
         maps.sub_(2.0)
         model.base.sub_(2.0)
     model.project_nonnegative({maps: torch.tensor([1, 3])})
-    assert (maps[[1, 3]] >= 0).all() and (maps[[0, 2]] < 0).any()
+    assert (maps[[1, 3]] >= 0).all() and (maps[[0, 2, 4, 5, 6, 7]] < 0).any(dim=(1, 2)).all()
     assert (model.base >= 0).all()
+    model.project_nonnegative({maps: torch.tensor([0, 2, 4])})
+    assert (maps >= 0).all()
 
 
 def test_masked_update_from_a_dense_gradient_equals_the_row_update():

@@ -318,7 +318,7 @@ class CAE(nn.Module):
             out: a pass computed with ``terms=True`` (its ``fields`` and ``field_hidden``).
 
         Returns:
-            ``{field: (B, G)}``; zeros for a field with no known category.
+            ``{field: (B, G)}`` in float32; zeros for a field with no known category.
 
         Raises:
             ValueError: ``out`` holds no per-head terms.
@@ -327,12 +327,12 @@ class CAE(nn.Module):
             raise ValueError("field_effects needs a pass computed with terms=True")
         effects = {}
         for field, head in zip(self.fields, self.heads, strict=True):
-            term = out.fields[field]
+            term = out.fields[field].float()  # (a pass under bf16 autocast: in float32)
             if head.context_maps.shape[0] < 2:
                 effects[field] = torch.zeros_like(term)
                 continue
             mean_map = head.context_maps[1:].mean(dim=0)  # (L, L)
-            mean = self.logit_scale * head.decoder(out.field_hidden[field] @ mean_map)
+            mean = self.logit_scale * head.decoder(out.field_hidden[field].float() @ mean_map)
             if head.offsets is not None:
                 mean = mean + head.offsets[1:].mean(dim=0)
             effects[field] = term - mean
@@ -357,7 +357,9 @@ class CAE(nn.Module):
 
         Args:
             rows: for some parameters, the only rows (first-dimension indices) that changed; those
-                parameters are clamped there only (the optimiser's ``updated_rows``).
+                parameters are clamped there only, or whole when more than a third of the rows
+                changed (one call; the other rows are >= 0 already) (the optimiser's
+                ``updated_rows``).
         """
         if self.nonnegative == "base":
             self.base.clamp_min_(0.0)
@@ -367,6 +369,9 @@ class CAE(nn.Module):
         if dense:
             torch._foreach_clamp_min_(dense, 0.0)
         for parameter, changed in rows.items():  # one pass over the changed rows, in place
+            if 3 * len(changed) > parameter.shape[0]:  # most rows: one call beats one per row
+                parameter.clamp_min_(0.0)  # (the other rows are >= 0 already)
+                continue
             views = parameter.unbind(0)
             torch._foreach_clamp_min_([views[i] for i in changed.tolist()], 0.0)
 

@@ -50,6 +50,11 @@ class ContextAdam(torch.optim.Adam):
             groups.append({"params": list(row_parameters), "rows": True})
         super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=fused)
         self.updated_rows: dict[torch.Tensor, torch.Tensor] = {}
+        # Per row parameter, the row views of it and of its state that the fused kernel takes,
+        # made once (unbinding K rows of four tensors every step costs more than the update of
+        # a few); remade when any of those tensors is replaced (load_state_dict, param.data = ...).
+        self._row_views: dict[int, tuple[tuple[int, ...], tuple[tuple[torch.Tensor, ...], ...]]]
+        self._row_views = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
@@ -92,8 +97,18 @@ class ContextAdam(torch.optim.Adam):
         else:
             self._masked_step(param, grad, state, group)
             return None
-        _adam_on_rows(param, rows, values, state, group)
+        _adam_on_rows(param, rows, values, state, group, self._views(param, state))
         return rows
+
+    def _views(self, param: torch.Tensor, state: dict) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """The row views of ``param`` and of its ``exp_avg``, ``exp_avg_sq`` and ``step``."""
+        tensors = (param, state["exp_avg"], state["exp_avg_sq"], state["step"])
+        key = tuple(t.data_ptr() for t in tensors)
+        cached = self._row_views.get(id(param))
+        if cached is None or cached[0] != key:
+            cached = (key, tuple(t.unbind(0) for t in tensors))
+            self._row_views[id(param)] = cached
+        return cached[1]
 
     @staticmethod
     def _masked_step(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
@@ -112,28 +127,26 @@ class ContextAdam(torch.optim.Adam):
 
 
 def _adam_on_rows(
-    param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, state: dict, group: dict
+    param: torch.Tensor,
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    state: dict,
+    group: dict,
+    views: tuple[tuple[torch.Tensor, ...], ...],
 ) -> None:
     """Adam on some rows of ``param`` in place, each row with its own step count.
 
     Every row is handed to torch's fused Adam kernel as a tensor of its own (a view, nothing is
-    copied), with its own step: one pass over the touched rows, the seed's per-module arithmetic.
-    Without that kernel (older torch, other devices) the rows are gathered and updated by
+    copied; ``views`` holds the row views of ``param``, ``exp_avg``, ``exp_avg_sq`` and ``step``),
+    with its own step: one pass over the touched rows, the seed's per-module arithmetic. Without
+    that kernel (older torch, other devices) the rows are gathered and updated by
     :func:`_adam_math`.
     """
     beta1, beta2 = group["betas"]
     if _FUSED_ADAM is not None and param.device.type in ("cpu", "cuda"):
         chosen = rows.tolist()
-        params, exp_avgs, exp_avg_sqs, steps = (
-            [t[i] for i in chosen]
-            for t in (
-                param.unbind(0),
-                state["exp_avg"].unbind(0),
-                state["exp_avg_sq"].unbind(0),
-                state["step"].unbind(0),
-            )
-        )
-        torch._foreach_add_(steps, 1.0)
+        params, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in chosen] for t in views)
+        state["step"][rows] += 1.0  # the step views see it
         _FUSED_ADAM(
             params, list(values.unbind(0)), exp_avgs, exp_avg_sqs, [], steps,
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=0.0,

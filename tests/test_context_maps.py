@@ -4,6 +4,8 @@ category does."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -181,6 +183,35 @@ def test_context_adam_leaves_absent_categories_untouched_and_state_round_trips()
     clone.load_state_dict(optimizer.state_dict())
     steps = clone.state[model.heads[0].context_maps]["step"]
     assert steps.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_context_adam_steps_the_state_it_holds_after_load_state_dict():
+    """The row views ContextAdam keeps between steps follow a state replaced by
+    load_state_dict: stepping after a reload gives what a fresh optimiser given that state
+    gives."""
+    maps = torch.nn.Parameter(torch.rand(4, 3, 3))
+    optimizer = ContextAdam([maps], [maps], lr=0.1)
+    index, h = torch.tensor([0, 1, 1, 3]), torch.rand(4, 3)
+
+    def step(opt: ContextAdam, param: torch.nn.Parameter) -> None:
+        opt.zero_grad(set_to_none=True)
+        apply_context_maps(h, param, index, "grouped", sparse_grad=True).square().sum().backward()
+        opt.step()
+
+    step(optimizer, maps)
+    saved, weights = copy.deepcopy(optimizer.state_dict()), maps.detach().clone()
+    step(optimizer, maps)
+    optimizer.load_state_dict(copy.deepcopy(saved))  # new state tensors, the old views stale
+    with torch.no_grad():
+        maps.copy_(weights)
+    step(optimizer, maps)
+    fresh_maps = torch.nn.Parameter(weights.clone())
+    fresh = ContextAdam([fresh_maps], [fresh_maps], lr=0.1)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    step(fresh, fresh_maps)
+    torch.testing.assert_close(maps.detach(), fresh_maps.detach())
+    torch.testing.assert_close(optimizer.state[maps]["exp_avg"], fresh.state[fresh_maps]["exp_avg"])
+    assert optimizer.state[maps]["step"].tolist() == [2.0, 2.0, 0.0, 2.0]
 
 
 def test_project_nonnegative_on_rows_clamps_those_rows():

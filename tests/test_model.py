@@ -156,6 +156,21 @@ def test_contribution_l2_is_the_gene_wise_norm_of_each_head():
     torch.testing.assert_close(norms["sex"], out.fields["sex"].pow(2).sum(dim=1).sqrt())
 
 
+@pytest.mark.parametrize("terms", [True, False])
+@pytest.mark.parametrize("and_source", [True, False])
+def test_also_decodes_the_same_encoding_as_a_call_of_its_own(terms, and_source):
+    model = make_model()
+    x, source = torch.rand(7, 12), contexts(7)
+    target, other = contexts(7, seed=2), contexts(7, seed=3)
+    out = model(x, source, target, and_source=and_source, terms=terms, also=[other])
+    alone = model(x, source, target, and_source=and_source, terms=terms)
+    torch.testing.assert_close(out.output, alone.output)
+    if and_source:
+        torch.testing.assert_close(out.own.output, alone.own.output)
+    (moved,) = out.also
+    torch.testing.assert_close(moved.output, model(x, source, other, terms=terms).output)
+
+
 @pytest.mark.parametrize("offsets", [True, False])
 def test_field_effects_are_each_term_minus_its_mean_over_the_known_target_values(offsets):
     model = make_model(offsets)

@@ -57,6 +57,8 @@ class CAEOutput(NamedTuple):
     # contexts (what the two contexts share).
     squares: dict[str, torch.Tensor] | None = None
     shared: dict[str, torch.Tensor] | None = None
+    # The same encoding decoded in further target contexts (forward(..., also=...)), in order.
+    also: tuple[CAEOutput, ...] = ()
 
 
 class FieldHead(nn.Module):
@@ -165,6 +167,7 @@ class CAE(nn.Module):
         and_source: bool = False,
         terms: bool = True,
         shared: bool = False,
+        also: Sequence[torch.Tensor] = (),
     ) -> CAEOutput:
         """Encode ``x`` in its source contexts and decode it in the target contexts.
 
@@ -181,6 +184,8 @@ class CAE(nn.Module):
             terms: return every head's output (``base``, ``fields``: contributions); False
                 leaves them None and {}.
             shared: with ``and_source``, also give the self pass ``shared``.
+            also: further (B, F) target contexts to decode the same encoding in (``.also``: the
+                same as calling the model with each, one encoding cheaper).
 
         Returns:
             A :class:`CAEOutput` with the summed output, the heads' outputs and the latents.
@@ -198,6 +203,8 @@ class CAE(nn.Module):
         if terms or not self.heads:
             base = base_hidden @ self.base  # (B, G)
             out = self._decode(base, base_hidden, field_hidden, target)
+            more = tuple(self._decode(base, base_hidden, field_hidden, t) for t in also)
+            out = out._replace(also=more)
             if not and_source:
                 return out
             own = self._decode(base, base_hidden, field_hidden, source)
@@ -209,7 +216,9 @@ class CAE(nn.Module):
                     for f, values in own.fields.items()
                 }
             return out._replace(own=own._replace(squares=squares, shared=common))
-        return self._decode_sum(x, base_hidden, field_hidden, source, target, and_source, shared)
+        return self._decode_sum(
+            x, base_hidden, field_hidden, source, [target, *also], and_source, shared
+        )
 
     def _decode(
         self,
@@ -234,17 +243,18 @@ class CAE(nn.Module):
         base_hidden: torch.Tensor,
         field_hidden: dict[str, torch.Tensor],
         source: torch.Tensor,
-        target: torch.Tensor,
+        targets: list[torch.Tensor],
         and_source: bool,
         shared: bool,
     ) -> CAEOutput:
-        """The summed output in the ``target`` contexts (and the source ones), one matmul each:
+        """The summed output in each of the ``targets`` contexts (the first is the pass's own
+        target, the others ``.also``) and, with ``and_source``, the source ones, one matmul each:
         ``[h_base, s C_1 h_1, ...] @ [W; D_1^T; ...]`` plus the offsets."""
-        contexts = [target, source] if and_source else [target]
+        contexts = [targets[0], source, *targets[1:]] if and_source else targets
         n = x.shape[0]
         decoded: list[list[torch.Tensor]] = [[] for _ in contexts]  # per pass, field -> (B, L)
         for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
-            # Both passes' maps in one call: a category's map is read once for both.
+            # Every pass's maps in one call: a category's map is read once for all of them.
             hidden = field_hidden[field].repeat(len(contexts), 1)
             index = torch.cat([c[:, column] for c in contexts])
             mapped = self.logit_scale * head.apply_maps(hidden, index)
@@ -252,7 +262,7 @@ class CAE(nn.Module):
                 pass_.append(part)
         decoders = torch.cat([head.decoder.weight for head in self.heads], dim=1)  # (G, F L)
         shifts = [self._offsets(context) for context in contexts]
-        if and_source:  # the base head's term once, for both passes
+        if len(contexts) > 1:  # the base head's term once, for every pass
             base = base_hidden @ self.base
             outputs = [
                 torch.addmm(base if shift is None else base + shift, torch.cat(z, 1), decoders.T)
@@ -262,13 +272,17 @@ class CAE(nn.Module):
             stacked = torch.cat([self.base.T, decoders], dim=1)  # (G, (1 + F) L)
             out = torch.cat([base_hidden, *decoded[0]], dim=1) @ stacked.T
             outputs = [out if shifts[0] is None else out + shifts[0]]
-        result = CAEOutput(outputs[0], None, {}, base_hidden, field_hidden)
+        more = tuple(
+            CAEOutput(output, None, {}, base_hidden, field_hidden)
+            for output in outputs[2 if and_source else 1 :]
+        )
+        result = CAEOutput(outputs[0], None, {}, base_hidden, field_hidden, also=more)
         if not and_source:
             return result
         squares, common = {}, {}
         for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
             z_target, z_source = decoded[0][column], decoded[1][column]
-            rows = source[:, column], target[:, column]
+            rows = source[:, column], targets[0][:, column]
             squares[field] = head.mean_square(z_source, rows[:1], self.n_genes)
             if shared:
                 common[field] = head.mean_square((z_source + z_target) / 2, rows, self.n_genes)

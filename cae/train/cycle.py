@@ -24,8 +24,9 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
   (``train.context_means_reference = "batch"``, the combinations both sides have), or all real
   training cells (``"data"``: :class:`ContextMeans`, computed once before training; exact, where a
   batch has a few cells per combination). It ties the size of a counterfactual shift to real cells
-  of the target context (the cycle and classifier terms only ask for its direction). Costs a
-  forward pass and one host sync (``torch.unique``) per step when on;
+  of the target context (the cycle and classifier terms only ask for its direction). Costs one
+  more decoding of cycle 1's encoding (``CAE.forward(..., also=...)``) and one host sync
+  (``torch.unique``) per step when on;
 * the classifier's own supervised loss on real cells (a separate optimiser).
 """
 
@@ -252,7 +253,12 @@ def generator_losses(
     """
     # Cycle 1 and the self pass share one encoding of x (the same numbers as two passes).
     shared_on = weights.shared > 0
-    cycle1 = model(x, source, target, and_source=True, terms=terms, shared=shared_on)
+    # The context-means term's cells (each moved in one field) decode the same encoding too.
+    single = one_field_moves(source, target) if weights.context_means > 0 else None
+    cycle1 = model(
+        x, source, target, and_source=True, terms=terms, shared=shared_on,
+        also=() if single is None else (single,),
+    )  # fmt: skip
     own = cycle1.own
     assert own is not None and own.squares is not None
     cycle2 = model(cycle1.output, target, source, terms=False)
@@ -270,9 +276,8 @@ def generator_losses(
     if shared_on and own.shared:
         shared = torch.stack(list(own.shared.values())).sum()
     context_means = x.new_zeros(())
-    if weights.context_means > 0:
-        single = one_field_moves(source, target)
-        moved = model(x, source, single, terms=False).output  # a plain call: maybe a DDP wrapper
+    if single is not None:
+        moved = cycle1.also[0].output
         if residual:
             moved = (x + moved - own.output).clamp_min(0.0)
         if reference is None:

@@ -95,7 +95,7 @@ def main() -> None:
     else:
         shapes, latent, batch = [2000, 8000], 128, 1024
         sizes = {"cell_type": 791, "assay": 27, "sex": 4}  # known values + <unk>
-    rounds = 2 if args.quick else 3
+    rounds = 2 if args.quick else 5
     results = []
     for genes in shapes:
         cases, flops = step_cases(genes, latent, batch, sizes, device)

@@ -142,6 +142,11 @@ def context_means_loss(
     return (distance * weight).sum() / weight.sum().clamp_min(1)
 
 
+def _combination_codes(contexts: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
+    """(B, F) contexts, (F,) strides -> (B,) int64 codes ``sum_f index_f * stride_f``."""
+    return (contexts * strides.to(contexts.device)).sum(dim=1)
+
+
 @dataclass
 class ContextMeans:
     """The mean expression of the real cells of every context combination seen in training.
@@ -162,7 +167,7 @@ class ContextMeans:
 
     def code(self, contexts: torch.Tensor) -> torch.Tensor:
         """(B, F) contexts -> (B,) their combination codes."""
-        return (contexts * self.strides.to(contexts.device)).sum(dim=1)
+        return _combination_codes(contexts, self.strides)
 
     @classmethod
     def accumulate(
@@ -181,7 +186,7 @@ class ContextMeans:
             if sums is None or counts is None:
                 sums = x.new_zeros(n_codes, n_genes, dtype=torch.float32)
                 counts = x.new_zeros(n_codes, dtype=torch.float32)
-            codes = (contexts * strides.to(contexts.device)).sum(dim=1)
+            codes = _combination_codes(contexts, strides)
             sums.index_add_(0, codes, x.float())
             counts.index_add_(0, codes, counts.new_ones(len(codes)))
         if sums is None or counts is None or not bool((counts > 0).any()):

@@ -383,7 +383,7 @@ class CAE(nn.Module):
         if dense:
             torch._foreach_clamp_min_(dense, 0.0)
         for parameter, changed in rows.items():  # one pass over the changed rows, in place
-            if 3 * len(changed) > parameter.shape[0]:  # most rows: one call beats one per row
+            if 3 * len(changed) > parameter.shape[0]:  # many rows: one call beats one per row
                 parameter.clamp_min_(0.0)  # (the other rows are >= 0 already)
                 continue
             views = parameter.unbind(0)

@@ -109,6 +109,20 @@ def test_tiles_place_every_cell_once_inside_its_categorys_tiles(n_categories):
     assert tiles.categories.tolist() == index.unique().tolist()
 
 
+@pytest.mark.parametrize("n_categories", [None, 30])
+def test_padding_puts_each_cell_in_its_row_and_zeros_elsewhere(n_categories):
+    index = skewed_index(30, 257, seed=4)
+    tiles = plan_tiles(index, latent_dim=8, n_categories=n_categories)
+    x = torch.rand(257, 5) + 1  # no zero entries
+    padded = tiles.pad(x)
+    assert padded.shape == (tiles.n_tiles, tiles.size, 5)
+    assert torch.equal(tiles.unpad(padded), x)
+    flat = padded.view(-1, 5)
+    used = torch.zeros(len(flat), dtype=torch.bool)
+    used[tiles.destination] = True
+    assert torch.equal(flat[used.logical_not()], torch.zeros(int((~used).sum()), 5))
+
+
 def test_a_dominant_category_is_split_into_tiles():
     tiles = plan_tiles(skewed_index(30, 257, seed=3), latent_dim=64, n_categories=30)
     assert tiles.split and not tiles.direct

@@ -86,7 +86,9 @@ class FieldHead(nn.Module):
 
     def offset(self, target: torch.Tensor) -> torch.Tensor | None:
         """(B,) -> (B, G) the target contexts' gene-space offsets, or None without offsets."""
-        return None if self.offsets is None else self.offsets[target]
+        # index_select, not offsets[target]: its backward (an index_add) is several times faster
+        # than indexing's on the CPU.
+        return None if self.offsets is None else self.offsets.index_select(0, target)
 
     def mean_square(
         self, z: torch.Tensor, targets: Sequence[torch.Tensor], n_genes: int
@@ -99,10 +101,10 @@ class FieldHead(nn.Module):
         total = ((z @ (weight.T @ weight)) * z).sum()
         if self.offsets is not None:
             if len(targets) == 1 and self.offsets.shape[0] <= z.shape[0]:
-                projected = (self.offsets @ weight)[targets[0]]
-                squares = self.offsets.square().sum(dim=1)[targets[0]].sum()
+                projected = (self.offsets @ weight).index_select(0, targets[0])
+                squares = self.offsets.square().sum(dim=1).index_select(0, targets[0]).sum()
             else:
-                offset = sum(self.offsets[t] for t in targets) / len(targets)
+                offset = sum(self.offsets.index_select(0, t) for t in targets) / len(targets)
                 projected, squares = offset @ weight, offset.square().sum()
             total = total + 2 * (z * projected).sum() + squares
         return total / (z.shape[0] * n_genes)

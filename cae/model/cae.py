@@ -263,7 +263,7 @@ class CAE(nn.Module):
             for pass_, part in zip(decoded, mapped.split(n), strict=True):
                 pass_.append(part)
         decoders = torch.cat([head.decoder.weight for head in self.heads], dim=1)  # (G, F L)
-        shifts = [self._offsets(context) for context in contexts]
+        shifts = self._offsets(contexts)
         if len(contexts) > 1:  # the base head's term once, for every pass
             base = base_hidden @ self.base
             outputs = [
@@ -292,14 +292,22 @@ class CAE(nn.Module):
         own = own._replace(squares=squares, shared=common if shared else None)
         return result._replace(own=own)
 
-    def _offsets(self, contexts: torch.Tensor) -> torch.Tensor | None:
-        """(B, F) -> (B, G) the sum of every field's offsets of these contexts, or None."""
-        parts = [
-            offset
-            for column, head in enumerate(self.heads)
-            if (offset := head.offset(contexts[:, column])) is not None
-        ]
-        return sum(parts[1:], parts[0]) if parts else None
+    def _offsets(self, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+        """For each (B, F) batch of contexts, the (B, G) sum of every field's offsets of those
+        contexts; Nones without offsets.
+
+        One ``embedding_bag`` over the fields' stacked offsets sums the F rows of every cell of
+        every batch (about half the time of a gather and an add per field, backward included).
+        """
+        tables = [head.offsets for head in self.heads if head.offsets is not None]
+        if not tables:  # (offsets are on every head or on none: one setting)
+            return [None] * len(contexts)
+        sizes = torch.tensor([len(table) for table in tables], device=contexts[0].device)
+        starts = torch.cumsum(sizes, 0) - sizes  # (F,) first row of each field's table
+        rows = torch.cat(list(contexts)) + starts  # (n B, F)
+        table = torch.cat(tables) if len(tables) > 1 else tables[0]  # (sum K_f, G)
+        summed = nn.functional.embedding_bag(rows, table, mode="sum")
+        return list(summed.split(contexts[0].shape[0]))
 
     def counterfactual(
         self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, residual: bool

@@ -48,7 +48,7 @@ from cae.data.vocabulary import DEFAULT_NULL_VALUES, Vocabularies, build_field_s
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
 from cae.train.cycle import sample_targets, training_step
-from cae.train.optim import ContextAdam
+from cae.train.optim import build_optimizers
 
 FIELDS = {"cell_type": 790, "assay": 26, "sex": 3}
 QUICK_FIELDS = {"cell_type": 20, "assay": 5, "sex": 3}
@@ -219,8 +219,7 @@ def step_through_loader(
     model = CAE(genes, latent, sizes, logit_scale=0.0159)
     model.configure_context_maps("auto", sparse_grad=True)
     classifier = ContextClassifier(genes, 128, sizes)
-    optimizer = ContextAdam(model.parameters(), model.row_parameters(), lr=1e-3)
-    classifier_optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    optimizer, classifier_optimizer = build_optimizers(model, classifier, 1e-3, 1e-3)
     counts = torch.tensor(list(sizes.values()))
     weights = LossWeights()
     targets = torch.Generator().manual_seed(0)

@@ -5,7 +5,8 @@ fraction of a roofline measured in the same run.
 
 Census-like shapes: genes 2,000 and 8,000; fields cell_type (790 values), assay (26), sex (3),
 each with its <unk> index; latent 128; batch 1,024. One step is what the trainer does per batch
-(``cae.train.cycle.training_step``): targets drawn, cycle 1, cycle 2 and the self pass, the
+(``cae.train.cycle.training_step``, with the trainer's optimisers from
+``cae.train.optim.build_optimizers``): targets drawn, cycle 1, cycle 2 and the self pass, the
 autoencoder's update and projection, the classifier's update. The seed's way is the same step with
 the seed's context maps (a loop over per-category ``nn.Linear`` modules), plain Adam and a clamp of
 every parameter. The roofline is one dense matmul of the step's FLOPs (counted by torch's
@@ -26,7 +27,7 @@ from cae.config import LossWeights
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
 from cae.train.cycle import sample_targets, training_step
-from cae.train.optim import ContextAdam
+from cae.train.optim import build_optimizers
 
 LR = 1e-3
 
@@ -69,12 +70,7 @@ def step_cases(
 
         return step
 
-    ours = make(
-        model,
-        classifier,
-        ContextAdam(model.parameters(), model.row_parameters(), lr=LR),
-        torch.optim.Adam(classifier.parameters(), lr=LR),
-    )
+    ours = make(model, classifier, *build_optimizers(model, classifier, LR, LR))
     seed = make(
         seed_model,
         seed_classifier,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cae.model.cae import CAE
+from cae.model.classifier import ContextClassifier
 from cae.model.context_maps import apply_context_maps, choose_layout, plan_tiles
 from cae.train import optim
 from cae.train.optim import ContextAdam
@@ -197,6 +198,36 @@ def test_context_adam_leaves_absent_categories_untouched_and_state_round_trips()
     clone.load_state_dict(optimizer.state_dict())
     steps = clone.state[model.heads[0].context_maps]["step"]
     assert steps.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_the_trainers_optimisers_are_fused_on_the_cpu_and_step_as_plain_adam():
+    torch.manual_seed(0)
+    model = CAE(n_genes=6, latent_dim=3, field_sizes={"f": 5}, logit_scale=0.5)
+    model.configure_context_maps("grouped", sparse_grad=True)
+    classifier = ContextClassifier(6, 4, {"f": 5})
+    plain = copy.deepcopy(model), copy.deepcopy(classifier)
+    optimizer, classifier_optimizer = optim.build_optimizers(model, classifier, 0.1, 0.05)
+    references = (
+        ContextAdam(plain[0].parameters(), plain[0].row_parameters(), lr=0.1, fused=False),
+        torch.optim.Adam(plain[1].parameters(), lr=0.05, fused=False),
+    )
+    for opt in (optimizer, classifier_optimizer):
+        assert all(group["fused"] for group in opt.param_groups)
+    x, source = torch.rand(4, 6), torch.tensor([[1], [1], [2], [3]])
+    for _ in range(3):
+        for net, clf, opts in ((model, classifier, (optimizer, classifier_optimizer)),
+                               (*plain, references)):  # fmt: skip
+            for o in opts:
+                o.zero_grad()
+            (net(x, source).output.square().sum() + clf(x)[0].sum()).backward()
+            for o in opts:
+                o.step()
+    for ours, reference in zip(
+        [*model.parameters(), *classifier.parameters()],
+        [*plain[0].parameters(), *plain[1].parameters()],
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, reference)
 
 
 def test_context_adam_steps_the_state_it_holds_after_load_state_dict():

@@ -15,6 +15,31 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from cae.model.cae import CAE
+
+
+def build_optimizers(
+    model: CAE, classifier: nn.Module, lr: float, classifier_lr: float
+) -> tuple[ContextAdam, torch.optim.Adam]:
+    """The trainer's optimisers: :class:`ContextAdam` for the autoencoder and Adam for the
+    classifier, both on torch's fused kernel where the parameters' device has one (the CPU and
+    CUDA; about 3x faster than the default per-tensor loop for a Census-like model's dense
+    parameters on the CPU).
+
+    Args:
+        model: the autoencoder (its context maps are the row parameters).
+        classifier: the context classifier.
+        lr, classifier_lr: their learning rates.
+
+    Returns:
+        ``(optimizer, classifier_optimizer)``.
+    """
+    device = next(model.parameters()).device
+    fused = True if device.type in ("cpu", "cuda") else None
+    optimizer = ContextAdam(model.parameters(), model.row_parameters(), lr=lr, fused=fused)
+    classifier_optimizer = torch.optim.Adam(classifier.parameters(), lr=classifier_lr, fused=fused)
+    return optimizer, classifier_optimizer
+
 
 class ContextAdam(torch.optim.Adam):
     """Adam for every parameter; per-category ("row") parameters are updated lazily, per row.

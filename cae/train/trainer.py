@@ -68,7 +68,7 @@ from cae.train.cycle import (
     training_step,
 )
 from cae.train.host import configure_host
-from cae.train.optim import ContextAdam
+from cae.train.optim import build_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +256,8 @@ class Trainer:
             method = "gather"  # static shapes, no host sync: what the compiler wants
         # Sparse map gradients need no reduction across ranks, which DDP does only for dense ones.
         self.model.configure_context_maps(method, sparse_grad=not self.ranks.enabled)
-        self.optimizer = ContextAdam(
-            self.model.parameters(), self.model.row_parameters(), lr=cfg.train.lr
-        )
-        self.classifier_optimizer = torch.optim.Adam(
-            self.classifier.parameters(), lr=cfg.train.classifier_lr
+        self.optimizer, self.classifier_optimizer = build_optimizers(
+            self.model, self.classifier, cfg.train.lr, cfg.train.classifier_lr
         )
         # What the training steps call: the same networks, wrapped for several processes (DDP
         # averages gradients) and compiled when asked. Evaluation calls the bare networks.

@@ -19,7 +19,8 @@ EXPECTED = {
     ),
     "train_step": (
         {"cases"},
-        {"genes", "ours_cells_per_s", "seed_cells_per_s", "speedup", "ours_fraction_of_roofline"},
+        {"genes", "ours_cells_per_s", "seed_cells_per_s", "speedup", "ours_fraction_of_roofline"}
+        | {"ours_few_fraction_of_roofline"},
     ),
     "loader": (
         {"raw_cells_per_s", "loader_cells_per_s", "seed_cells_per_s", "loader_over_raw"}

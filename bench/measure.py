@@ -61,6 +61,18 @@ def interleaved(
     Returns:
         name -> median seconds.
     """
+    times = interleaved_rounds(cases, rounds, warmup, device)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_rounds(
+    cases: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 2,
+    device: torch.device | None = None,
+) -> dict[str, list[float]]:
+    """As :func:`interleaved`, but every round's seconds: name -> one time per round, in order
+    (a ratio of two cases per round shows how much the machine moved during the run)."""
     device = device or torch.device("cpu")
     for case in cases.values():
         for _ in range(warmup):
@@ -73,7 +85,7 @@ def interleaved(
             case()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def copy_case(device: torch.device, megabytes: int = 256) -> tuple[Callable[[], None], float]:

@@ -260,6 +260,16 @@ class TrainConfig(_Section):
         "returning it to the system, so that large per-step buffers stop page-faulting anew.",
     )
 
+    @model_validator(mode="after")
+    def _compile_traces_the_maps(self) -> TrainConfig:
+        if self.compile and self.context_maps == "grouped":
+            raise ValueError(
+                "train.compile=true cannot trace train.context_maps=grouped (it sorts the "
+                "categories on the host); set train.context_maps=gather, or auto (which picks "
+                "gather when compiling)"
+            )
+        return self
+
 
 class OutputConfig(_Section):
     """Where a training writes its checkpoints, settings and metrics."""

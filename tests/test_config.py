@@ -193,6 +193,13 @@ def test_invalid_choice() -> None:
     check_error(info.value, ConfigError, "data.transform = 'log2'")
 
 
+def test_compile_with_grouped_maps_is_refused_and_auto_allowed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, {"train.compile": "true", "train.context_maps": "grouped"})
+    check_error(info.value, ConfigError, "train.context_maps=gather")
+    assert load_settings(None, {"train.compile": "true"}).train.context_maps == "auto"
+
+
 def test_unknown_key_in_toml(tmp_path: Path) -> None:
     config = toml(tmp_path, "[train]\nepoch = 3\n")
     with pytest.raises(ConfigError) as info:

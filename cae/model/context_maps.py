@@ -99,8 +99,7 @@ class Tiles:
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, M) -> (T, P, M): the rows in the padded layout, zero rows for padding."""
-        rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, self.slot_source)
-        return rows.view(self.n_tiles, self.size, -1)
+        return _gather_padded(x, self.slot_source).view(self.n_tiles, self.size, -1)
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
         """(T, P, M) -> (B, M): every cell's row of the padded layout."""
@@ -216,6 +215,11 @@ def plan_tiles(index: torch.Tensor, latent_dim: int, n_categories: int | None = 
     )
 
 
+def _gather_padded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(N, M), (R,) -> (R, M): ``x``'s rows at ``rows``, a zero row where ``rows`` is N."""
+    return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, rows)
+
+
 def _segment_matmul(
     x: torch.Tensor, order: torch.Tensor, sort: CategorySort, matrices: list[torch.Tensor]
 ) -> torch.Tensor:
@@ -327,10 +331,7 @@ def grouped_outer_sum(
     slot_source = np.full(n_groups * size, len(sort.order), dtype=np.int64)
     slot_source[sort.group[kept] * size + sort.rank[kept]] = sort.order[kept]
     slots = torch.from_numpy(slot_source).to(device)
-    h_tiles, g_tiles = (
-        torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, slots).view(n_groups, size, -1)
-        for x in (h, g)
-    )
+    h_tiles, g_tiles = (_gather_padded(x, slots).view(n_groups, size, -1) for x in (h, g))
     values = torch.bmm(h_tiles.transpose(1, 2), g_tiles)  # (U, L, L)
     for position in np.flatnonzero(sort.counts > size).tolist():  # the rest of large categories
         start = sort.starts[position]

@@ -13,7 +13,12 @@ from torch import nn
 
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
-from cae.model.context_maps import apply_context_maps, choose_layout, plan_tiles
+from cae.model.context_maps import (
+    DIRECT_ROWS_UP_TO,
+    apply_context_maps,
+    choose_layout,
+    plan_tiles,
+)
 from cae.train import optim
 from cae.train.optim import ContextAdam
 
@@ -90,11 +95,18 @@ def test_layout_keeps_balanced_categories_whole_and_splits_a_dominant_one():
     assert choose_layout(balanced, latent_dim=128) == (40, False)  # one tile per category
     assert choose_layout(balanced, latent_dim=128, n_categories=26) == (40, True)  # no gather
     dominant = np.array([700] + [1] * 300)
-    size, direct = choose_layout(dominant, latent_dim=128, n_categories=301)
+    size, direct = choose_layout(dominant, latent_dim=128)
     assert 1 < size < 700 and not direct  # padding 300 categories to 700 rows would waste more
+    # With K known: one row of every map in place, the dominant category's other cells gathered.
+    assert choose_layout(dominant, latent_dim=128, n_categories=301) == (1, True)
     assert choose_layout(np.array([1, 1, 1]), latent_dim=128) == (1, False)
     few_of_many = np.ones(50, dtype=int)  # 50 of 790 categories present: gather those
     assert choose_layout(few_of_many, latent_dim=128, n_categories=790) == (1, False)
+    # Many categories of a few cells (cell types in a batch): small tiles read every map in place
+    # (at most DIRECT_ROWS_UP_TO rows, where the backward's matmul stays fast).
+    counts = np.bincount(np.random.default_rng(0).integers(1, 791, 2048))[1:]
+    size, direct = choose_layout(counts[counts > 0], latent_dim=128, n_categories=791)
+    assert direct and size <= DIRECT_ROWS_UP_TO < counts.max()
 
 
 @pytest.mark.parametrize("n_categories", [None, 30])
@@ -105,8 +117,7 @@ def test_tiles_place_every_cell_once_inside_its_categorys_tiles(n_categories):
     assert tiles.direct == (n_categories is not None)
     rows = tiles.destination
     assert len(set(rows.tolist())) == len(index)
-    tile_of_cell = rows // tiles.size
-    assert torch.equal(tiles.tile_category[tile_of_cell], index)
+    assert torch.equal(tiles.row_category(30)[rows], index)
     assert tiles.categories.tolist() == index.unique().tolist()
 
 
@@ -116,19 +127,30 @@ def test_padding_puts_each_cell_in_its_row_and_zeros_elsewhere(n_categories):
     tiles = plan_tiles(index, latent_dim=8, n_categories=n_categories)
     x = torch.rand(257, 5) + 1  # no zero entries
     padded = tiles.pad(x)
-    assert padded.shape == (tiles.n_tiles, tiles.size, 5)
+    assert padded.shape == (sum(part.n_tiles * part.size for part in tiles.parts), 5)
     assert torch.equal(tiles.unpad(padded), x)
-    flat = padded.view(-1, 5)
-    used = torch.zeros(len(flat), dtype=torch.bool)
+    used = torch.zeros(len(padded), dtype=torch.bool)
     used[tiles.destination] = True
-    assert torch.equal(flat[used.logical_not()], torch.zeros(int((~used).sum()), 5))
+    assert torch.equal(padded[used.logical_not()], torch.zeros(int((~used).sum()), 5))
 
 
-def test_a_dominant_category_is_split_into_tiles():
-    tiles = plan_tiles(skewed_index(30, 257, seed=3), latent_dim=64, n_categories=30)
-    assert tiles.split and not tiles.direct
-    tile_of_cell = tiles.destination // tiles.size
-    assert torch.equal(tiles.tile_category[tile_of_cell], skewed_index(30, 257, seed=3))
+@pytest.mark.parametrize("n_categories", [None, 30])
+def test_a_dominant_category_spans_several_tiles(n_categories):
+    """Gathered: the dominant category is cut into several tiles. Direct: its first P cells are
+    in its own tile, the rest in a second, gathered part."""
+    index = skewed_index(30, 257, seed=3)
+    tiles = plan_tiles(index, latent_dim=64, n_categories=n_categories)
+    assert tiles.direct == (n_categories is not None)
+    last = tiles.parts[-1]
+    assert last.categories is not None and (last.categories == 1).sum() >= 1
+    if n_categories is None:
+        assert (last.categories == 1).sum() > 1
+    else:
+        assert len(tiles.parts) == 2
+    assert torch.equal(tiles.row_category(30)[tiles.destination], index)
+    h, maps = torch.rand(257, 64), torch.rand(30, 64, 64)
+    expected = torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)
+    torch.testing.assert_close(tiles.matmul(h, tiles.part_maps(maps)), expected)
 
 
 def test_empty_batch():

@@ -7,8 +7,9 @@ category, a device sync for each); here the whole batch is one call, by one of t
 * ``grouped``: sort the cells by category. With few categories present (up to
   :data:`SEGMENTS_UP_TO`), one matmul per category over its cells. Otherwise lay each category's
   cells out in tiles of P rows (P chosen per batch from the category counts) and let one batched
-  matmul apply every tile's map: the stacked maps as they are when most categories are present,
-  else the gathered maps of the present ones. With ``sparse_grad`` the maps' gradient is sparse in
+  matmul apply every tile's map: the stacked maps as they are when most categories are present
+  (small tiles, and the few cells past them in a second batched matmul), else the gathered maps of
+  the present ones. With ``sparse_grad`` the maps' gradient is sparse in
   K: only the categories the batch used have rows, and every use's rows in a backward pass are
   summed by one grouped matmul when the pass ends, so the optimiser
   (:class:`cae.train.optim.ContextAdam`) moves only those categories, as the seed's per-category
@@ -75,40 +76,110 @@ def apply_context_maps(
 
 
 @dataclass
+class TilePart:
+    """Tiles of one size in a :class:`Tiles` layout."""
+
+    size: int  # P, rows per tile
+    # (T,) int64 category of each tile; None: tile k is category k for every k < K (the stacked
+    # maps are used as they are, with no gather)
+    categories: torch.Tensor | None
+    n_tiles: int  # T
+
+
+@dataclass
 class Tiles:
     """How one batch's cells are laid out for the grouped matmul.
 
-    Cells sorted by category are cut into tiles of ``size`` rows; a category with more cells than
-    that spans several tiles, and the last tile of each category is padded with zero rows. In the
-    ``direct`` layout tile k is category k for every k < K (absent categories get empty tiles):
-    the stacked maps are then used as they are, with no gather.
+    Cells sorted by category are cut into tiles; the last tile of each category is padded with
+    zero rows. A layout has one or two parts, their rows one after the other in one padded
+    buffer. Gathered layout: one part, tiles of P rows, a category with more cells spanning
+    several tiles. Direct layout: tile k is category k for every k < K (absent categories get
+    empty tiles) and holds its first P cells; the cells of the few categories with more go into a
+    second, gathered part.
     """
 
-    size: int  # P, rows per tile
+    parts: tuple[TilePart, ...]
     categories: torch.Tensor  # (U,) int64 sorted categories present in the batch
-    tile_category: torch.Tensor  # (T,) int64 category of each tile
-    destination: torch.Tensor  # (B,) int64 row of each cell in the (T * P, L) padded layout
-    # (T * P,) int64 cell of each row of the padded layout, B for a padding row (see ``pad``)
+    destination: torch.Tensor  # (B,) int64 row of each cell in the padded layout
+    # (R,) int64 cell of each row of the padded layout, B for a padding row (see ``pad``)
     slot_source: torch.Tensor
-    direct: bool  # tile k is category k, T = K
 
     @property
-    def n_tiles(self) -> int:
-        """T, the number of tiles."""
-        return len(self.tile_category)
+    def direct(self) -> bool:
+        """Whether the first part is the direct layout."""
+        return self.parts[0].categories is None
+
+    def row_category(self, n_categories: int) -> torch.Tensor:
+        """(R,) the category of every row of the padded layout (K for the direct part's)."""
+        per_part = [
+            torch.arange(n_categories, device=self.destination.device)
+            if part.categories is None
+            else part.categories
+            for part in self.parts
+        ]
+        return torch.cat(
+            [c.repeat_interleave(part.size) for c, part in zip(per_part, self.parts, strict=True)]
+        )
+
+    def part_maps(self, maps: torch.Tensor) -> list[torch.Tensor]:
+        """Each part's (T, L, M) maps: ``maps`` itself for a direct part, else gathered."""
+        return [
+            maps if p.categories is None else maps.index_select(0, p.categories) for p in self.parts
+        ]
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, M) -> (T, P, M): the rows in the padded layout, zero rows for padding."""
-        return _gather_padded(x, self.slot_source).view(self.n_tiles, self.size, -1)
+        """(B, M) -> (R, M): the rows in the padded layout, zero rows for padding."""
+        return _gather_padded(x, self.slot_source)
 
     def unpad(self, padded: torch.Tensor) -> torch.Tensor:
-        """(T, P, M) -> (B, M): every cell's row of the padded layout."""
-        return padded.view(self.n_tiles * self.size, -1).index_select(0, self.destination)
+        """(R, M) -> (B, M): every cell's row of the padded layout."""
+        return padded.index_select(0, self.destination)
 
-    @property
-    def split(self) -> bool:
-        """Whether some category spans more than one tile."""
-        return not self.direct and self.n_tiles != len(self.categories)
+    def matmul(self, x: torch.Tensor, part_maps: list[torch.Tensor]) -> torch.Tensor:
+        """(B, L) -> (B, M): every cell times its tile's map, one batched matmul per part."""
+        padded = self.pad(x)
+        out = padded.new_empty(padded.shape[0], part_maps[0].shape[2])
+        start = 0
+        for part, maps in zip(self.parts, part_maps, strict=True):
+            stop = start + part.n_tiles * part.size
+            tiles = padded[start:stop].view(part.n_tiles, part.size, -1)
+            torch.bmm(tiles, maps, out=out[start:stop].view(part.n_tiles, part.size, -1))
+            start = stop
+        return self.unpad(out)
+
+
+def _candidate_sizes(largest: int) -> list[int]:
+    """Tile sizes worth trying: the powers of two below ``largest``, and ``largest``."""
+    sizes = [1 << i for i in range(max(largest - 1, 1).bit_length()) if 1 << i < largest]
+    return [*sizes, largest]
+
+
+# What a tile's row costs, as a fraction of reading its L x L map: a batched matmul of small tiles
+# by whole maps mostly reads the maps, and each further row of every tile adds a little (latent
+# 128, 791 maps read from memory: the forward's product grows by 1/17 of a map's time per row,
+# the backward's by the transposed maps by 1/10).
+ROW_COST = 0.1
+
+# Rows per tile of the small tiles of the direct layout at most: the backward pass's product by
+# the transposed maps costs half as much again from 6 rows per tile on, with MKL on the CPUs
+# measured here (3.2 ms at 5 rows, 4.3 at 6, 4.7 at 7, in the shapes above).
+DIRECT_ROWS_UP_TO = 5
+
+
+def _gathered_cost(counts: np.ndarray, latent_dim: int, size: int) -> float:
+    """Estimated cost of a gathered layout with tiles of ``size`` rows: ``T(P) * (2 + c P) L``."""
+    return float(np.ceil(counts / size).sum()) * (2 + ROW_COST * size) * latent_dim
+
+
+def _direct_cost(counts: np.ndarray, latent_dim: int, n_categories: int, size: int) -> float:
+    """Estimated cost of the direct layout with tiles of ``size`` rows, ``K (1 + c P) L``, plus
+    the best gathered layout of the cells past each category's first P."""
+    rest = counts[counts > size] - size
+    cost = n_categories * (1 + ROW_COST * size) * latent_dim
+    if len(rest):
+        sizes = _candidate_sizes(int(rest.max()))
+        cost += min(_gathered_cost(rest, latent_dim, p) for p in sizes)
+    return cost
 
 
 def choose_layout(
@@ -116,11 +187,12 @@ def choose_layout(
 ) -> tuple[int, bool]:
     """The tile size P, and whether to use the direct layout, that minimise the estimated cost.
 
-    In the gathered layout each tile costs its map (L x L: gathered, then read, about 2L rows'
-    worth of memory traffic) plus its P rows of activations: ``T(P) * (2L + P)`` with
-    ``T(P) = sum ceil(count / P)``; candidates for P are the powers of two below the largest count
-    and the largest count itself. The direct layout reads all K maps in place and pads every
-    category to the largest count: ``K * (L + max count)``.
+    Costs count memory traffic in rows of a map (L), a tile's row as :data:`ROW_COST` of its map.
+    In the gathered layout each tile costs its map (gathered, then read: 2L) and its rows:
+    ``T(P) (2 + c P) L`` with ``T(P) = sum ceil(count / P)``, for P among the powers of two below
+    the largest count and the largest count itself. The direct layout reads all K maps in place,
+    ``K (1 + c P) L``, with tiles of every category's largest count, or of at most
+    :data:`DIRECT_ROWS_UP_TO` rows and the cells past a category's first P in a gathered part.
 
     Args:
         counts: (U,) cells per present category.
@@ -131,12 +203,14 @@ def choose_layout(
         ``(P, direct)``, P >= 1.
     """
     largest = int(counts.max())
-    candidates = [1 << i for i in range(max(largest - 1, 1).bit_length()) if 1 << i < largest]
-    candidates.append(largest)
-    costs = [int(np.ceil(counts / size).sum()) * (2 * latent_dim + size) for size in candidates]
+    candidates = _candidate_sizes(largest)
+    costs = [_gathered_cost(counts, latent_dim, size) for size in candidates]
     best = int(np.argmin(costs))
-    if n_categories is not None and n_categories * (latent_dim + largest) < costs[best]:
-        return largest, True
+    if n_categories is not None:
+        sizes = {*range(1, min(largest, DIRECT_ROWS_UP_TO) + 1), largest}
+        cost, size = min((_direct_cost(counts, latent_dim, n_categories, p), p) for p in sizes)
+        if cost < costs[best]:
+            return size, True
     return candidates[best], False
 
 
@@ -178,41 +252,78 @@ def sort_by_category(index: torch.Tensor) -> CategorySort:
     )
 
 
-def plan_tiles(index: torch.Tensor, latent_dim: int, n_categories: int | None = None) -> Tiles:
+def plan_tiles(
+    index: torch.Tensor,
+    latent_dim: int,
+    n_categories: int | None = None,
+    sort: CategorySort | None = None,
+) -> Tiles:
     """Sort a batch's cells by category and lay them out in tiles (on the host: B is small).
 
     Args:
         index: (B,) int64 category of each cell, B >= 1.
         latent_dim: L (weighs the cost of a tile's map against its rows).
         n_categories: K, when the direct layout (no gather of maps) may be chosen.
+        sort: ``sort_by_category(index)``, when the caller has it.
 
     Returns:
         The :class:`Tiles`, its tensors on ``index``'s device.
     """
-    sort = sort_by_category(index)
+    sort = sort_by_category(index) if sort is None else sort
     size, direct = choose_layout(sort.counts, latent_dim, n_categories)
+    row = np.empty(len(sort.order), dtype=np.int64)  # (B,) padded row of each sorted cell
     if direct:
         assert n_categories is not None
-        tile = sort.categories[sort.group]
-        tile_category = np.arange(n_categories)
+        parts = [(size, None, n_categories)]
+        first = sort.rank < size
+        row[first] = sort.categories[sort.group[first]] * size + sort.rank[first]
+        rest = np.clip(sort.counts - size, 0, None)  # (U,) cells past a category's first P
+        if rest.any():
+            rest_size = choose_layout(rest[rest > 0], latent_dim)[0]
+            offset = n_categories * size
+            row[~first], tiles = _gathered_rows(sort, rest, sort.rank - size, rest_size, ~first)
+            row[~first] += offset
+            parts.append((rest_size, tiles, len(tiles)))
     else:
-        n_tiles = -(-sort.counts // size)  # (U,) tiles per category
-        tile = (np.cumsum(n_tiles) - n_tiles)[sort.group] + sort.rank // size
-        tile_category = np.repeat(sort.categories, n_tiles)  # (T,)
+        row[:], tiles = _gathered_rows(sort, sort.counts, sort.rank, size, slice(None))
+        parts = [(size, tiles, len(tiles))]
     n_cells = len(sort.order)
     destination = np.empty(n_cells, dtype=np.int64)
-    destination[sort.order] = tile * size + sort.rank % size
-    slot_source = np.full(len(tile_category) * size, n_cells, dtype=np.int64)
+    destination[sort.order] = row
+    slot_source = np.full(sum(p[0] * p[2] for p in parts), n_cells, dtype=np.int64)
     slot_source[destination] = np.arange(n_cells)
     device = index.device
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device)
+
     return Tiles(
-        size,
-        torch.from_numpy(sort.categories).to(device),
-        torch.from_numpy(tile_category).to(device),
-        torch.from_numpy(destination).to(device),
-        torch.from_numpy(slot_source).to(device),
-        direct,
+        tuple(
+            TilePart(size, None if c is None else tensor(c), n_tiles) for size, c, n_tiles in parts
+        ),
+        tensor(sort.categories),
+        tensor(destination),
+        tensor(slot_source),
     )
+
+
+def _gathered_rows(
+    sort: CategorySort,
+    counts: np.ndarray,
+    rank: np.ndarray,
+    size: int,
+    cells: np.ndarray | slice,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The gathered layout of some sorted cells: each category's ``counts`` cells (their ranks
+    within it ``rank``) in tiles of ``size`` rows.
+
+    Returns:
+        ``(rows, tile_category)``: the padded row of each of the ``cells`` and (T,) the category
+        of each tile.
+    """
+    n_tiles = -(-counts // size)  # (U,) tiles per category
+    tile = (np.cumsum(n_tiles) - n_tiles)[sort.group[cells]] + rank[cells] // size
+    return tile * size + rank[cells] % size, np.repeat(sort.categories, n_tiles)
 
 
 def _gather_padded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -256,13 +367,11 @@ class _GroupedContextMaps(torch.autograd.Function):
             ctx.save_for_backward(h, index)
             chosen = [maps[c].to(h.dtype) for c in sort.categories.tolist()]
             return _segment_matmul(h, order, sort, chosen)
-        tiles = plan_tiles(index, h.shape[1], maps.shape[0])
-        tile_maps = maps if tiles.direct else maps.index_select(0, tiles.tile_category)
-        tile_maps = tile_maps.to(h.dtype)  # (T, L, L)
-        out = torch.bmm(tiles.pad(h), tile_maps)  # (T, P, L)
-        ctx.save_for_backward(h, index, tile_maps)
+        tiles = plan_tiles(index, h.shape[1], maps.shape[0], sort)
+        part_maps = [m.to(h.dtype) for m in tiles.part_maps(maps)]  # (T, L, L) each
+        ctx.save_for_backward(h, index, *part_maps)
         ctx.tiles = tiles
-        return tiles.unpad(out)
+        return tiles.matmul(h, part_maps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -280,8 +389,8 @@ class _GroupedContextMaps(torch.autograd.Function):
             grad_h = _segment_matmul(grad_out, order, sort, chosen)
         elif ctx.needs_input_grad[0]:
             tiles: Tiles = ctx.tiles
-            tile_maps = ctx.saved_tensors[2]
-            grad_h = tiles.unpad(torch.bmm(tiles.pad(grad_out), tile_maps.transpose(1, 2)))
+            transposed = [m.transpose(1, 2) for m in ctx.saved_tensors[2:]]
+            grad_h = tiles.matmul(grad_out, transposed)
         grad_maps = None
         if ctx.needs_input_grad[1]:
             if ctx.sparse_grad:  # summed over every use when the backward pass ends
@@ -343,9 +452,7 @@ def grouped_outer_sum(
 def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:
     """P for :func:`grouped_outer_sum`: every category costs its L x L output and P padded rows,
     each larger category a separate matmul (about 2L rows' worth) over its other rows."""
-    largest = int(counts.max())
-    candidates = [1 << i for i in range(max(largest - 1, 1).bit_length()) if 1 << i < largest]
-    candidates.append(largest)
+    candidates = _candidate_sizes(int(counts.max()))
     costs = [
         len(counts) * (latent_dim + size)
         + int((counts > size).sum()) * 2 * latent_dim

@@ -10,6 +10,7 @@ from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
 from cae.train.cycle import (
     ContextMeans,
+    classifier_hits,
     classifier_loss,
     context_means_loss,
     generator_losses,
@@ -80,15 +81,22 @@ def test_classifier_loss_ignores_unknown_labels():
     _, classifier = networks()
     x = torch.rand(8, 10)
     unknown = torch.zeros(8, 3, dtype=torch.long)
-    loss, correct, labelled = classifier_loss(classifier, x, unknown)
+    loss = classifier_loss(classifier(x), unknown)
+    correct, labelled = classifier_hits(classifier(x), unknown)
     assert loss.item() == 0.0, "no known label: no loss (and no NaN)"
     assert labelled.tolist() == [0, 0, 0] and correct.tolist() == [0, 0, 0]
 
     labels = torch.ones(8, 3, dtype=torch.long)
     labels[:4, 0] = 0
-    loss, _, labelled = classifier_loss(classifier, x, labels)
+    loss = classifier_loss(classifier(x), labels)
     assert loss.item() > 0
+    correct, labelled = classifier_hits(classifier(x), labels)
     assert labelled.tolist() == [4, 8, 8]
+    logits = classifier(x)
+    expected = [
+        int(((logit.argmax(1) == 1) & (labels[:, i] == 1)).sum()) for i, logit in enumerate(logits)
+    ]
+    assert correct.tolist() == expected
 
 
 def test_context_means_loss_by_hand() -> None:

@@ -304,33 +304,45 @@ def generator_losses(
     )  # fmt: skip
 
 
-def classifier_loss(
-    classifier: ContextClassifier, x: torch.Tensor, source: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def classifier_loss(logits: list[torch.Tensor], source: torch.Tensor) -> torch.Tensor:
     """The classifier's supervised loss on real cells, ignoring ``<unk>`` labels.
 
     Args:
-        classifier: the context classifier (trainable).
-        x: (B, G) real model-space expression.
+        logits: the classifier's output on the real cells, one (B, K_f) tensor per field.
         source: (B, F) true categories.
 
     Returns:
-        ``(loss, correct, labelled)``: the mean cross-entropy over fields, and per field (F,) the
-        count of correctly classified cells and of cells with a known label (accuracy =
-        correct / labelled; kept as counts so that epochs average exactly).
+        The mean over fields of the cross-entropy over known labels (0, not NaN, for a field
+        with no known label in the batch; no host sync).
     """
-    logits = classifier(x)
-    terms, correct, labelled = [], [], []
+    terms = []
+    for i, logit in enumerate(logits):
+        labels = source[:, i]
+        ce = F.cross_entropy(logit, labels, ignore_index=UNK_INDEX, reduction="sum")
+        terms.append(ce / (labels != UNK_INDEX).sum().clamp_min(1))
+    return torch.stack(terms).mean()
+
+
+def classifier_hits(
+    logits: list[torch.Tensor], source: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per field (F,), the cells the classifier labels correctly and the cells with a known
+    label (accuracy = correct / labelled; kept as counts so that epochs average exactly).
+
+    Args:
+        logits: the classifier's output, one (B, K_f) tensor per field.
+        source: (B, F) true categories.
+
+    Returns:
+        ``(correct, labelled)``.
+    """
+    correct, labelled = [], []
     for i, logit in enumerate(logits):
         labels = source[:, i]
         known = labels != UNK_INDEX
-        # A sum over known labels divided by their count: no host sync, and 0 (not NaN) when a
-        # batch has no known label for a field.
-        ce = F.cross_entropy(logit, labels, ignore_index=UNK_INDEX, reduction="sum")
-        terms.append(ce / known.sum().clamp_min(1))
         correct.append(((logit.argmax(dim=1) == labels) & known).sum())
         labelled.append(known.sum())
-    return torch.stack(terms).mean(), torch.stack(correct), torch.stack(labelled)
+    return torch.stack(correct), torch.stack(labelled)
 
 
 def training_step(
@@ -387,7 +399,7 @@ def training_step(
     classifier.requires_grad_(True)
 
     with autocast:
-        c_loss, _, _ = classifier_loss(forward_classifier, x, source)
+        c_loss = classifier_loss(forward_classifier(x), source)
     classifier_optimizer.zero_grad(set_to_none=True)
     (weights.classifier * c_loss).backward()
     classifier_optimizer.step()

@@ -62,6 +62,7 @@ from cae.train.checkpoint import (
 )
 from cae.train.cycle import (
     ContextMeans,
+    classifier_hits,
     classifier_loss,
     generator_losses,
     sample_targets,
@@ -669,7 +670,9 @@ class Trainer:
                     terms=True,
                     reference=self.reference,
                 )
-                c_loss, correct, labelled = classifier_loss(self.classifier, x, source)
+                logits = self.classifier(x)
+                c_loss = classifier_loss(logits, source)
+                correct, labelled = classifier_hits(logits, source)
                 target_logits = self.classifier(losses.cycle1.output)
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)

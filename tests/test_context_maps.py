@@ -92,20 +92,20 @@ def test_context_maps_equal_the_seed_loop(method, sparse, n_categories, batch, l
 
 def test_layout_keeps_balanced_categories_whole_and_splits_a_dominant_one():
     balanced = np.full(26, 40)
-    assert choose_layout(balanced, latent_dim=128) == (40, False)  # one tile per category
-    assert choose_layout(balanced, latent_dim=128, n_categories=26) == (40, True)  # no gather
+    assert choose_layout(balanced, latent_dim=128)[:2] == (40, False)  # one tile per category
+    assert choose_layout(balanced, latent_dim=128, n_categories=26)[:2] == (40, True)  # no gather
     dominant = np.array([700] + [1] * 300)
-    size, direct = choose_layout(dominant, latent_dim=128)
+    size, direct, _ = choose_layout(dominant, latent_dim=128)
     assert 1 < size < 700 and not direct  # padding 300 categories to 700 rows would waste more
     # With K known: one row of every map in place, the dominant category's other cells gathered.
-    assert choose_layout(dominant, latent_dim=128, n_categories=301) == (1, True)
-    assert choose_layout(np.array([1, 1, 1]), latent_dim=128) == (1, False)
+    assert choose_layout(dominant, latent_dim=128, n_categories=301)[:2] == (1, True)
+    assert choose_layout(np.array([1, 1, 1]), latent_dim=128)[:2] == (1, False)
     few_of_many = np.ones(50, dtype=int)  # 50 of 790 categories present: gather those
-    assert choose_layout(few_of_many, latent_dim=128, n_categories=790) == (1, False)
+    assert choose_layout(few_of_many, latent_dim=128, n_categories=790)[:2] == (1, False)
     # Many categories of a few cells (cell types in a batch): small tiles read every map in place
     # (at most DIRECT_ROWS_UP_TO rows, where the backward's matmul stays fast).
     counts = np.bincount(np.random.default_rng(0).integers(1, 791, 2048))[1:]
-    size, direct = choose_layout(counts[counts > 0], latent_dim=128, n_categories=791)
+    size, direct, _ = choose_layout(counts[counts > 0], latent_dim=128, n_categories=791)
     assert direct and size <= DIRECT_ROWS_UP_TO < counts.max()
 
 

@@ -25,7 +25,7 @@ both against the seed's loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -166,26 +166,16 @@ ROW_COST = 0.1
 DIRECT_ROWS_UP_TO = 5
 
 
-def _gathered_cost(counts: np.ndarray, latent_dim: int, size: int) -> float:
-    """Estimated cost of a gathered layout with tiles of ``size`` rows: ``T(P) * (2 + c P) L``."""
-    return float(np.ceil(counts / size).sum()) * (2 + ROW_COST * size) * latent_dim
+class Layout(NamedTuple):
+    """A batch's tile layout, as :func:`choose_layout` picks it."""
+
+    size: int  # P, rows per tile
+    direct: bool  # tile k is category k for every k < K, the stacked maps read in place
+    rest_size: int  # rows per tile of a direct layout's gathered part; 0 when it has none
 
 
-def _direct_cost(counts: np.ndarray, latent_dim: int, n_categories: int, size: int) -> float:
-    """Estimated cost of the direct layout with tiles of ``size`` rows, ``K (1 + c P) L``, plus
-    the best gathered layout of the cells past each category's first P."""
-    rest = counts[counts > size] - size
-    cost = n_categories * (1 + ROW_COST * size) * latent_dim
-    if len(rest):
-        sizes = _candidate_sizes(int(rest.max()))
-        cost += min(_gathered_cost(rest, latent_dim, p) for p in sizes)
-    return cost
-
-
-def choose_layout(
-    counts: np.ndarray, latent_dim: int, n_categories: int | None = None
-) -> tuple[int, bool]:
-    """The tile size P, and whether to use the direct layout, that minimise the estimated cost.
+def choose_layout(counts: np.ndarray, latent_dim: int, n_categories: int | None = None) -> Layout:
+    """The layout that minimises the estimated cost of one batched matmul over the tiles.
 
     Costs count memory traffic in rows of a map (L), a tile's row as :data:`ROW_COST` of its map.
     In the gathered layout each tile costs its map (gathered, then read: 2L) and its rows:
@@ -193,6 +183,8 @@ def choose_layout(
     the largest count and the largest count itself. The direct layout reads all K maps in place,
     ``K (1 + c P) L``, with tiles of every category's largest count, or of at most
     :data:`DIRECT_ROWS_UP_TO` rows and the cells past a category's first P in a gathered part.
+    Computed on the distinct counts, a few numpy calls: this runs on the host for every
+    application, with the caches cold after the matmuls.
 
     Args:
         counts: (U,) cells per present category.
@@ -200,18 +192,28 @@ def choose_layout(
         n_categories: K; None rules the direct layout out.
 
     Returns:
-        ``(P, direct)``, P >= 1.
+        The :class:`Layout`.
     """
-    largest = int(counts.max())
-    candidates = _candidate_sizes(largest)
-    costs = [_gathered_cost(counts, latent_dim, size) for size in candidates]
-    best = int(np.argmin(costs))
+    values, weight = np.unique(counts, return_counts=True)  # distinct counts, categories of each
+    largest = int(values[-1])
+    sizes = np.array(_candidate_sizes(largest))  # (C,)
+    gathered = weight @ np.ceil(values[:, None] / sizes) * (2 + ROW_COST * sizes) * latent_dim
+    best = int(np.argmin(gathered))
     if n_categories is not None:
-        sizes = {*range(1, min(largest, DIRECT_ROWS_UP_TO) + 1), largest}
-        cost, size = min((_direct_cost(counts, latent_dim, n_categories, p), p) for p in sizes)
-        if cost < costs[best]:
-            return size, True
-    return candidates[best], False
+        direct = np.unique([*range(1, min(largest, DIRECT_ROWS_UP_TO) + 1), largest])  # (S,)
+        rest_sizes = np.unique(np.concatenate([sizes, largest - direct[direct < largest]]))
+        rest = np.clip(values[:, None] - direct, 0, None)  # (V, S) cells past the first P
+        rest_tiles = np.einsum("v,vsr->sr", weight, np.ceil(rest[:, :, None] / rest_sizes))
+        rest_costs = rest_tiles * (2 + ROW_COST * rest_sizes) * latent_dim  # (S, R)
+        rest_best = rest_costs.argmin(axis=1)
+        costs = n_categories * (1 + ROW_COST * direct) * latent_dim
+        costs = costs + rest_costs[np.arange(len(direct)), rest_best]
+        choice = int(np.argmin(costs))
+        if costs[choice] < gathered[best]:
+            size = int(direct[choice])
+            rest_size = int(rest_sizes[rest_best[choice]]) if size < largest else 0
+            return Layout(size, True, rest_size)
+    return Layout(int(sizes[best]), False, 0)
 
 
 # With this many categories present or fewer, one matmul per category on the sorted cells is
@@ -270,16 +272,15 @@ def plan_tiles(
         The :class:`Tiles`, its tensors on ``index``'s device.
     """
     sort = sort_by_category(index) if sort is None else sort
-    size, direct = choose_layout(sort.counts, latent_dim, n_categories)
+    size, direct, rest_size = choose_layout(sort.counts, latent_dim, n_categories)
     row = np.empty(len(sort.order), dtype=np.int64)  # (B,) padded row of each sorted cell
     if direct:
         assert n_categories is not None
         parts = [(size, None, n_categories)]
         first = sort.rank < size
         row[first] = sort.categories[sort.group[first]] * size + sort.rank[first]
-        rest = np.clip(sort.counts - size, 0, None)  # (U,) cells past a category's first P
-        if rest.any():
-            rest_size = choose_layout(rest[rest > 0], latent_dim)[0]
+        if rest_size:
+            rest = np.clip(sort.counts - size, 0, None)  # (U,) cells past a category's first P
             offset = n_categories * size
             row[~first], tiles = _gathered_rows(sort, rest, sort.rank - size, rest_size, ~first)
             row[~first] += offset
@@ -452,14 +453,12 @@ def grouped_outer_sum(
 def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:
     """P for :func:`grouped_outer_sum`: every category costs its L x L output and P padded rows,
     each larger category a separate matmul (about 2L rows' worth) over its other rows."""
-    candidates = _candidate_sizes(int(counts.max()))
-    costs = [
-        len(counts) * (latent_dim + size)
-        + int((counts > size).sum()) * 2 * latent_dim
-        + int(np.clip(counts - size, 0, None).sum())
-        for size in candidates
-    ]
-    return candidates[int(np.argmin(costs))]
+    values, weight = np.unique(counts, return_counts=True)  # distinct counts, categories of each
+    sizes = np.array(_candidate_sizes(int(values[-1])))
+    larger = weight @ (values[:, None] > sizes)  # (C,) categories with more than P rows
+    rest = weight @ np.clip(values[:, None] - sizes, 0, None)  # (C,) their other rows
+    costs = len(counts) * (latent_dim + sizes) + larger * 2 * latent_dim + rest
+    return int(sizes[int(np.argmin(costs))])
 
 
 class _RowGradientCollector:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cae.model.cae import CAE, FieldHead
+from cae.model.context_maps import MapsPlan
 
 
 class SeedContextMaps(nn.Module):
@@ -53,7 +54,9 @@ class SeedFieldHead(FieldHead):
         self.register_buffer("context_maps", torch.empty(head.context_maps.shape[0], 0, 0))
         self.map_method, self.sparse_grad = "gather", False
 
-    def apply_maps(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def apply_maps(
+        self, h: torch.Tensor, index: torch.Tensor, plan: MapsPlan | None = None
+    ) -> torch.Tensor:
         return self.seed_maps(h, index)
 
 

@@ -28,7 +28,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from cae.model.context_maps import ContextMapMethod, apply_context_maps
+from cae.model.context_maps import (
+    ContextMapMethod,
+    MapsPlan,
+    apply_context_maps,
+    plan_maps,
+    resolve_method,
+)
 
 __all__ = [
     "CAE", "CAEOutput", "FieldHead", "Nonnegative", "apply_context_maps", "contribution_l2",
@@ -76,9 +82,22 @@ class FieldHead(nn.Module):
         self.map_method: ContextMapMethod = "auto"
         self.sparse_grad = False
 
-    def apply_maps(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(B, L), (B,) -> (B, L): each latent times its category's context map."""
-        return apply_context_maps(h, self.context_maps, index, self.map_method, self.sparse_grad)
+    def plan(self, index: torch.Tensor) -> MapsPlan | None:
+        """The layout of one application of the maps to cells of categories ``index`` (B,), made
+        ahead of it (see :func:`cae.model.context_maps.plan_maps`); None where the maps are not
+        applied grouped, or for no cells."""
+        method = resolve_method(self.map_method, index.device)
+        if method != "grouped" or index.numel() == 0:
+            return None
+        return plan_maps(index, self.context_maps.shape[1], self.context_maps.shape[0])
+
+    def apply_maps(
+        self, h: torch.Tensor, index: torch.Tensor, plan: MapsPlan | None = None
+    ) -> torch.Tensor:
+        """(B, L), (B,) -> (B, L): each latent times its category's context map (``plan``: from
+        :meth:`plan` for the same ``index``, or None)."""
+        maps, method = self.context_maps, self.map_method
+        return apply_context_maps(h, maps, index, method, self.sparse_grad, plan)
 
     def decode(self, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, L), (B,) -> (B, G): expression of each latent in its target context, unscaled."""
@@ -194,15 +213,26 @@ class CAE(nn.Module):
         """
         target = source if target is None else target
         latent = self.latent_dim
+        sums = not terms and bool(self.heads)  # decode only the sums (a training step's passes)
+        heads = list(self.heads)
+        encode = [source[:, column] for column in range(len(heads))]  # each head's categories
+        contexts: list[torch.Tensor] = []  # the decoded passes' contexts, and per head their
+        decode: list[torch.Tensor] = []  # categories one pass after another
+        if sums:
+            contexts = [target, source, *also] if and_source else [target, *also]
+            decode = [torch.cat([c[:, column] for c in contexts]) for column in range(len(heads))]
+        # Every application's layout first, one after another: host work, faster with the host's
+        # caches warm than each just before its matmul, after the previous one's.
+        plans = [head.plan(index) for head, index in zip(heads * 2, encode + decode, strict=False)]
         encoders = torch.cat([self.base, *(head.encoder.weight for head in self.heads)])
         base_hidden, *encoded = (x @ encoders.T).split(latent, dim=1)  # (B, L) each
         field_hidden = {
-            field: head.apply_maps(h, source[:, column])  # (B, L)
-            for column, (field, head, h) in enumerate(
-                zip(self.fields, self.heads, encoded, strict=True)
+            field: head.apply_maps(h, index, plan)  # (B, L)
+            for field, head, h, index, plan in zip(
+                self.fields, heads, encoded, encode, plans[: len(heads)], strict=True
             )
         }
-        if terms or not self.heads:
+        if not sums:
             base = base_hidden @ self.base  # (B, G)
             out = self._decode(base, base_hidden, field_hidden, target)
             more = tuple(self._decode(base, base_hidden, field_hidden, t) for t in also)
@@ -218,8 +248,9 @@ class CAE(nn.Module):
                     for f, values in own.fields.items()
                 }
             return out._replace(own=own._replace(squares=squares, shared=common))
+        decoding = list(zip(decode, plans[len(heads) :], strict=True))
         return self._decode_sum(
-            x, base_hidden, field_hidden, source, [target, *also], and_source, shared
+            x, base_hidden, field_hidden, source, contexts, decoding, and_source, shared
         )
 
     def _decode(
@@ -245,21 +276,21 @@ class CAE(nn.Module):
         base_hidden: torch.Tensor,
         field_hidden: dict[str, torch.Tensor],
         source: torch.Tensor,
-        targets: list[torch.Tensor],
+        contexts: list[torch.Tensor],
+        decoding: list[tuple[torch.Tensor, MapsPlan | None]],
         and_source: bool,
         shared: bool,
     ) -> CAEOutput:
-        """The summed output in each of the ``targets`` contexts (the first is the pass's own
-        target, the others ``.also``) and, with ``and_source``, the source ones, one matmul each:
-        ``[h_base, s C_1 h_1, ...] @ [W; D_1^T; ...]`` plus the offsets."""
-        contexts = [targets[0], source, *targets[1:]] if and_source else targets
+        """The summed output in each of the ``contexts`` (the pass's own target, with
+        ``and_source`` the source, then the ``.also`` targets), one matmul each:
+        ``[h_base, s C_1 h_1, ...] @ [W; D_1^T; ...]`` plus the offsets. ``decoding`` holds per
+        field the categories of every context, one after another, and their layout."""
         n = x.shape[0]
         decoded: list[list[torch.Tensor]] = [[] for _ in contexts]  # per pass, field -> (B, L)
-        for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
+        for field, head, (index, plan) in zip(self.fields, self.heads, decoding, strict=True):
             # Every pass's maps in one call: a category's map is read once for all of them.
             hidden = field_hidden[field].repeat(len(contexts), 1)
-            index = torch.cat([c[:, column] for c in contexts])
-            mapped = self.logit_scale * head.apply_maps(hidden, index)
+            mapped = self.logit_scale * head.apply_maps(hidden, index, plan)
             for pass_, part in zip(decoded, mapped.split(n), strict=True):
                 pass_.append(part)
         decoders = torch.cat([head.decoder.weight for head in self.heads], dim=1)  # (G, F L)
@@ -284,7 +315,7 @@ class CAE(nn.Module):
         squares, common = {}, {}
         for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
             z_target, z_source = decoded[0][column], decoded[1][column]
-            rows = source[:, column], targets[0][:, column]
+            rows = source[:, column], contexts[0][:, column]
             squares[field] = head.mean_square(z_source, rows[:1], self.n_genes)
             if shared:
                 common[field] = head.mean_square((z_source + z_target) / 2, rows, self.n_genes)

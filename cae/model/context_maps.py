@@ -56,6 +56,7 @@ def apply_context_maps(
     index: torch.Tensor,
     method: ContextMapMethod = "gather",
     sparse_grad: bool = False,
+    plan: MapsPlan | None = None,
 ) -> torch.Tensor:
     """Multiply every cell's latent vector by its own context's map, for the whole batch at once.
 
@@ -66,13 +67,45 @@ def apply_context_maps(
         method: ``grouped``, ``gather`` or ``auto`` (see the module docstring).
         sparse_grad: with ``grouped``, give ``maps`` a sparse COO gradient holding only the
             categories present in ``index`` (dense otherwise; ``gather`` is always dense).
+        plan: with ``grouped``, ``plan_maps(index, L, K)`` made beforehand (made here if None).
 
     Returns:
         (B, L) with row b equal to ``h[b] @ maps[index[b]]``.
     """
     if resolve_method(method, h.device) == "gather":
         return torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)  # (B, 1, L) @ (B, L, L)
-    return _GroupedContextMaps.apply(h, maps, index, sparse_grad)
+    return _GroupedContextMaps.apply(h, maps, index, sparse_grad, plan)
+
+
+@dataclass
+class MapsPlan:
+    """How the grouped method lays out one application's cells: sorted by category, then one
+    matmul per category (few present: ``tiles`` None) or the batched matmul over ``tiles``."""
+
+    sort: CategorySort
+    order: torch.Tensor  # (B,) the cell at each sorted position, on the index's device
+    tiles: Tiles | None
+
+
+def plan_maps(index: torch.Tensor, latent_dim: int, n_categories: int) -> MapsPlan:
+    """Lay out one application of a field's maps (host work, cheap: B is small).
+
+    Planning every application of a pass one after another, before its matmuls, is faster than
+    planning each just before its own: the host's caches are cold after every large matmul.
+
+    Args:
+        index: (B,) int64 category of each cell, B >= 1.
+        latent_dim: L.
+        n_categories: K.
+
+    Returns:
+        The :class:`MapsPlan`.
+    """
+    sort = sort_by_category(index)
+    order = torch.from_numpy(sort.order).to(index.device)
+    if len(sort.categories) <= SEGMENTS_UP_TO:
+        return MapsPlan(sort, order, None)
+    return MapsPlan(sort, order, plan_tiles(index, latent_dim, n_categories, sort))
 
 
 @dataclass
@@ -356,19 +389,20 @@ class _GroupedContextMaps(torch.autograd.Function):
         maps: torch.Tensor,
         index: torch.Tensor,
         sparse_grad: bool,
+        plan: MapsPlan | None,
     ) -> torch.Tensor:
         ctx.maps, ctx.sparse_grad = maps, sparse_grad
         ctx.tiles = ctx.segments = None
         if h.shape[0] == 0:
             return h.new_empty(0, maps.shape[2])
-        sort = sort_by_category(index)
-        if len(sort.categories) <= SEGMENTS_UP_TO:
-            order = torch.from_numpy(sort.order).to(h.device)
+        plan = plan_maps(index, h.shape[1], maps.shape[0]) if plan is None else plan
+        if plan.tiles is None:
+            sort, order = plan.sort, plan.order
             ctx.segments = (sort, order)
             ctx.save_for_backward(h, index)
             chosen = [maps[c].to(h.dtype) for c in sort.categories.tolist()]
             return _segment_matmul(h, order, sort, chosen)
-        tiles = plan_tiles(index, h.shape[1], maps.shape[0], sort)
+        tiles = plan.tiles
         part_maps = [m.to(h.dtype) for m in tiles.part_maps(maps)]  # (T, L, L) each
         ctx.save_for_backward(h, index, *part_maps)
         ctx.tiles = tiles
@@ -378,10 +412,10 @@ class _GroupedContextMaps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         maps: torch.Tensor = ctx.maps
         if ctx.tiles is None and ctx.segments is None:
-            return grad_out.new_zeros(0, maps.shape[1]), None, None, None
+            return grad_out.new_zeros(0, maps.shape[1]), None, None, None, None
         h, index = ctx.saved_tensors[:2]
         grad_h = None
         if ctx.needs_input_grad[0] and ctx.segments is not None:
@@ -400,11 +434,38 @@ class _GroupedContextMaps(torch.autograd.Function):
                 rows, values = grouped_outer_sum(h, grad_out, index)
                 grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
                 grad_maps = grad_maps.to(maps.dtype)
-        return grad_h, grad_maps, None, None
+        return grad_h, grad_maps, None, None, None
+
+
+@dataclass
+class OuterPlan:
+    """How :func:`grouped_outer_sum` lays out its rows (host work, made by
+    :func:`plan_outer_sum`)."""
+
+    sort: CategorySort
+    categories: torch.Tensor  # (U,) sorted distinct categories, on the rows' device
+    order: torch.Tensor  # (N,) the row at each sorted position
+    size: int  # P, rows per category's tile; 0: one matmul per category instead
+    slots: torch.Tensor | None  # (U P,) row of each tile slot, N for padding
+
+
+def plan_outer_sum(index: torch.Tensor, latent_dim: int) -> OuterPlan:
+    """Lay out :func:`grouped_outer_sum`'s rows of categories ``index`` (N,), N >= 1."""
+    sort = sort_by_category(index)
+    device = index.device
+    categories = torch.from_numpy(sort.categories).to(device)
+    order = torch.from_numpy(sort.order).to(device)
+    if len(sort.categories) <= SEGMENTS_UP_TO:
+        return OuterPlan(sort, categories, order, 0, None)
+    size = _outer_tile_size(sort.counts, latent_dim)
+    kept = sort.rank < size  # a category's first P rows go into its tile, the rest padding
+    slot_source = np.full(len(sort.categories) * size, len(sort.order), dtype=np.int64)
+    slot_source[sort.group[kept] * size + sort.rank[kept]] = sort.order[kept]
+    return OuterPlan(sort, categories, order, size, torch.from_numpy(slot_source).to(device))
 
 
 def grouped_outer_sum(
-    h: torch.Tensor, g: torch.Tensor, index: torch.Tensor
+    h: torch.Tensor, g: torch.Tensor, index: torch.Tensor, plan: OuterPlan | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per category present, the sum over its rows of ``outer(h[b], g[b])``: the gradient of the
     maps that produced ``g``'s outputs from ``h``.
@@ -418,16 +479,15 @@ def grouped_outer_sum(
         h: (N, L) the maps' inputs.
         g: (N, L) gradients of their outputs.
         index: (N,) category of each row, N >= 1.
+        plan: ``plan_outer_sum(index, L)`` made beforehand (made here if None).
 
     Returns:
         ``(rows, values)``: (U,) sorted distinct categories and (U, L, L) their gradients.
     """
-    sort = sort_by_category(index)
-    device = index.device
-    categories = torch.from_numpy(sort.categories).to(device)
-    order = torch.from_numpy(sort.order).to(device)
+    plan = plan_outer_sum(index, h.shape[1]) if plan is None else plan
+    sort, order, size = plan.sort, plan.order, plan.size
     n_groups, latent = len(sort.categories), h.shape[1]
-    if n_groups <= SEGMENTS_UP_TO:  # one matmul per category, no padding
+    if plan.slots is None:  # one matmul per category, no padding
         h_sorted, g_sorted = h.index_select(0, order), g.index_select(0, order)
         values = h.new_empty(n_groups, latent, g.shape[1])
         for position, (start, count) in enumerate(
@@ -435,19 +495,14 @@ def grouped_outer_sum(
         ):
             rows = slice(start, start + count)
             torch.mm(h_sorted[rows].T, g_sorted[rows], out=values[position])
-        return categories, values
-    size = _outer_tile_size(sort.counts, latent)
-    kept = sort.rank < size  # a category's first P rows go into its tile, the rest padding
-    slot_source = np.full(n_groups * size, len(sort.order), dtype=np.int64)
-    slot_source[sort.group[kept] * size + sort.rank[kept]] = sort.order[kept]
-    slots = torch.from_numpy(slot_source).to(device)
-    h_tiles, g_tiles = (_gather_padded(x, slots).view(n_groups, size, -1) for x in (h, g))
+        return plan.categories, values
+    h_tiles, g_tiles = (_gather_padded(x, plan.slots).view(n_groups, size, -1) for x in (h, g))
     values = torch.bmm(h_tiles.transpose(1, 2), g_tiles)  # (U, L, L)
     for position in np.flatnonzero(sort.counts > size).tolist():  # the rest of large categories
         start = sort.starts[position]
         rest = order[start + size : start + sort.counts[position]]
         values[position].addmm_(h.index_select(0, rest).T, g.index_select(0, rest))
-    return categories, values
+    return plan.categories, values
 
 
 def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:
@@ -487,9 +542,14 @@ class _RowGradientCollector:
         """Set the summed gradient of every pending parameter (a no-op when nothing is left)."""
         pending, self.pending = self.pending, {}
         with torch.no_grad():
-            for maps, uses in pending.values():
-                h, g, index = (torch.cat(parts) for parts in zip(*uses, strict=True))
-                rows, values = grouped_outer_sum(h, g, index)
+            summed = [
+                (maps, *(torch.cat(parts) for parts in zip(*uses, strict=True)))
+                for maps, uses in pending.values()
+            ]
+            # Every layout first, one after another on the host (see plan_maps), then the sums.
+            plans = [plan_outer_sum(index, h.shape[1]) for _, h, _, index in summed]
+            for (maps, h, g, index), plan in zip(summed, plans, strict=True):
+                rows, values = grouped_outer_sum(h, g, index, plan)
                 grad = _sparse_rows(rows, values.to(maps.dtype), maps.shape)
                 maps.grad = grad if maps.grad is None else maps.grad + grad
 

@@ -216,20 +216,22 @@ class CAE(nn.Module):
         sums = not terms and bool(self.heads)  # decode only the sums (a training step's passes)
         heads = list(self.heads)
         encode = [source[:, column] for column in range(len(heads))]  # each head's categories
-        contexts: list[torch.Tensor] = []  # the decoded passes' contexts, and per head their
-        decode: list[torch.Tensor] = []  # categories one pass after another
-        if sums:
-            contexts = [target, source, *also] if and_source else [target, *also]
-            decode = [torch.cat([c[:, column] for c in contexts]) for column in range(len(heads))]
+        contexts: list[torch.Tensor] = []  # the passes decoded together (their sums only)
+        decoding: list[tuple[torch.Tensor, MapsPlan | None]] = []
         # Every application's layout first, one after another: host work, faster with the host's
         # caches warm than each just before its matmul, after the previous one's.
-        plans = [head.plan(index) for head, index in zip(heads * 2, encode + decode, strict=False)]
+        encode_plans = [head.plan(index) for head, index in zip(heads, encode, strict=True)]
+        if sums:
+            contexts = [target, source, *also] if and_source else [target, *also]
+            for column, head in enumerate(heads):  # a head's categories, pass after pass
+                index = torch.cat([c[:, column] for c in contexts])
+                decoding.append((index, head.plan(index)))
         encoders = torch.cat([self.base, *(head.encoder.weight for head in self.heads)])
         base_hidden, *encoded = (x @ encoders.T).split(latent, dim=1)  # (B, L) each
         field_hidden = {
             field: head.apply_maps(h, index, plan)  # (B, L)
             for field, head, h, index, plan in zip(
-                self.fields, heads, encoded, encode, plans[: len(heads)], strict=True
+                self.fields, heads, encoded, encode, encode_plans, strict=True
             )
         }
         if not sums:
@@ -248,7 +250,6 @@ class CAE(nn.Module):
                     for f, values in own.fields.items()
                 }
             return out._replace(own=own._replace(squares=squares, shared=common))
-        decoding = list(zip(decode, plans[len(heads) :], strict=True))
         return self._decode_sum(
             x, base_hidden, field_hidden, source, contexts, decoding, and_source, shared
         )

@@ -83,8 +83,11 @@ class MapsPlan:
     matmul per category (few present: ``tiles`` None) or the batched matmul over ``tiles``."""
 
     sort: CategorySort
-    order: torch.Tensor  # (B,) the cell at each sorted position, on the index's device
     tiles: Tiles | None
+    # Without tiles: (B,) the cell at each sorted position, and the sorted position of each cell,
+    # on the index's device.
+    order: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
 
 
 def plan_maps(index: torch.Tensor, latent_dim: int, n_categories: int) -> MapsPlan:
@@ -102,10 +105,12 @@ def plan_maps(index: torch.Tensor, latent_dim: int, n_categories: int) -> MapsPl
         The :class:`MapsPlan`.
     """
     sort = sort_by_category(index)
-    order = torch.from_numpy(sort.order).to(index.device)
-    if len(sort.categories) <= SEGMENTS_UP_TO:
-        return MapsPlan(sort, order, None)
-    return MapsPlan(sort, order, plan_tiles(index, latent_dim, n_categories, sort))
+    if len(sort.categories) > SEGMENTS_UP_TO:
+        return MapsPlan(sort, plan_tiles(index, latent_dim, n_categories, sort))
+    inverse = np.empty_like(sort.order)
+    inverse[sort.order] = np.arange(len(inverse))
+    order, inverse_t = (torch.from_numpy(a).to(index.device) for a in (sort.order, inverse))
+    return MapsPlan(sort, None, order, inverse_t)
 
 
 @dataclass
@@ -227,26 +232,28 @@ def choose_layout(counts: np.ndarray, latent_dim: int, n_categories: int | None 
     Returns:
         The :class:`Layout`.
     """
-    values, weight = np.unique(counts, return_counts=True)  # distinct counts, categories of each
+    histogram = np.bincount(counts)
+    values = np.flatnonzero(histogram)  # (V,) the distinct counts
+    weight = histogram[values].astype(np.float64)  # (V,) categories with each
     largest = int(values[-1])
-    sizes = np.array(_candidate_sizes(largest))  # (C,)
-    gathered = weight @ np.ceil(values[:, None] / sizes) * (2 + ROW_COST * sizes) * latent_dim
+    sizes = _candidate_sizes(largest)
+    gathered = weight @ np.ceil(values[:, None] / np.array(sizes))  # (C,) tiles per size
+    gathered *= (2 + ROW_COST * np.array(sizes)) * latent_dim
     best = int(np.argmin(gathered))
     if n_categories is not None:
-        direct = np.unique([*range(1, min(largest, DIRECT_ROWS_UP_TO) + 1), largest])  # (S,)
-        rest_sizes = np.unique(np.concatenate([sizes, largest - direct[direct < largest]]))
-        rest = np.clip(values[:, None] - direct, 0, None)  # (V, S) cells past the first P
-        rest_tiles = np.einsum("v,vsr->sr", weight, np.ceil(rest[:, :, None] / rest_sizes))
-        rest_costs = rest_tiles * (2 + ROW_COST * rest_sizes) * latent_dim  # (S, R)
-        rest_best = rest_costs.argmin(axis=1)
-        costs = n_categories * (1 + ROW_COST * direct) * latent_dim
-        costs = costs + rest_costs[np.arange(len(direct)), rest_best]
+        direct = sorted({*range(1, min(largest, DIRECT_ROWS_UP_TO) + 1), largest})  # (S,)
+        rest_sizes = np.array(sorted({*sizes, *(largest - d for d in direct if d < largest)}))
+        rest = np.clip(values[:, None] - np.array(direct), 0, None)  # (V, S) past the first P
+        rest_tiles = weight @ np.ceil(rest[:, :, None] / rest_sizes).reshape(len(values), -1)
+        rest_costs = rest_tiles.reshape(len(direct), -1) * (2 + ROW_COST * rest_sizes)
+        rest_best = rest_costs.argmin(axis=1)  # (S,) each direct size's best rest size
+        costs = n_categories * (1 + ROW_COST * np.array(direct)) + rest_costs.min(axis=1)
         choice = int(np.argmin(costs))
-        if costs[choice] < gathered[best]:
-            size = int(direct[choice])
+        if costs[choice] * latent_dim < gathered[best]:
+            size = direct[choice]
             rest_size = int(rest_sizes[rest_best[choice]]) if size < largest else 0
             return Layout(size, True, rest_size)
-    return Layout(int(sizes[best]), False, 0)
+    return Layout(sizes[best], False, 0)
 
 
 # With this many categories present or fewer, one matmul per category on the sorted cells is
@@ -365,18 +372,18 @@ def _gather_padded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, rows)
 
 
-def _segment_matmul(
-    x: torch.Tensor, order: torch.Tensor, sort: CategorySort, matrices: list[torch.Tensor]
-) -> torch.Tensor:
+def _segment_matmul(x: torch.Tensor, plan: MapsPlan, matrices: list[torch.Tensor]) -> torch.Tensor:
     """(B, L) -> (B, M): each cell times its category's matrix (``matrices[u]``: L x M), one
-    matmul per category over its sorted cells."""
+    matmul per category over its sorted cells (``plan``: a plan without tiles)."""
+    sort, order, inverse = plan.sort, plan.order, plan.inverse
+    assert order is not None and inverse is not None
     ordered = x.index_select(0, order)  # (index_select: several times faster than x[order])
     out = x.new_empty(len(ordered), matrices[0].shape[1])
     for start, count, matrix in zip(
         sort.starts.tolist(), sort.counts.tolist(), matrices, strict=True
     ):
         torch.mm(ordered[start : start + count], matrix, out=out[start : start + count])
-    return out.index_select(0, torch.argsort(order))  # back in the cells' order
+    return out.index_select(0, inverse)  # back in the cells' order
 
 
 class _GroupedContextMaps(torch.autograd.Function):
@@ -396,12 +403,12 @@ class _GroupedContextMaps(torch.autograd.Function):
         if h.shape[0] == 0:
             return h.new_empty(0, maps.shape[2])
         plan = plan_maps(index, h.shape[1], maps.shape[0]) if plan is None else plan
+        ctx.plan = plan
         if plan.tiles is None:
-            sort, order = plan.sort, plan.order
-            ctx.segments = (sort, order)
+            ctx.segments = plan
             ctx.save_for_backward(h, index)
-            chosen = [maps[c].to(h.dtype) for c in sort.categories.tolist()]
-            return _segment_matmul(h, order, sort, chosen)
+            chosen = [maps[c].to(h.dtype) for c in plan.sort.categories.tolist()]
+            return _segment_matmul(h, plan, chosen)
         tiles = plan.tiles
         part_maps = [m.to(h.dtype) for m in tiles.part_maps(maps)]  # (T, L, L) each
         ctx.save_for_backward(h, index, *part_maps)
@@ -419,9 +426,9 @@ class _GroupedContextMaps(torch.autograd.Function):
         h, index = ctx.saved_tensors[:2]
         grad_h = None
         if ctx.needs_input_grad[0] and ctx.segments is not None:
-            sort, order = ctx.segments
-            chosen = [maps[c].T.to(grad_out.dtype) for c in sort.categories.tolist()]
-            grad_h = _segment_matmul(grad_out, order, sort, chosen)
+            plan: MapsPlan = ctx.segments
+            chosen = [maps[c].T.to(grad_out.dtype) for c in plan.sort.categories.tolist()]
+            grad_h = _segment_matmul(grad_out, plan, chosen)
         elif ctx.needs_input_grad[0]:
             tiles: Tiles = ctx.tiles
             transposed = [m.transpose(1, 2) for m in ctx.saved_tensors[2:]]
@@ -429,7 +436,7 @@ class _GroupedContextMaps(torch.autograd.Function):
         grad_maps = None
         if ctx.needs_input_grad[1]:
             if ctx.sparse_grad:  # summed over every use when the backward pass ends
-                _ROW_GRADIENTS.add(maps, h, grad_out, index)
+                _ROW_GRADIENTS.add(maps, h, grad_out, index, ctx.plan.sort)
             else:
                 rows, values = grouped_outer_sum(h, grad_out, index)
                 grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
@@ -449,9 +456,12 @@ class OuterPlan:
     slots: torch.Tensor | None  # (U P,) row of each tile slot, N for padding
 
 
-def plan_outer_sum(index: torch.Tensor, latent_dim: int) -> OuterPlan:
-    """Lay out :func:`grouped_outer_sum`'s rows of categories ``index`` (N,), N >= 1."""
-    sort = sort_by_category(index)
+def plan_outer_sum(
+    index: torch.Tensor, latent_dim: int, sort: CategorySort | None = None
+) -> OuterPlan:
+    """Lay out :func:`grouped_outer_sum`'s rows of categories ``index`` (N,), N >= 1
+    (``sort``: ``sort_by_category(index)``, when the caller has it)."""
+    sort = sort_by_category(index) if sort is None else sort
     device = index.device
     categories = torch.from_numpy(sort.categories).to(device)
     order = torch.from_numpy(sort.order).to(device)
@@ -532,22 +542,32 @@ class _RowGradientCollector:
         self.pending: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]] = {}
 
     def add(
-        self, maps: torch.Tensor, h: torch.Tensor, g: torch.Tensor, index: torch.Tensor
+        self,
+        maps: torch.Tensor,
+        h: torch.Tensor,
+        g: torch.Tensor,
+        index: torch.Tensor,
+        sort: CategorySort | None = None,
     ) -> None:
-        """Keep one use's factors; the first flush queued on this backward pass sums them all."""
+        """Keep one use's factors (and its rows' sort by category, when known); the first flush
+        queued on this backward pass sums them all."""
         torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-        self.pending.setdefault(id(maps), (maps, []))[1].append((h, g, index))
+        self.pending.setdefault(id(maps), (maps, []))[1].append((h, g, index, sort))
 
     def flush(self) -> None:
         """Set the summed gradient of every pending parameter (a no-op when nothing is left)."""
         pending, self.pending = self.pending, {}
         with torch.no_grad():
-            summed = [
-                (maps, *(torch.cat(parts) for parts in zip(*uses, strict=True)))
-                for maps, uses in pending.values()
-            ]
-            # Every layout first, one after another on the host (see plan_maps), then the sums.
-            plans = [plan_outer_sum(index, h.shape[1]) for _, h, _, index in summed]
+            summed, plans = [], []
+            for maps, uses in pending.values():
+                if len(uses) == 1:  # its own rows and sort
+                    h, g, index, sort = uses[0]
+                else:
+                    h, g, index = (torch.cat(parts) for parts in list(zip(*uses, strict=True))[:3])
+                    sort = None
+                summed.append((maps, h, g, index))
+                # Every layout first, one after another on the host (see plan_maps), then sums.
+                plans.append(plan_outer_sum(index, h.shape[1], sort))
             for (maps, h, g, index), plan in zip(summed, plans, strict=True):
                 rows, values = grouped_outer_sum(h, g, index, plan)
                 grad = _sparse_rows(rows, values.to(maps.dtype), maps.shape)

@@ -8,13 +8,13 @@ category, a device sync for each); here the whole batch is one call, by one of t
   :data:`SEGMENTS_UP_TO`), one matmul per category over its cells. Otherwise lay each category's
   cells out in tiles of P rows (P chosen per batch from the category counts) and let one batched
   matmul apply every tile's map: the stacked maps as they are when most categories are present
-  (small tiles, and the few cells past them in a second batched matmul), else the gathered maps of
-  the present ones. With ``sparse_grad`` the maps' gradient is sparse in
-  K: only the categories the batch used have rows, and every use's rows in a backward pass are
-  summed by one grouped matmul when the pass ends, so the optimiser
-  (:class:`cae.train.optim.ContextAdam`) moves only those categories, as the seed's per-category
-  modules did, and pays nothing for absent ones. Sorting reads the categories on the host: cheap
-  on a CPU, a sync on an accelerator.
+  (small tiles, and the few cells past them in a second batched matmul), else the gathered maps
+  of the present ones. With ``sparse_grad`` the maps' gradient is sparse in K: only the
+  categories the batch used have rows (with one matmul per category, each use's own; with tiles,
+  every use's rows in a backward pass summed by one grouped matmul when the pass ends), so the
+  optimiser (:class:`cae.train.optim.ContextAdam`) moves only those categories, as the seed's
+  per-category modules did, and pays nothing for absent ones. Sorting reads the categories on the
+  host: cheap on a CPU, a sync on an accelerator.
 * ``gather``: gather every cell's own map (B, L, L) and run one batched matmul. No host sync and
   static shapes (good for accelerators and ``torch.compile``); the gradient is dense in K.
 
@@ -372,18 +372,29 @@ def _gather_padded(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, rows)
 
 
-def _segment_matmul(x: torch.Tensor, plan: MapsPlan, matrices: list[torch.Tensor]) -> torch.Tensor:
-    """(B, L) -> (B, M): each cell times its category's matrix (``matrices[u]``: L x M), one
-    matmul per category over its sorted cells (``plan``: a plan without tiles)."""
-    sort, order, inverse = plan.sort, plan.order, plan.inverse
-    assert order is not None and inverse is not None
-    ordered = x.index_select(0, order)  # (index_select: several times faster than x[order])
-    out = x.new_empty(len(ordered), matrices[0].shape[1])
+def _segment_matmul(
+    ordered: torch.Tensor, sort: CategorySort, matrices: list[torch.Tensor]
+) -> torch.Tensor:
+    """(B, L) rows sorted by category -> (B, M), still sorted: each row times its category's
+    matrix (``matrices[u]``: L x M), one matmul per category."""
+    out = ordered.new_empty(len(ordered), matrices[0].shape[1])
     for start, count, matrix in zip(
         sort.starts.tolist(), sort.counts.tolist(), matrices, strict=True
     ):
         torch.mm(ordered[start : start + count], matrix, out=out[start : start + count])
-    return out.index_select(0, inverse)  # back in the cells' order
+    return out
+
+
+def _segment_outer_sum(h: torch.Tensor, g: torch.Tensor, sort: CategorySort) -> torch.Tensor:
+    """(B, L), (B, M) rows sorted by category -> (U, L, M): per category, the sum over its rows of
+    ``outer(h[b], g[b])``, one matmul per category."""
+    values = h.new_empty(len(sort.categories), h.shape[1], g.shape[1])
+    for position, (start, count) in enumerate(
+        zip(sort.starts.tolist(), sort.counts.tolist(), strict=True)
+    ):
+        rows = slice(start, start + count)
+        torch.mm(h[rows].T, g[rows], out=values[position])
+    return values
 
 
 class _GroupedContextMaps(torch.autograd.Function):
@@ -404,11 +415,12 @@ class _GroupedContextMaps(torch.autograd.Function):
             return h.new_empty(0, maps.shape[2])
         plan = plan_maps(index, h.shape[1], maps.shape[0]) if plan is None else plan
         ctx.plan = plan
-        if plan.tiles is None:
+        if plan.tiles is None:  # one matmul per category over its sorted cells
             ctx.segments = plan
-            ctx.save_for_backward(h, index)
+            ordered = h.index_select(0, plan.order)  # (several times faster than h[order])
+            ctx.save_for_backward(h, index, ordered)
             chosen = [maps[c].to(h.dtype) for c in plan.sort.categories.tolist()]
-            return _segment_matmul(h, plan, chosen)
+            return _segment_matmul(ordered, plan.sort, chosen).index_select(0, plan.inverse)
         tiles = plan.tiles
         part_maps = [m.to(h.dtype) for m in tiles.part_maps(maps)]  # (T, L, L) each
         ctx.save_for_backward(h, index, *part_maps)
@@ -424,12 +436,10 @@ class _GroupedContextMaps(torch.autograd.Function):
         if ctx.tiles is None and ctx.segments is None:
             return grad_out.new_zeros(0, maps.shape[1]), None, None, None, None
         h, index = ctx.saved_tensors[:2]
+        if ctx.segments is not None:
+            return (*_GroupedContextMaps._segments_backward(ctx, grad_out), None, None, None)
         grad_h = None
-        if ctx.needs_input_grad[0] and ctx.segments is not None:
-            plan: MapsPlan = ctx.segments
-            chosen = [maps[c].T.to(grad_out.dtype) for c in plan.sort.categories.tolist()]
-            grad_h = _segment_matmul(grad_out, plan, chosen)
-        elif ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:
             tiles: Tiles = ctx.tiles
             transposed = [m.transpose(1, 2) for m in ctx.saved_tensors[2:]]
             grad_h = tiles.matmul(grad_out, transposed)
@@ -442,6 +452,29 @@ class _GroupedContextMaps(torch.autograd.Function):
                 grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
                 grad_maps = grad_maps.to(maps.dtype)
         return grad_h, grad_maps, None, None, None
+
+    @staticmethod
+    def _segments_backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gradients of an application by one matmul per category: the maps' from this use
+        alone (its rows are sorted already, and few categories make a small gradient)."""
+        maps: torch.Tensor = ctx.maps
+        plan: MapsPlan = ctx.segments
+        ordered = ctx.saved_tensors[2]
+        grad_sorted = grad_out.index_select(0, plan.order)
+        grad_h = grad_maps = None
+        if ctx.needs_input_grad[0]:
+            chosen = [maps[c].T.to(grad_out.dtype) for c in plan.sort.categories.tolist()]
+            grad_h = _segment_matmul(grad_sorted, plan.sort, chosen).index_select(0, plan.inverse)
+        if ctx.needs_input_grad[1]:
+            rows = torch.from_numpy(plan.sort.categories).to(maps.device)
+            values = _segment_outer_sum(ordered, grad_sorted, plan.sort).to(maps.dtype)
+            if ctx.sparse_grad:
+                grad_maps = _sparse_rows(rows, values, maps.shape)
+            else:
+                grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
+        return grad_h, grad_maps
 
 
 @dataclass
@@ -496,16 +529,10 @@ def grouped_outer_sum(
     """
     plan = plan_outer_sum(index, h.shape[1]) if plan is None else plan
     sort, order, size = plan.sort, plan.order, plan.size
-    n_groups, latent = len(sort.categories), h.shape[1]
+    n_groups = len(sort.categories)
     if plan.slots is None:  # one matmul per category, no padding
         h_sorted, g_sorted = h.index_select(0, order), g.index_select(0, order)
-        values = h.new_empty(n_groups, latent, g.shape[1])
-        for position, (start, count) in enumerate(
-            zip(sort.starts.tolist(), sort.counts.tolist(), strict=True)
-        ):
-            rows = slice(start, start + count)
-            torch.mm(h_sorted[rows].T, g_sorted[rows], out=values[position])
-        return plan.categories, values
+        return plan.categories, _segment_outer_sum(h_sorted, g_sorted, sort)
     h_tiles, g_tiles = (_gather_padded(x, plan.slots).view(n_groups, size, -1) for x in (h, g))
     values = torch.bmm(h_tiles.transpose(1, 2), g_tiles)  # (U, L, L)
     for position in np.flatnonzero(sort.counts > size).tolist():  # the rest of large categories

@@ -558,9 +558,10 @@ class _RowGradientCollector:
     gradient (the maps' inputs and output gradients, by category), and when the pass ends sets
     their sum on the parameter as one sparse COO ``.grad`` holding only the categories used.
 
-    A training step applies each field's maps six times (encode and decode, in three passes);
-    summing the outer products of all uses in one grouped matmul writes each touched category's
-    L x L gradient once, instead of once per use plus the sums of sparse tensors autograd makes.
+    A training step applies each field's maps four times (encoding and decoding, in both
+    cycles; the first decoding covers the self pass too); summing the outer products of all uses
+    in one grouped matmul writes each touched category's L x L gradient once, instead of once per
+    use plus the sums of sparse tensors autograd makes.
     The gradient therefore appears on ``.grad`` when ``backward()`` returns (use ``backward()``,
     not ``torch.autograd.grad``, for these maps).
     """

@@ -357,9 +357,13 @@ def _npz_shape(path: Path) -> tuple[int, int]:
 
 def load_npz(path: Path) -> sp.spmatrix:
     """``scipy.sparse.load_npz``, faster for CSR and CSC files: their two large arrays (values and
-    column indices) are read at once in two threads, each decompressed by ISA-L (``isal``, about
-    twice as fast as zlib on chunk files), which lets go of the GIL. Other formats are read by
-    scipy.
+    column indices) are inflated at once in two threads, each by ISA-L (``isal``, about twice as
+    fast as zlib on chunk files), which lets go of the GIL. Other formats are read by scipy.
+
+    The arrays' headers are parsed in the calling thread: numpy parses them with
+    ``ast.literal_eval``, and CPython 3.11's AST constructor is not safe to run in two threads at
+    once (it fails now and then with "AST constructor recursion depth mismatch", CPython issue
+    106905).
 
     Raises:
         What ``numpy.load`` and ``scipy.sparse.load_npz`` raise on a bad file.
@@ -371,19 +375,19 @@ def load_npz(path: Path) -> sp.spmatrix:
             return sp.load_npz(path)
         shape, indptr = tuple(members["shape"]), members["indptr"]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        data, indices = pool.map(lambda name: _npz_member(path, name), ["data", "indices"])
+        contents = list(pool.map(lambda name: _npz_member(path, name), ["data", "indices"]))
+    data, indices = (np.lib.format.read_array(io.BytesIO(c), allow_pickle=False) for c in contents)
     kind = sp.csr_matrix if fmt == "csr" else sp.csc_matrix
     return kind((data, indices, indptr), shape=shape)
 
 
-def _npz_member(path: Path, name: str) -> np.ndarray:
-    """One array of an ``.npz`` file; a deflated one decompressed by ISA-L (the member's size and
-    CRC checked, as zipfile does), a stored one read by numpy."""
+def _npz_member(path: Path, name: str) -> bytes:
+    """The ``.npy`` bytes of one array of an ``.npz`` file: a deflated one inflated by ISA-L (the
+    member's size and CRC checked, as zipfile does), a stored one read as it is."""
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(f"{name}.npy")
         if info.compress_type != zipfile.ZIP_DEFLATED:
-            with archive.open(info) as member:
-                return np.lib.format.read_array(member, allow_pickle=False)
+            return archive.read(info)
     with open(path, "rb") as file:
         file.seek(info.header_offset)
         header = file.read(30)  # the local file header; its name and extra field follow
@@ -395,7 +399,7 @@ def _npz_member(path: Path, name: str) -> np.ndarray:
     content = isal_zlib.decompress(raw, -15)  # a raw deflate stream, as zip members are
     if len(content) != info.file_size or isal_zlib.crc32(content) != info.CRC:
         raise zipfile.BadZipFile(f"bad CRC or size of {info.filename}")
-    return np.lib.format.read_array(io.BytesIO(content), allow_pickle=False)
+    return content
 
 
 def _unreadable_npz(path: Path, err: Exception) -> DataError:

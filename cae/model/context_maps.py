@@ -142,23 +142,6 @@ class Tiles:
     # (R,) int64 cell of each row of the padded layout, B for a padding row (see ``pad``)
     slot_source: torch.Tensor
 
-    @property
-    def direct(self) -> bool:
-        """Whether the first part is the direct layout."""
-        return self.parts[0].categories is None
-
-    def row_category(self, n_categories: int) -> torch.Tensor:
-        """(R,) the category of every row of the padded layout (K for the direct part's)."""
-        per_part = [
-            torch.arange(n_categories, device=self.destination.device)
-            if part.categories is None
-            else part.categories
-            for part in self.parts
-        ]
-        return torch.cat(
-            [c.repeat_interleave(part.size) for c, part in zip(per_part, self.parts, strict=True)]
-        )
-
     def part_maps(self, maps: torch.Tensor) -> list[torch.Tensor]:
         """Each part's (T, L, M) maps: ``maps`` itself for a direct part, else gathered."""
         return [
@@ -409,23 +392,19 @@ class _GroupedContextMaps(torch.autograd.Function):
         sparse_grad: bool,
         plan: MapsPlan | None,
     ) -> torch.Tensor:
-        ctx.maps, ctx.sparse_grad = maps, sparse_grad
-        ctx.tiles = ctx.segments = None
+        ctx.maps, ctx.sparse_grad, ctx.plan = maps, sparse_grad, None
         if h.shape[0] == 0:
             return h.new_empty(0, maps.shape[2])
         plan = plan_maps(index, h.shape[1], maps.shape[0]) if plan is None else plan
         ctx.plan = plan
         if plan.tiles is None:  # one matmul per category over its sorted cells
-            ctx.segments = plan
             ordered = h.index_select(0, plan.order)  # (several times faster than h[order])
-            ctx.save_for_backward(h, index, ordered)
+            ctx.save_for_backward(ordered)
             chosen = [maps[c].to(h.dtype) for c in plan.sort.categories.tolist()]
             return _segment_matmul(ordered, plan.sort, chosen).index_select(0, plan.inverse)
-        tiles = plan.tiles
-        part_maps = [m.to(h.dtype) for m in tiles.part_maps(maps)]  # (T, L, L) each
+        part_maps = [m.to(h.dtype) for m in plan.tiles.part_maps(maps)]  # (T, L, L) each
         ctx.save_for_backward(h, index, *part_maps)
-        ctx.tiles = tiles
-        return tiles.matmul(h, part_maps)
+        return plan.tiles.matmul(h, part_maps)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -433,24 +412,20 @@ class _GroupedContextMaps(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         maps: torch.Tensor = ctx.maps
-        if ctx.tiles is None and ctx.segments is None:
+        plan: MapsPlan | None = ctx.plan
+        if plan is None:
             return grad_out.new_zeros(0, maps.shape[1]), None, None, None, None
-        h, index = ctx.saved_tensors[:2]
-        if ctx.segments is not None:
+        if plan.tiles is None:
             return (*_GroupedContextMaps._segments_backward(ctx, grad_out), None, None, None)
-        grad_h = None
+        h, index, *part_maps = ctx.saved_tensors
+        grad_h = grad_maps = None
         if ctx.needs_input_grad[0]:
-            tiles: Tiles = ctx.tiles
-            transposed = [m.transpose(1, 2) for m in ctx.saved_tensors[2:]]
-            grad_h = tiles.matmul(grad_out, transposed)
-        grad_maps = None
-        if ctx.needs_input_grad[1]:
-            if ctx.sparse_grad:  # summed over every use when the backward pass ends
-                _ROW_GRADIENTS.add(maps, h, grad_out, index, ctx.plan.sort)
-            else:
-                rows, values = grouped_outer_sum(h, grad_out, index)
-                grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
-                grad_maps = grad_maps.to(maps.dtype)
+            grad_h = plan.tiles.matmul(grad_out, [m.transpose(1, 2) for m in part_maps])
+        if ctx.needs_input_grad[1] and ctx.sparse_grad:  # summed over every use at the end
+            _ROW_GRADIENTS.add(maps, h, grad_out, index, plan.sort)
+        elif ctx.needs_input_grad[1]:
+            rows, values = grouped_outer_sum(h, grad_out, index)
+            grad_maps = _rows_gradient(rows, values.to(maps.dtype), maps.shape, sparse=False)
         return grad_h, grad_maps, None, None, None
 
     @staticmethod
@@ -460,8 +435,8 @@ class _GroupedContextMaps(torch.autograd.Function):
         """The gradients of an application by one matmul per category: the maps' from this use
         alone (its rows are sorted already, and few categories make a small gradient)."""
         maps: torch.Tensor = ctx.maps
-        plan: MapsPlan = ctx.segments
-        ordered = ctx.saved_tensors[2]
+        plan: MapsPlan = ctx.plan
+        (ordered,) = ctx.saved_tensors
         grad_sorted = grad_out.index_select(0, plan.order)
         grad_h = grad_maps = None
         if ctx.needs_input_grad[0]:
@@ -470,10 +445,7 @@ class _GroupedContextMaps(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = torch.from_numpy(plan.sort.categories).to(maps.device)
             values = _segment_outer_sum(ordered, grad_sorted, plan.sort).to(maps.dtype)
-            if ctx.sparse_grad:
-                grad_maps = _sparse_rows(rows, values, maps.shape)
-            else:
-                grad_maps = values.new_zeros(maps.shape).index_copy_(0, rows, values)
+            grad_maps = _rows_gradient(rows, values, maps.shape, ctx.sparse_grad)
         return grad_h, grad_maps
 
 
@@ -610,3 +582,13 @@ def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) ->
     return torch.sparse_coo_tensor(
         rows.unsqueeze(0), values, shape, is_coalesced=True, check_invariants=False
     )
+
+
+def _rows_gradient(
+    rows: torch.Tensor, values: torch.Tensor, shape: torch.Size, sparse: bool
+) -> torch.Tensor:
+    """A (K, L, M) gradient holding ``values`` (U, L, M) at the sorted distinct ``rows``: sparse
+    COO in K, or dense with zeros elsewhere."""
+    if sparse:
+        return _sparse_rows(rows, values, shape)
+    return values.new_zeros(shape).index_copy_(0, rows, values)

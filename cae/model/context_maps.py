@@ -424,7 +424,8 @@ class _GroupedContextMaps(torch.autograd.Function):
         if ctx.needs_input_grad[1] and ctx.sparse_grad:  # summed over every use at the end
             _ROW_GRADIENTS.add(maps, h, grad_out, index, plan.sort)
         elif ctx.needs_input_grad[1]:
-            rows, values = grouped_outer_sum(h, grad_out, index)
+            outer = plan_outer_sum(index, h.shape[1], plan.sort)  # the forward's sort again
+            rows, values = grouped_outer_sum(h, grad_out, index, outer)
             grad_maps = _rows_gradient(rows, values.to(maps.dtype), maps.shape, sparse=False)
         return grad_h, grad_maps, None, None, None
 

@@ -132,8 +132,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(small_data
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     (line,) = captured.err.strip().splitlines()
-    where = ["became nan in epoch 2, chunk 1", "synth_counts_", str(checkpoint)]
-    remedy = ["lower train.lr (--lr, now 1e+30)", "--resume", "check that chunk's values"]
+    where = ["became nan in epoch 2, in the window of chunks", "synth_counts_", str(checkpoint)]
+    remedy = ["lower train.lr (--lr, now 1e+30)", "--resume", "check those chunks' values"]
     for part in [*where, *remedy]:
         assert part in line, (part, line)
     with pytest.raises(TrainingError):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cae.config import DataConfig
 from cae.data.loader import (
@@ -13,9 +15,12 @@ from cae.data.loader import (
     EpochOrder,
     LoadedChunk,
     apply_transform,
+    balanced_windows,
     chunk_loader,
     densify,
+    expected_single_value_fraction,
     iter_batches,
+    single_value_batches,
     split_rows,
 )
 from cae.data.store import DataStore
@@ -97,6 +102,41 @@ def test_epoch_order_subset_of_chunks() -> None:
     for epoch in range(3):
         order.set_epoch(epoch)
         assert sorted(order) == [0, 2]
+
+
+@given(st.integers(0, 300), st.integers(1, 40))
+def test_balanced_windows_hold_every_item_in_the_fewest_even_windows(n: int, size: int) -> None:
+    sizes = balanced_windows(n, size)
+    assert sum(sizes) == n and all(1 <= s <= size for s in sizes)
+    assert len(sizes) == -(-n // size)  # the fewest windows that fit
+    assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+@given(st.integers(1, 60), st.integers(1, 10), st.integers(1, 4), st.integers(0, 5))
+def test_epoch_order_windows_partition_every_ranks_share(
+    n_chunks: int, window: int, world_size: int, epoch: int
+) -> None:
+    indices = list(range(100, 100 + n_chunks))
+    orders = [EpochOrder(indices, 3, rank, world_size, window) for rank in range(world_size)]
+    seen = []
+    for rank, order in enumerate(orders):
+        order.set_epoch(epoch)
+        windows = order.windows(epoch)
+        assert windows == orders[0].windows(epoch, rank)  # every rank agrees on every share
+        assert all(1 <= len(w) <= window for w in windows)
+        assert [i for w in windows for i in w] == list(order) == order.shares(epoch)[rank]
+        seen += list(order)
+    assert sorted(seen) == indices  # disjoint shares that cover the epoch
+
+
+def test_epoch_order_skips_whole_windows() -> None:
+    order = EpochOrder(list(range(10)), seed=1, window=3)  # windows of [3, 3, 2, 2]
+    order.set_epoch(2)
+    windows = order.windows(2)
+    assert [len(w) for w in windows] == [3, 3, 2, 2]
+    order.set_epoch(2, skip_windows=2)
+    assert order.remaining() == windows[2:] and list(order) == windows[2] + windows[3]
+    assert len(order) == 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +228,7 @@ def _chunk(n_cells: int = 23, n_genes: int = 6) -> LoadedChunk:
 def test_iter_batches_sizes_and_coverage() -> None:
     chunk = _chunk()
     rows = np.array([0, 2, 3, 5, 7, 8, 9, 10, 12, 13, 14, 17, 19, 20, 22], dtype=np.int64)
-    batches = list(iter_batches(chunk, rows, 4, CPU, "none"))
+    batches = list(iter_batches([chunk], [rows], 4, CPU, "none"))
     assert [len(b.x) for b in batches] == [4, 4, 4, 3]
     visited = np.concatenate([b.contexts[:, 0].numpy() for b in batches])
     np.testing.assert_array_equal(visited, rows)  # in order without a generator
@@ -205,7 +245,7 @@ def test_iter_batches_shuffled_covers_rows_once() -> None:
     chunk = _chunk()
     rows = np.arange(23, dtype=np.int64)
     generator = torch.Generator().manual_seed(0)
-    batches = list(iter_batches(chunk, rows, 5, CPU, "log1p_cp10k", generator))
+    batches = list(iter_batches([chunk], [rows], 5, CPU, "log1p_cp10k", generator))
     assert [len(b.x) for b in batches] == [5, 5, 5, 5, 3]
     visited = np.concatenate([b.contexts[:, 0].numpy() for b in batches])
     assert not np.array_equal(visited, rows)
@@ -217,7 +257,7 @@ def test_iter_batches_shuffled_covers_rows_once() -> None:
 
 
 def test_iter_batches_empty_rows() -> None:
-    assert list(iter_batches(_chunk(), np.arange(0, dtype=np.int64), 4, CPU, "none")) == []
+    assert list(iter_batches([_chunk()], [np.arange(0, dtype=np.int64)], 4, CPU, "none")) == []
 
 
 def test_apply_transform_log1p_cp10k() -> None:
@@ -261,5 +301,52 @@ def test_loader_batches_match_store(dataset: ChunkDataset) -> None:
     for chunk in loader:
         stored = dataset.store.read_expression(dataset.store.chunk(chunk.chunk_id)).toarray()
         rows = np.concatenate([chunk.train_rows, chunk.val_rows])
-        got = torch.cat([b.x for b in iter_batches(chunk, rows, 16, CPU, "none")]).numpy()
+        got = torch.cat([b.x for b in iter_batches([chunk], [rows], 16, CPU, "none")]).numpy()
         np.testing.assert_array_equal(got, stored[rows])
+
+
+def _sorted_chunks(n_chunks: int, n_cells: int) -> list[LoadedChunk]:
+    """Chunks whose every cell holds its chunk's number in field 0 (data sorted by field 0) and
+    its own (chunk, row) code in field 1; expression row = that code."""
+    chunks = []
+    for k in range(n_chunks):
+        code = k * 1000 + np.arange(n_cells)
+        dense = np.stack([code, np.ones(n_cells)], axis=1).astype(np.float32)
+        contexts = np.stack([np.full(n_cells, k + 1), code], axis=1).astype(np.int64)
+        rows = np.arange(n_cells, dtype=np.int64)
+        chunks.append(LoadedChunk(str(k), sp.csr_matrix(dense), contexts, rows, rows[:0]))
+    return chunks
+
+
+def test_iter_batches_mix_a_window_and_visit_every_row_once() -> None:
+    chunks = _sorted_chunks(4, 50)
+    rows = [c.train_rows[c.train_rows % 5 != 0] for c in chunks]  # a subset of each chunk
+    generator = torch.Generator().manual_seed(0)
+    batches = list(iter_batches(chunks, rows, 32, CPU, "none", generator))
+    codes = np.concatenate([b.contexts[:, 1].numpy() for b in batches])
+    want = np.concatenate([k * 1000 + r for k, r in enumerate(rows)])
+    np.testing.assert_array_equal(np.sort(codes), np.sort(want))  # each row once
+    for batch in batches:  # expression and contexts stay row-aligned across chunks
+        np.testing.assert_array_equal(batch.x[:, 0].numpy(), batch.contexts[:, 1].numpy())
+    full = batches[:-1]
+    assert all(len(np.unique(b.contexts[:, 0])) >= 3 for b in full)  # every batch mixes chunks
+    assert not single_value_batches(torch.cat([b.contexts for b in full]))[0]
+
+
+def test_iter_batches_in_order_without_a_generator() -> None:
+    chunks = _sorted_chunks(3, 10)
+    batches = list(iter_batches(chunks, [c.train_rows for c in chunks], 7, CPU, "none"))
+    codes = np.concatenate([b.contexts[:, 1].numpy() for b in batches])
+    np.testing.assert_array_equal(codes, [k * 1000 + r for k in range(3) for r in range(10)])
+
+
+def test_single_value_batches_ignore_unknown_cells() -> None:
+    contexts = torch.tensor([[1, 2, 0], [1, 3, 0], [0, 2, 0]])
+    np.testing.assert_array_equal(single_value_batches(contexts), [True, False, False])
+
+
+def test_expected_single_value_fraction() -> None:
+    assert expected_single_value_fraction([10], 64) == 1.0
+    assert expected_single_value_fraction([50, 50], 2) == pytest.approx(0.5)
+    assert expected_single_value_fraction([50, 50], 64) < 1e-15
+    assert expected_single_value_fraction([], 64) == 0.0

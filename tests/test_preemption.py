@@ -19,26 +19,28 @@ from cae.train.trainer import EXIT_PREEMPTED, Preempted
 from tests.conftest import quick_settings
 
 
-class _SignalAfterChunk(Callback):
-    """Sends a real signal to this process after a given chunk of a given epoch."""
+class _SignalAfterWindow(Callback):
+    """Sends a real signal to this process after a given shuffle window of a given epoch."""
 
-    def __init__(self, epoch: int, chunk: int, number: int) -> None:
-        self.epoch, self.chunk, self.number = epoch, chunk, number
+    def __init__(self, epoch: int, window: int, number: int) -> None:
+        self.epoch, self.window, self.number = epoch, window, number
 
-    def on_chunk_end(self, trainer, epoch, chunks_done):
-        if (epoch, chunks_done) == (self.epoch, self.chunk):
+    def on_window_end(self, trainer, epoch, windows_done):
+        if (epoch, windows_done) == (self.epoch, self.window):
             os.kill(os.getpid(), self.number)
 
 
 @pytest.mark.parametrize("number", [signal.SIGUSR1, signal.SIGTERM])
 def test_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(small_data, tmp_path, number):
-    straight = train(quick_settings(small_data, tmp_path / "a", **{"train.epochs": 3}))
-    settings = quick_settings(small_data, tmp_path / "b", **{"train.epochs": 3})
+    # 3 chunks in windows of at most 2: two windows an epoch, [2, 1] chunks.
+    windowed = {"train.epochs": 3, "data.shuffle_chunks": 2}
+    straight = train(quick_settings(small_data, tmp_path / "a", **windowed))
+    settings = quick_settings(small_data, tmp_path / "b", **windowed)
     with pytest.raises(Preempted, match=signal.Signals(number).name):
-        train(settings, [_SignalAfterChunk(epoch=2, chunk=1, number=number)])
+        train(settings, [_SignalAfterWindow(epoch=2, window=1, number=number)])
     partial = read_checkpoint(tmp_path / "b")
-    assert partial["epoch"] == 1 and partial["partial"]["chunks_done"] == 1
-    again = {"train.epochs": 3, "output.resume": True}
+    assert partial["epoch"] == 1 and partial["partial"]["windows_done"] == 1
+    again = {**windowed, "output.resume": True}
     resumed = train(quick_settings(small_data, tmp_path / "b", **again))
     assert [e["epoch"] for e in resumed.history] == [1, 2, 3]
     final = read_checkpoint(resumed.checkpoint)

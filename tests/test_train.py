@@ -266,23 +266,25 @@ def test_h5ad_input_trains(small_data: Path, tmp_path: Path):
     assert result.epochs == 2 and np.isfinite(result.final["val/loss"])
 
 
-def test_a_field_sorted_into_chunks_is_warned_about(small_data: Path, tmp_path: Path, caplog):
+def test_batches_mix_chunks_sorted_by_a_field(small_data: Path, tmp_path: Path, caplog):
     data = tmp_path / "sorted"
     shutil.copytree(small_data, data)
     for i, path in enumerate(sorted(data.glob("synth_metadata_*.pkl"))):
         frame = pd.read_pickle(path)
-        frame["sex"] = ["female", "male"][i % 2]  # one sex per chunk
+        frame["sex"] = ["female", "male", "female"][i]  # one sex per chunk
         frame.to_pickle(path)
+    # Batches from one chunk at a time: sex never varies inside a batch, and that is said.
     with caplog.at_level("WARNING", logger="cae.train.trainer"):
-        train(quick_settings(data, tmp_path / "out", **{"train.epochs": 1}))
-    warned = [
-        r.getMessage()
-        for r in caplog.records
-        if "single value within every chunk" in r.getMessage()
-    ]
+        one = train(quick_settings(data, tmp_path / "one", **{"data.shuffle_chunks": 1}))
+    warned = [r.getMessage() for r in caplog.records if "single value in" in r.getMessage()]
     assert len(warned) == 1 and "'sex'" in warned[0] and str(data) in warned[0]
+    assert "data.shuffle_chunks" in warned[0]
+    assert one.history[0]["train/single_value_batches/sex"] == 1.0
+    assert one.history[0]["train/single_value_batches/cell_type"] == 0.0
 
+    # The default window pools the chunks: every batch mixes them, and nothing is said.
     caplog.clear()
     with caplog.at_level("WARNING", logger="cae.train.trainer"):
-        train(quick_settings(small_data, tmp_path / "mixed", **{"train.epochs": 1}))
-    assert not any("single value within every chunk" in r.getMessage() for r in caplog.records)
+        mixed = train(quick_settings(data, tmp_path / "mixed"))
+    assert not any("single value in" in r.getMessage() for r in caplog.records)
+    assert mixed.history[0]["train/single_value_batches/sex"] == 0.0

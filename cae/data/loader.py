@@ -1,21 +1,25 @@
-"""Two-level loading: whole chunks prefetched in the background, mini-batches sliced in memory.
+"""Two-level loading: whole chunks prefetched in the background, mini-batches drawn in memory
+across a shuffle window of several chunks.
 
 The outer :class:`torch.utils.data.DataLoader` (batch size 1 chunk, ``num_workers`` persistent
 background processes, ``prefetch_factor`` chunks each) only reads from disk. A chunk travels from
 its worker to the training process in shared memory (its arrays as torch tensors), not through a
-pipe. The inner :func:`iter_batches` slices mini-batches out of the in-memory CSR chunk and
-densifies each whole batch in one call (never row by row); on an accelerator the batch's sparse
-arrays are pinned, copied without blocking and densified there; the input transform runs per batch
-on the training device.
+pipe. :class:`EpochOrder` permutes the chunks every epoch and cuts the order into windows of at
+most ``data.shuffle_chunks`` chunks; :func:`iter_batches` pools a window's rows, shuffles them and
+densifies each whole batch in one call (never row by row). Atlas exports come sorted (one dataset
+= one assay), so a batch sliced out of one chunk would never contrast assays; a window drawn at
+random from the permuted chunks does. Memory is bounded by the window plus the prefetched chunks,
+never by the data set. On an accelerator the batch's sparse arrays are pinned, copied without
+blocking and densified there; the input transform runs per batch on the training device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -155,27 +159,49 @@ class ChunkDataset(Dataset[LoadedChunk]):
         return LoadedChunk(chunk.chunk_id, expression, contexts, train_rows, val_rows)
 
 
+def balanced_windows(n_items: int, size: int) -> list[int]:
+    """Sizes of the fewest windows of at most ``size`` items that hold ``n_items``, differing by at
+    most one (10 chunks in windows of 8: ``[5, 5]``, not ``[8, 2]``, so no window mixes only a
+    few chunks)."""
+    if n_items == 0:
+        return []
+    count = -(-n_items // size)
+    return [n_items // count + (i < n_items % count) for i in range(count)]
+
+
 class EpochOrder(Sampler[int]):
     """Chunk order for one epoch: the given chunk indices permuted by a seed of ``(seed, epoch)``,
     so a resumed run visits chunks in the same order as an uninterrupted one. With several
     training processes every rank permutes alike and takes every ``world_size``-th chunk from
-    ``rank`` on: disjoint shares of the same epoch order."""
+    ``rank`` on: disjoint shares of the same epoch order.
+
+    Each rank's share is cut into shuffle windows of at most ``window`` consecutive chunks
+    (:func:`balanced_windows`): the trainer pools a window's cells and draws every mini-batch
+    across them. The permutation makes a window a random draw of chunks, so sorted data
+    (chunks written in dataset order) still mix inside every window.
+    """
 
     def __init__(
-        self, indices: Sequence[int], seed: int, rank: int = 0, world_size: int = 1
+        self,
+        indices: Sequence[int],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        window: int = 1,
     ) -> None:
         self.indices = list(indices)
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.window = window
         self.epoch = 0
         self.skip = 0
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Choose the epoch whose order the next iteration yields, leaving out its first ``skip``
-        chunks (already trained before a preemption)."""
+    def set_epoch(self, epoch: int, skip_windows: int = 0) -> None:
+        """Choose the epoch whose order the next iteration yields, leaving out its first
+        ``skip_windows`` windows (already trained before a preemption)."""
         self.epoch = epoch
-        self.skip = skip
+        self.skip = skip_windows
 
     def shares(self, epoch: int) -> list[list[int]]:
         """Every rank's chunks, in order, for ``epoch``."""
@@ -184,11 +210,21 @@ class EpochOrder(Sampler[int]):
         ordered = [self.indices[i] for i in permutation]
         return [ordered[rank :: self.world_size] for rank in range(self.world_size)]
 
+    def windows(self, epoch: int, rank: int | None = None) -> list[list[int]]:
+        """The shuffle windows of ``rank``'s share (this process's by default) in ``epoch``."""
+        share = self.shares(epoch)[self.rank if rank is None else rank]
+        bounds = np.cumsum([0, *balanced_windows(len(share), self.window)])
+        return [share[a:b] for a, b in pairwise(bounds)]
+
+    def remaining(self) -> list[list[int]]:
+        """The windows the next iteration yields (those of the set epoch, after the skipped)."""
+        return self.windows(self.epoch)[self.skip :]
+
     def __len__(self) -> int:
-        return len(self.indices[self.rank :: self.world_size]) - self.skip
+        return sum(len(window) for window in self.remaining())
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.shares(self.epoch)[self.rank][self.skip :])
+        return (index for window in self.remaining() for index in window)
 
 
 def _keep(item: LoadedChunk) -> LoadedChunk:
@@ -214,6 +250,8 @@ def chunk_loader(
         A ``DataLoader`` yielding :class:`LoadedChunk` objects.
     """
     workers = min(num_workers, len(order))
+    # TileDB's threads do not survive fork(): a forked worker hangs on its first SOMA read.
+    context = "spawn" if workers > 0 and dataset.store.kind == "soma" else None
     return DataLoader(
         dataset,
         batch_size=None,
@@ -222,6 +260,7 @@ def chunk_loader(
         num_workers=workers,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0,
+        multiprocessing_context=context,
     )
 
 
@@ -266,66 +305,83 @@ def apply_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
 
 
 def iter_batches(
-    chunk: LoadedChunk,
-    rows: np.ndarray,
+    chunks: Sequence[LoadedChunk],
+    rows: Sequence[np.ndarray],
     batch_size: int,
     device: torch.device,
     transform: str,
     generator: torch.Generator | None = None,
 ) -> Iterator[Batch]:
-    """Slice mini-batches of ``rows`` out of an in-memory chunk.
+    """Draw mini-batches across the pooled rows of several in-memory chunks (a shuffle window).
 
     Args:
-        chunk: the loaded chunk.
-        rows: which rows to visit (its ``train_rows`` or ``val_rows``).
+        chunks: the loaded chunks of the window.
+        rows: for each chunk, which of its rows to visit (its ``train_rows`` or ``val_rows``).
         batch_size: cells per batch (the last batch may be smaller).
         device: where the batch goes.
         transform: the input transform applied to each batch on ``device``.
-        generator: shuffles the rows when given; in order otherwise.
+        generator: shuffles the pooled rows when given, so that every batch mixes the chunks;
+            chunk by chunk, in order, otherwise.
 
     Yields:
-        :class:`Batch` objects.
+        :class:`Batch` objects; within a batch the cells are grouped by chunk, ascending.
     """
+    counts = [len(r) for r in rows]
+    owner = np.repeat(np.arange(len(chunks)), counts)  # (N,) which chunk each pooled row is in
+    local = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)  # (N,) row in it
     if generator is not None:
-        rows = rows[torch.randperm(len(rows), generator=generator).numpy()]
-    for start in range(0, len(rows), batch_size):
-        index = rows[start : start + batch_size]
-        x = densify(chunk.expression[index], device)  # (B, G)
+        permutation = torch.randperm(len(local), generator=generator).numpy()
+        owner, local = owner[permutation], local[permutation]
+    for start in range(0, len(local), batch_size):
+        which, index = owner[start : start + batch_size], local[start : start + batch_size]
+        # One slice per chunk: the batch's rows grouped by chunk, ascending inside each (kinder
+        # to the cache than the drawn order; in-order batches stay in order).
+        grouped = np.lexsort((index, which))
+        which, index = which[grouped], index[grouped]
+        edges = np.searchsorted(which, np.arange(len(chunks) + 1))
+        parts = [
+            (chunks[k], index[edges[k] : edges[k + 1]])
+            for k in range(len(chunks))
+            if edges[k + 1] > edges[k]
+        ]
+        blocks = [chunk.expression[part] for chunk, part in parts]
+        block = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        x = densify(block, device)  # (B, G)
         # numpy, not torch, indexing: tiny, and torch's can wait on a busy machine's other thread
-        host = torch.from_numpy(chunk.contexts[index])  # (B, F)
+        host = torch.from_numpy(np.concatenate([chunk.contexts[part] for chunk, part in parts]))
         yield Batch(apply_transform(x, transform), to_device(host, device), host)
 
 
-class UnmixedFields:
-    """Watches metadata chunks go by and tells which fields take one value within every chunk.
+def single_value_batches(contexts: torch.Tensor) -> np.ndarray:
+    """Which fields take a single known value across a batch (``<unk>`` cells aside).
 
-    Mini-batches are sliced out of one chunk at a time, so such a field never varies inside a
-    batch (chunks written sorted by it, as Kang's file is by condition, or Census chunks by
-    dataset): the classifier and the context-means term then see one value per batch.
+    Args:
+        contexts: (B, F) int64 vocabulary indices on the host, 0 = ``<unk>``.
+
+    Returns:
+        (F,) bool; a field whose cells are all ``<unk>`` counts as not single-valued.
     """
+    known = contexts > 0
+    low = torch.where(known, contexts, torch.iinfo(torch.int64).max).amin(dim=0)  # (F,)
+    high = torch.where(known, contexts, -1).amax(dim=0)  # (F,)
+    return (low == high).numpy()
 
-    def __init__(self, fields: Sequence[str]) -> None:
-        self.fields = list(fields)
-        self.mixed: set[str] = set()
-        self.n_chunks = 0
 
-    def watch(
-        self, frames: Iterable[tuple[str, pd.DataFrame]]
-    ) -> Iterator[tuple[str, pd.DataFrame]]:
-        """Pass ``(source, frame)`` pairs through, noting the fields that vary within a chunk."""
-        for source, frame in frames:
-            self.n_chunks += 1
-            for name in self.fields:
-                if name in frame.columns and frame[name].nunique(dropna=True) > 1:
-                    self.mixed.add(name)
-            yield source, frame
+def expected_single_value_fraction(counts: Sequence[int], batch_size: int) -> float:
+    """The fraction of batches in which a field takes one value when the cells are fully shuffled:
+    ``sum_v p_v ** B`` over its known values (sampling with replacement; a close upper bound).
 
-    def unmixed(self) -> list[str]:
-        """The fields that took a single value in each of several chunks."""
-        return [f for f in self.fields if f not in self.mixed] if self.n_chunks > 1 else []
+    Args:
+        counts: cells per known value.
+        batch_size: cells per batch.
+    """
+    total = sum(counts)
+    if total == 0:
+        return 0.0
+    return float(sum((c / total) ** batch_size for c in counts))
 
 
 def epoch_seed(seed: int, epoch: int, purpose: str) -> int:
     """A seed for one purpose in one epoch, independent of every other (stable across runs)."""
-    purposes = {"chunks": 1, "rows": 2, "targets": 3, "validation": 4}
+    purposes = {"chunks": 1, "rows": 2, "targets": 3, "validation": 4, "validation_rows": 5}
     return int(np.random.SeedSequence([seed, epoch, purposes[purpose]]).generate_state(1)[0])

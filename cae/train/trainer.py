@@ -35,10 +35,12 @@ from cae.data.loader import (
     ChunkDataset,
     EpochOrder,
     LoadedChunk,
-    UnmixedFields,
+    balanced_windows,
     chunk_loader,
     epoch_seed,
+    expected_single_value_fraction,
     iter_batches,
+    single_value_batches,
     split_rows,
     to_device,
 )
@@ -89,7 +91,7 @@ class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
 
 
 class Preempted(BaseException):
-    """SIGTERM or SIGUSR1 arrived: training wrote a checkpoint at the next chunk boundary and
+    """SIGTERM or SIGUSR1 arrived: training wrote a checkpoint at the next window boundary and
     stopped; ``--resume`` continues exactly where it stopped. The CLI exits with
     :data:`EXIT_PREEMPTED` so that a job script can requeue itself."""
 
@@ -134,8 +136,9 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """Called after each epoch's validation with that epoch's metrics."""
 
-    def on_chunk_end(self, trainer: Trainer, epoch: int, chunks_done: int) -> None:
-        """Called after each training chunk of an epoch (``chunks_done`` so far in the epoch)."""
+    def on_window_end(self, trainer: Trainer, epoch: int, windows_done: int) -> None:
+        """Called after each shuffle window of an epoch (``windows_done`` so far in the epoch):
+        the points where a preempted training stops and resumes."""
 
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
         """Called after a checkpoint was written."""
@@ -225,21 +228,10 @@ class Trainer:
             if resume_payload.get("data_fingerprint") != self.fingerprint:
                 log.warning("resuming on data whose fingerprint differs from the checkpoint's")
         else:
-            watcher = UnmixedFields(cfg.data.fields)
             self.field_specs = build_field_specs(
-                watcher.watch(self.store.iter_metadata(cfg.data.fields)),
-                cfg.data.fields,
-                cfg.data.null_values,
+                self.store.iter_metadata(cfg.data.fields), cfg.data.fields, cfg.data.null_values
             )
             require_usable(self.field_specs, str(self.store.path))
-            for name in watcher.unmixed():
-                log.warning(
-                    "field '%s' takes a single value within every chunk of %s: mini-batches are "
-                    "drawn from one chunk at a time, so no batch mixes its values and the "
-                    "classifier and the context-means term learn little from it; write the "
-                    "chunks with the cells shuffled across them",
-                    name, self.store.path,
-                )  # fmt: skip
             self.vocabularies = Vocabularies.from_specs(self.field_specs)
         for spec in self.field_specs.values():  # only in checkpoints of older versions
             if not spec.using:
@@ -309,13 +301,24 @@ class Trainer:
                 f"{ranks.world_size} training processes need at least {ranks.world_size} training "
                 "and validation chunks each; use fewer processes or smaller chunks"
             )
-        self.order = EpochOrder(train_idx, cfg.train.seed, ranks.rank, ranks.world_size)
+        window = cfg.data.shuffle_chunks
+        self.order = EpochOrder(train_idx, cfg.train.seed, ranks.rank, ranks.world_size, window)
         workers, prefetch = cfg.data.num_workers, cfg.data.prefetch_factor
         self.train_loader = chunk_loader(dataset, self.order, workers, prefetch)
         # Without held-out cells, epochs are evaluated on the training cells.
         self.eval_rows = "val_rows" if val_idx else "train_rows"
         eval_idx = ranks.shard(val_idx or train_idx)
+        self.eval_windows = balanced_windows(len(eval_idx), window)
         self.eval_loader = chunk_loader(dataset, eval_idx, workers, prefetch)
+        # Mixing watch: per field, the fraction of training batches in which it takes one value,
+        # beside what a full shuffle would give (data sorted past what the window mixes).
+        self.mixing_warned: set[str] = set()
+        self.single_value_expected = {
+            name: expected_single_value_fraction(
+                list(self.field_specs[name].counts.values()), cfg.train.batch_size
+            )
+            for name in self.vocabularies.fields
+        }
         self.reference: ContextMeans | None = None
         if cfg.train.weights.context_means > 0 and cfg.train.context_means_reference == "data":
             self.reference = self._context_means(chunk_loader(dataset, train_idx, workers, 1))
@@ -379,8 +382,13 @@ class Trainer:
         self.partial = payload.get("partial")
         if self.partial is not None:  # preempted mid-epoch: that epoch goes on
             self.start_epoch = int(self.partial["epoch"])
+            if "windows_done" not in self.partial:  # written before shuffle windows existed
+                log.warning("%s stopped mid-epoch %d under an older cae: that epoch starts "
+                            "again", self.checkpoint_path, self.start_epoch)  # fmt: skip
+                self.partial = None
+                return
             log.info(
-                "resuming epoch %d after chunk %d", self.start_epoch, self.partial["chunks_done"]
+                "resuming epoch %d after window %d", self.start_epoch, self.partial["windows_done"]
             )
             return
         if self.start_epoch > self.settings.train.epochs:
@@ -448,9 +456,10 @@ class Trainer:
         )  # fmt: skip
 
         def counted() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for x, source, _ in self._batches(loader, "train_rows", None):
-                bar.update(x.shape[0])
-                yield x, source
+            for chunk in loader:
+                for x, source, _ in self._batches([chunk], "train_rows", None):
+                    bar.update(x.shape[0])
+                    yield x, source
 
         with bar:
             return ContextMeans.accumulate(counted(), self.sizes, self.store.n_genes)
@@ -510,20 +519,23 @@ class Trainer:
         return result
 
     def _batches(
-        self, loader: Iterable[LoadedChunk], rows: str, generator: torch.Generator | None
+        self,
+        window: Sequence[LoadedChunk],
+        rows: str,
+        generator: torch.Generator | None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(x, contexts on the device, contexts on the host)`` of every batch."""
+        """``(x, contexts on the device, contexts on the host)`` of every batch drawn across the
+        ``rows`` (``train_rows`` or ``val_rows``) of one shuffle window's chunks."""
         cfg = self.settings
-        for chunk in loader:
-            for batch in iter_batches(
-                chunk,
-                getattr(chunk, rows),
-                cfg.train.batch_size,
-                self.device,
-                cfg.data.transform,
-                generator,
-            ):
-                yield batch.x, batch.contexts, batch.host_contexts
+        for batch in iter_batches(
+            window,
+            [getattr(chunk, rows) for chunk in window],
+            cfg.train.batch_size,
+            self.device,
+            cfg.data.transform,
+            generator,
+        ):
+            yield batch.x, batch.contexts, batch.host_contexts
 
     def _autocast(self) -> AbstractContextManager:
         """bfloat16 autocast of forward passes when ``train.precision`` asks for it."""
@@ -537,8 +549,11 @@ class Trainer:
             return None
         size = self.settings.train.batch_size
         steps = [
-            sum(math.ceil(self.train_rows_per_chunk[index] / size) for index in share)
-            for share in self.order.shares(epoch)
+            sum(
+                math.ceil(sum(self.train_rows_per_chunk[index] for index in window) / size)
+                for window in self.order.windows(epoch, rank)
+            )
+            for rank in range(self.ranks.world_size)
         ]
         return min(steps)
 
@@ -549,13 +564,13 @@ class Trainer:
         means = _Means()
         skip = 0
         if self.partial is not None and int(self.partial["epoch"]) == epoch:
-            skip = int(self.partial["chunks_done"])
+            skip = int(self.partial["windows_done"])
             rows_gen.set_state(self.partial["rows_generator"])
             target_gen.set_state(self.partial["target_generator"])
             means.sums = {k: v.to(self.device) for k, v in self.partial["sums"].items()}
             means.counts = dict(self.partial["counts"])
             self.partial = None
-        self.order.set_epoch(epoch, skip=skip)
+        self.order.set_epoch(epoch, skip_windows=skip)
         self.steps_left = self._steps_per_rank(epoch)
         self.model.train()
         self.classifier.train()
@@ -567,29 +582,49 @@ class Trainer:
             disable=None if cfg.train.progress else True,  # None: only on a terminal
             leave=False,
         )
-        chunks_done = skip
+        windows_done = skip
+        chunks = iter(self.train_loader)
         with bar:
-            for chunk in self.train_loader:
+            for window_indices in self.order.remaining():
                 if self.stop_signal is not None:
-                    self._save_partial(epoch, chunks_done, rows_gen, target_gen, means)
+                    self._save_partial(epoch, windows_done, rows_gen, target_gen, means)
                     raise Preempted(self.stop_signal, self.checkpoint_path)
-                self._train_chunk(chunk, rows_gen, target_gen, means, bar)
-                chunks_done += 1
-                self._check_finite(means, epoch, chunks_done, chunk)
-                self._emit("on_chunk_end", epoch, chunks_done)
+                window = [next(chunks) for _ in window_indices]
+                self._train_window(window, rows_gen, target_gen, means, bar)
+                windows_done += 1
+                self._check_finite(means, epoch, window)
+                self._emit("on_window_end", epoch, windows_done)
                 if self.steps_left == 0:
                     break
-        return means.read("train/")
+        metrics = means.read("train/")
+        self._watch_mixing(metrics)
+        return metrics
 
-    def _check_finite(
-        self, means: _Means, epoch: int, chunks_done: int, chunk: LoadedChunk
-    ) -> None:
-        """Stop at the first chunk whose loss is not finite (one host sync per chunk), before any
-        checkpoint of the broken weights is written."""
+    def _watch_mixing(self, metrics: dict[str, float]) -> None:
+        """Warn once per field whose training batches took a single value far more often than a
+        full shuffle would give: the data are sorted by it past what the shuffle window mixes."""
+        for name, expected in self.single_value_expected.items():
+            observed = metrics.get(f"train/single_value_batches/{name}")
+            if observed is None or name in self.mixing_warned or observed < expected + 0.2:
+                continue
+            self.mixing_warned.add(name)
+            log.warning(
+                "field '%s' takes a single value in %.0f%% of the training batches (a full "
+                "shuffle would give %.0f%%): %s is sorted by it beyond what a shuffle window of "
+                "data.shuffle_chunks = %d chunks mixes, so the classifier and the context terms "
+                "see few contrasts; raise data.shuffle_chunks (--shuffle-chunks) or write the "
+                "chunks shuffled",
+                name, 100 * observed, 100 * expected, self.store.path,
+                self.settings.data.shuffle_chunks,
+            )  # fmt: skip
+
+    def _check_finite(self, means: _Means, epoch: int, window: Sequence[LoadedChunk]) -> None:
+        """Stop at the first window whose loss is not finite (one host sync per window), before
+        any checkpoint of the broken weights is written."""
         loss = means.sums.get("loss")
         if loss is None or torch.isfinite(loss):
             return
-        name = self.store.chunk(chunk.chunk_id).name
+        names = ", ".join(self.store.chunk(chunk.chunk_id).name for chunk in window)
         kept = (
             f"the last good checkpoint is kept at {self.checkpoint_path}; lower train.lr (--lr, "
             f"now {self.settings.train.lr:g}) and continue with --resume"
@@ -598,24 +633,26 @@ class Trainer:
             f"{self.settings.train.lr:g}) and start again"
         )
         raise TrainingError(
-            f"the training loss became {loss.item()} in epoch {epoch}, chunk {chunks_done} "
-            f"({name}); training stopped: {kept}, or check that chunk's values and "
+            f"the training loss became {loss.item()} in epoch {epoch}, in the window of chunks "
+            f"{names}; training stopped: {kept}, or check those chunks' values and "
             "data.transform"
         )
 
-    def _train_chunk(
+    def _train_window(
         self,
-        chunk: LoadedChunk,
+        window: Sequence[LoadedChunk],
         rows_gen: torch.Generator,
         target_gen: torch.Generator,
         means: _Means,
         bar: tqdm,
     ) -> None:
         cfg = self.settings
-        for x, source, host_source in self._batches([chunk], "train_rows", rows_gen):
+        single = np.zeros(len(self.vocabularies.fields))  # (F,) batches with one value
+        batches = 0
+        for x, source, host_source in self._batches(window, "train_rows", rows_gen):
             if self.steps_left is not None:
                 if self.steps_left == 0:
-                    return
+                    break
                 self.steps_left -= 1
             n = x.shape[0]
             # Targets are drawn on the host (reproducible on any device) from the host copy of
@@ -641,7 +678,13 @@ class Trainer:
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)
+            single += single_value_batches(host_source)
+            batches += 1
             bar.update(n)
+        for i, name in enumerate(self.vocabularies.fields):  # once per window: no per-step copy
+            means.add(
+                f"single_value_batches/{name}", torch.tensor(single[i]).to(self.device), batches
+            )
 
     @torch.no_grad()
     def _evaluate(self) -> tuple[dict[str, float], pd.DataFrame]:
@@ -655,7 +698,11 @@ class Trainer:
         table = ContextTable(self.vocabularies, self.store.n_genes, self.device)
         fields = self.vocabularies.fields
         first_batch = True
-        for x, source, host_source in self._batches(self.eval_loader, self.eval_rows, None):
+        rows_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation_rows"))
+        chunks = iter(self.eval_loader)
+        windows = ([next(chunks) for _ in range(size)] for size in self.eval_windows)
+        batches = (b for w in windows for b in self._batches(w, self.eval_rows, rows_gen))
+        for x, source, host_source in batches:
             n = x.shape[0]
             target = to_device(sample_targets(host_source, self.sizes, generator), self.device)
             with self._autocast():
@@ -732,23 +779,24 @@ class Trainer:
     def _save_partial(
         self,
         epoch: int,
-        chunks_done: int,
+        windows_done: int,
         rows_gen: torch.Generator,
         target_gen: torch.Generator,
         means: _Means,
     ) -> None:
-        """A mid-epoch checkpoint: everything needed to replay the rest of the epoch exactly."""
+        """A mid-epoch checkpoint: everything needed to replay the rest of the epoch exactly (the
+        windows are the epoch order's, so the ones done and the generators' states suffice)."""
         partial = {
             "epoch": epoch,
-            "chunks_done": chunks_done,
+            "windows_done": windows_done,
             "rows_generator": rows_gen.get_state(),
             "target_generator": target_gen.get_state(),
             "sums": means.sums,
             "counts": {k: torch.as_tensor(v) for k, v in means.counts.items()},
         }
         self._save(epoch - 1, partial)
-        log.warning("%s: checkpoint written after chunk %d of epoch %d", self.stop_signal,
-                    chunks_done, epoch)  # fmt: skip
+        log.warning("%s: checkpoint written after window %d of epoch %d", self.stop_signal,
+                    windows_done, epoch)  # fmt: skip
 
     def _save(self, epoch: int, partial: dict | None = None) -> None:
         if not self.ranks.is_main:
@@ -778,7 +826,7 @@ class Trainer:
 
 class _SignalGuard:
     """While training runs in the main thread, SIGTERM and SIGUSR1 (SLURM's warning before a
-    time limit or preemption) ask it to stop at the next chunk boundary instead of dying."""
+    time limit or preemption) ask it to stop at the next window boundary instead of dying."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer

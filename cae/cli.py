@@ -35,11 +35,16 @@ class Flag:
 
 
 _DATA_FLAGS = [
-    Flag("--data", "data.path", Path, "folder of chunks or an .h5ad file (default data/demo)"),
+    Flag("--data", "data.path", str, "chunks folder, .h5ad or SOMA experiment (data/demo)"),
     Flag("--fields", "data.fields", str, "comma-separated metadata fields, e.g. cell_type,sex"),
     Flag("--expression-glob", "data.expression_glob", str, "pattern of expression chunks"),
     Flag("--metadata-glob", "data.metadata_glob", str, "pattern of metadata chunks"),
     Flag("--null-values", "data.null_values", str, "comma-separated spellings of a missing value"),
+    Flag("--soma-measurement", "data.soma_measurement", str, "SOMA measurement (default RNA)"),
+    Flag("--soma-layer", "data.soma_layer", str, "SOMA X layer (default raw, or the only one)"),
+    Flag("--obs-filter", "data.soma_obs_filter", str, "SOMA obs filter, e.g. \"sex == 'female'\""),
+    Flag("--var-filter", "data.soma_var_filter", str, "SOMA var filter choosing the genes"),
+    Flag("--soma-tiledb-config", "data.soma_tiledb_config", str, "TileDB key=value,... settings"),
 ]
 
 _TRAIN_FLAGS = [
@@ -48,6 +53,7 @@ _TRAIN_FLAGS = [
     Flag("--val-fraction", "data.val_fraction", float, "fraction of each chunk held out"),
     Flag("--val-chunks", "data.val_chunks", str, "comma-separated chunk ids held out whole"),
     Flag("--exclude", "data.exclude", str, "contexts kept out of training: 'f=v,g=w;f=u'"),
+    Flag("--shuffle-chunks", "data.shuffle_chunks", int, "chunks every mini-batch mixes (8)"),
     Flag("--num-workers", "data.num_workers", int, "background chunk-loading processes"),
     Flag("--epochs", "train.epochs", int, "total epochs"),
     Flag("--batch-size", "train.batch_size", int, "cells per mini-batch"),
@@ -125,7 +131,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from cae.data.synth import SynthConfig, generate
 
     config = SynthConfig(
-        n_cells=args.cells, n_genes=args.genes, n_chunks=args.chunks, seed=args.seed
+        n_cells=args.cells,
+        n_genes=args.genes,
+        n_chunks=args.chunks,
+        seed=args.seed,
+        sort_by=args.sort_by,
     )
     out = generate(args.out, config, h5ad=args.h5ad, overwrite=args.overwrite, progress=True)
     print(f"wrote {args.cells:,} cells x {args.genes:,} genes in {args.chunks} chunks to {out}")
@@ -182,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cae.train.distributed import ranks_from_environment
 
     ranks = ranks_from_environment()
-    demo = DataConfig().path
+    demo = Path(DataConfig().path)
     if Path(settings.data.path) == demo and not demo.exists():
         if ranks.enabled:
             raise ConfigError(f"{demo} does not exist; write it first (cae synth --out {demo})")
@@ -259,7 +269,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not targets:
         raise ConfigError("name at least one target with --set field=value, e.g. --set sex=female")
     model = load_any_model(args.model)
-    out = generate(model, args.input, targets, args.out, overwrite=args.overwrite)
+    out = generate(
+        model, args.input, targets, args.out, overwrite=args.overwrite, obs_filter=args.obs_filter
+    )
     print(f"wrote counterfactuals ({', '.join(f'{k}={v}' for k, v in targets.items())}) to {out}")
 
 
@@ -450,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--genes", type=int, default=200, help="genes (default 200)")
     synth.add_argument("--chunks", type=int, default=6, help="chunks (default 6)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument(
+        "--sort-by", help="order the cells by this field before chunking (like an atlas export)"
+    )
     synth.add_argument("--h5ad", action="store_true", help="also write synth.h5ad")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     synth.set_defaults(func=cmd_synth)
@@ -537,7 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="models:/NAME@alias, a checkpoint or a training folder"
     )
     generate.add_argument(
-        "--input", required=True, type=Path, help="an .h5ad, a folder of chunks or one .npz chunk"
+        "--input", required=True, help="an .h5ad, a folder of chunks, one .npz chunk or a SOMA "
+        "experiment (a folder or URI)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--obs-filter", help="the cells of a SOMA --input to move, e.g. \"sex == 'female'\""
     )
     generate.add_argument(
         "--set", action="append", metavar="FIELD=VALUE", help="a target context (repeatable)"

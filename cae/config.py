@@ -9,6 +9,7 @@ below. This replaces the seed's "copy template_main.py and edit EDIT_ME" step.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -76,10 +77,10 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the cells are and how to read them."""
 
-    path: Path = Field(
-        Path("data/demo"),
-        description="A folder of chunks (*_counts_N.npz + *_metadata_N.pkl|.parquet) "
-        "or an .h5ad file.",
+    path: str = Field(
+        "data/demo",
+        description="A folder of chunks (*_counts_N.npz + *_metadata_N.pkl|.parquet), an .h5ad "
+        "file, or a TileDB-SOMA experiment (a local folder or a URI such as the Census's).",
     )
     expression_glob: str = Field("*_counts_*.npz", description="Pattern of expression chunks.")
     metadata_glob: str = Field(
@@ -98,7 +99,28 @@ class DataConfig(_Section):
         "none: values are used as stored (already normalised, like Census chunks).",
     )
     h5ad_layer: str | None = Field(None, description="Layer of an .h5ad to read instead of .X.")
-    h5ad_chunk_size: int = Field(20_000, ge=1, description="Rows per chunk when reading .h5ad.")
+    h5ad_chunk_size: int = Field(
+        20_000, ge=1, description="Rows per chunk when reading an .h5ad or a SOMA experiment."
+    )
+    soma_measurement: str = Field("RNA", description="SOMA measurement whose X and var are read.")
+    soma_layer: str | None = Field(
+        None, description="SOMA X layer (default: 'raw' when present, else the only layer)."
+    )
+    soma_obs_filter: str | None = Field(
+        None,
+        description='SOMA obs value filter choosing the cells, e.g. "is_primary_data == True '
+        "and tissue_general == 'blood'\" (default: every cell).",
+    )
+    soma_tiledb_config: CommaList = Field(
+        [],
+        description="TileDB settings for opening a SOMA URI, as key=value, e.g. the Census's "
+        "vfs.s3.region=us-west-2,vfs.s3.no_sign_request=true.",
+    )
+    soma_var_filter: str | None = Field(
+        None,
+        description="SOMA var value filter choosing the genes, e.g. \"feature_name in ['CD4', "
+        "'CD8A']\" (default: every gene).",
+    )
     val_chunks: CommaList = Field(
         [], description="Chunk ids held out for validation (all their cells)."
     )
@@ -114,10 +136,33 @@ class DataConfig(_Section):
         description="Context combinations kept out of training and validation, e.g. "
         "['cell_type=B,condition=stimulated'] (a string separates them with ';').",
     )
+    shuffle_chunks: int = Field(
+        8,
+        ge=1,
+        description="Chunks pooled into one shuffle window: every mini-batch is drawn across "
+        "them, so data sorted by dataset (atlas exports) still mix in each batch. Memory holds "
+        "this many chunks plus the prefetched ones; 1 = batches from one chunk at a time.",
+    )
     num_workers: int = Field(1, ge=0, description="Background processes prefetching chunks.")
     prefetch_factor: int = Field(2, ge=1, description="Chunks each worker keeps ready.")
 
-    _split = field_validator("fields", "null_values", "val_chunks", mode="before")(_split_commas)
+    _split = field_validator(
+        "fields", "null_values", "val_chunks", "soma_tiledb_config", mode="before"
+    )(_split_commas)
+
+    @field_validator("soma_tiledb_config")
+    @classmethod
+    def _settings_have_values(cls, items: list[str]) -> list[str]:
+        for item in items:
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise ValueError(f"{item!r} is not key=value (e.g. vfs.s3.region=us-west-2)")
+        return items
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_as_text(cls, path: object) -> object:
+        """A Path is taken as its text (a SOMA URI stays text: a Path would fold its "//")."""
+        return os.fspath(path) if isinstance(path, os.PathLike) else path
 
     @field_validator("val_chunks")
     @classmethod

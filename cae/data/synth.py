@@ -99,6 +99,9 @@ class SynthConfig:
         affected_fraction: fraction of genes with a nonzero effect, drawn per value, in [0, 1].
         library_size: median library size (> 0).
         library_log_sd: standard deviation of the log library size (>= 0).
+        sort_by: a field whose values order the cells before they are cut into chunks, as an
+            atlas export sorted by dataset is: the same cells as without it, in another order
+            (None: cells in the order drawn, i.e. shuffled).
 
     Raises:
         ConfigError: a setting is out of range, of the wrong type, or names an unknown field.
@@ -117,6 +120,7 @@ class SynthConfig:
     affected_fraction: float = 0.3
     library_size: float = 5000.0
     library_log_sd: float = 0.3
+    sort_by: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_cells", "n_genes", "n_chunks", "seed", "n_programs"):
@@ -144,6 +148,11 @@ class SynthConfig:
         _check_real("affected_fraction", self.affected_fraction, low=0.0, high=1.0)
         _check_real("library_size", self.library_size, low=0.0, low_open=True)
         _check_real("library_log_sd", self.library_log_sd, low=0.0)
+        if self.sort_by is not None and self.sort_by not in FIELD_VALUES:
+            raise ConfigError(
+                f"synthetic data setting sort_by must be one of {list(FIELD_VALUES)}, "
+                f"got {self.sort_by!r}"
+            )
         sds = _merge_fields("effect_sd", self.effect_sd, DEFAULT_EFFECT_SD)
         for name, sd in sds.items():
             _check_real(f"effect_sd[{name!r}]", sd, low=0.0)
@@ -554,11 +563,18 @@ def _write_dataset(folder: Path, config: SynthConfig, *, h5ad: bool, progress: b
     truth = make_truth(config)
     metadata = draw_contexts(truth, config.n_cells, np.random.default_rng([config.seed, 3]))
     rng = np.random.default_rng([config.seed, 4])
-    chunks: list[sp.csr_matrix] = []
     bounds = _chunk_bounds(config.n_cells, config.n_chunks)
-    for i, (start, stop) in enumerate(_progress(bounds, progress, len(bounds))):
-        meta = metadata.iloc[start:stop].reset_index(drop=True)
-        counts = simulate(truth, meta, rng)
+    pieces: Iterable[tuple[pd.DataFrame, sp.csr_matrix]] = (
+        (meta, simulate(truth, meta, rng))
+        for meta in (metadata.iloc[a:b].reset_index(drop=True) for a, b in bounds)
+    )
+    if config.sort_by is not None:  # the same cells as unsorted, re-ordered (all in memory)
+        every = sp.vstack([c for _, c in pieces], format="csr")
+        order = np.argsort(metadata[config.sort_by].to_numpy(dtype=str), kind="stable")
+        metadata, every = metadata.iloc[order].reset_index(drop=True), every[order]
+        pieces = ((metadata.iloc[a:b].reset_index(drop=True), every[a:b]) for a, b in bounds)
+    chunks: list[sp.csr_matrix] = []
+    for i, (meta, counts) in enumerate(_progress(pieces, progress, len(bounds))):
         sp.save_npz(folder / _COUNTS_FILE.format(i=i), counts)
         meta.to_pickle(folder / _METADATA_FILE.format(i=i))
         if h5ad:

@@ -18,8 +18,9 @@ import pandas as pd
 import torch
 
 from cae.config import DataConfig
+from cae.data.soma import is_soma_uri
 from cae.data.store import DataStore
-from cae.errors import CheckpointError, DataError
+from cae.errors import CheckpointError, ConfigError, DataError
 from cae.train.checkpoint import TrainedModel, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,25 @@ def load_any_model(model: str) -> TrainedModel:
     )
 
 
-def open_input(path: Path, data: DataConfig) -> DataStore:
-    """A store over an .h5ad, a folder of chunks, or one ``*_counts_N.npz`` chunk (with its
-    metadata ``*_metadata_N.pkl|.parquet`` beside it)."""
+def open_input(path: str | Path, data: DataConfig, obs_filter: str | None = None) -> DataStore:
+    """A store over an .h5ad, a folder of chunks, one ``*_counts_N.npz`` chunk (with its
+    metadata ``*_metadata_N.pkl|.parquet`` beside it) or a TileDB-SOMA experiment.
+
+    Args:
+        path: the input.
+        data: the model's data settings (globs, .h5ad layer, SOMA measurement and layer).
+        obs_filter: for a SOMA experiment, the cells to read (every cell when None); its genes
+            are all read and matched to the model's by name.
+
+    Raises:
+        DataError: the input does not exist or does not open.
+    """
+    if is_soma_uri(str(path)):
+        update = {"path": str(path), "soma_obs_filter": obs_filter, "soma_var_filter": None}
+        return DataStore.open(data.model_copy(update=update))
+    if obs_filter is not None:
+        raise ConfigError(f"--obs-filter selects cells of a SOMA experiment; {path} is not one")
+    path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():
             raise DataError(f"input {path} does not exist")
@@ -52,7 +69,7 @@ def open_input(path: Path, data: DataConfig) -> DataStore:
                     "metadata_glob": f"*_metadata_{chunk_id}.*"}
         )  # fmt: skip
         return DataStore.open(config)
-    return DataStore.open(data.model_copy(update={"path": path}))
+    return DataStore.open(data.model_copy(update={"path": str(path)}))
 
 
 def _gene_columns(store: DataStore, genes: list[str]) -> np.ndarray:
@@ -73,23 +90,25 @@ def _gene_columns(store: DataStore, genes: list[str]) -> np.ndarray:
 
 def generate(
     model: TrainedModel,
-    input_path: Path,
+    input_path: str | Path,
     targets: Mapping[str, str],
     out: Path,
     *,
     overwrite: bool = False,
     progress: bool = True,
+    obs_filter: str | None = None,
 ) -> Path:
     """Write the counterfactuals of every cell of ``input_path`` to the .h5ad ``out``.
 
     Args:
         model: the trained model.
-        input_path: an .h5ad, a folder of chunks or one expression chunk, in the units the model
-            was trained on.
+        input_path: an .h5ad, a folder of chunks, one expression chunk or a SOMA experiment, in
+            the units the model was trained on.
         targets: ``{field: value}`` for the fields to change; others keep their source value.
         out: the .h5ad to write (atomically: it appears only when complete).
         overwrite: replace an existing ``out``.
         progress: show a progress bar over chunks.
+        obs_filter: the cells of a SOMA experiment to move (every cell when None).
 
     Returns:
         ``out``.
@@ -105,7 +124,7 @@ def generate(
     out = Path(out)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose --out")
-    store = open_input(Path(input_path), model.settings.data)
+    store = open_input(input_path, model.settings.data, obs_filter)
     columns = _gene_columns(store, model.genes)
     fields = list(model.vocabularies.fields)
     model.encode_targets(torch.ones((1, len(fields)), dtype=torch.long), targets)  # fail early

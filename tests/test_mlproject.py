@@ -14,7 +14,8 @@ def test_python_env_lists_the_packages_runtime_dependencies():
     """MLflow caches a plain `mlflow run .` environment by this list: it must follow pyproject."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     env = yaml.safe_load((REPO / "mlproject" / "python_env.yaml").read_text())
-    wanted = [d for d in project["dependencies"] if not d.startswith("torch")]
+    runtime = [d for d in project["dependencies"] if not d.startswith("torch")]
+    wanted = runtime + project["optional-dependencies"]["soma"]  # SOMA experiments as data
     listed = env["dependencies"]
     assert listed[0] == "torch==2.13.0", "torch first, pinned to the wheel on this machine's disk"
     assert listed[1:-1] == wanted

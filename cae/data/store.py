@@ -6,7 +6,9 @@ Two layouts are accepted:
   by ``scipy.sparse.save_npz``, cells x genes) beside ``<prefix>_metadata_<N>.pkl`` or
   ``.parquet`` (the per-cell DataFrame, rows aligned with the matrix). Files pair by their chunk
   id ``N``, never by sorted position. An optional ``genes.txt`` (one name per line) names the genes.
-* one ``.h5ad`` file (AnnData): its rows are read in chunks of ``h5ad_chunk_size`` cells.
+* one ``.h5ad`` file (AnnData): its rows are read in chunks of ``h5ad_chunk_size`` cells;
+* a TileDB-SOMA experiment (a local folder or a URI, :mod:`cae.data.soma`): the cells an obs
+  filter selects, in chunks of ``h5ad_chunk_size`` cells.
 
 ``.pkl`` metadata is unpickled, which can run code: read pickles only from sources you trust, and
 share metadata as ``.parquet``.
@@ -31,6 +33,7 @@ import pandas as pd
 import scipy.sparse as sp
 from isal import isal_zlib
 
+from cae.data.soma import SomaQuery, is_soma_uri
 from cae.errors import DataError, MetadataError
 
 if TYPE_CHECKING:
@@ -51,10 +54,10 @@ class Chunk:
 
     chunk_id: str
     expression: Path
-    metadata: Path | None  # None for .h5ad chunks, whose metadata is the file's obs
+    metadata: Path | None  # None for .h5ad and SOMA chunks, whose metadata is the obs
     n_cells: int
     n_genes: int
-    rows: tuple[int, int] | None = None  # row range inside an .h5ad
+    rows: tuple[int, int] | None = None  # row range inside an .h5ad or a SOMA query
 
     @property
     def name(self) -> str:
@@ -65,7 +68,7 @@ class Chunk:
 
     @property
     def metadata_name(self) -> str:
-        """The metadata file's name for messages (the .h5ad's obs for .h5ad chunks)."""
+        """The metadata file's name for messages (the obs for .h5ad and SOMA chunks)."""
         return self.metadata.name if self.metadata is not None else f"{self.name}.obs"
 
 
@@ -74,20 +77,22 @@ class DataStore:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         chunks: Sequence[Chunk],
         genes: Sequence[str],
-        kind: Literal["chunks", "h5ad"],
+        kind: Literal["chunks", "h5ad", "soma"],
         *,
         obs: pd.DataFrame | None = None,
         h5ad_layer: str | None = None,
+        soma: SomaQuery | None = None,
     ) -> None:
-        self.path = path
+        self.path = path  # a SOMA URI stays a string (a Path would fold its "//")
         self.chunks = list(chunks)
         self.genes = list(genes)
         self.kind = kind
         self._obs = obs
         self._h5ad_layer = h5ad_layer
+        self._soma = soma
 
     @property
     def n_genes(self) -> int:
@@ -104,7 +109,8 @@ class DataStore:
         """Discover, pair and check the shapes of every chunk named by ``config``.
 
         Args:
-            config: the data settings (``path``, globs, ``h5ad_layer``, ``h5ad_chunk_size``).
+            config: the data settings (``path``, globs, ``h5ad_layer``, ``h5ad_chunk_size``,
+                and the ``soma_*`` settings for a SOMA experiment).
 
         Returns:
             The store, with row and gene counts checked for every chunk.
@@ -112,13 +118,16 @@ class DataStore:
         Raises:
             DataError: nothing matched, a file is unreadable or unpaired, two files share a chunk
                 id, a chunk is empty, row counts of a pair differ, or gene counts differ between
-                chunks. The message names the file.
+                chunks; a SOMA experiment does not open or its query selects nothing. The
+                message names the file or URI.
         """
+        if is_soma_uri(str(config.path)):
+            return cls._open_soma(config)
         path = Path(config.path)
         if not path.exists():
             raise DataError(
-                f"data path {path} does not exist; give a folder of chunks or an .h5ad file "
-                "(`cae synth --out data/demo` writes the demo data)"
+                f"data path {path} does not exist; give a folder of chunks, an .h5ad file or a "
+                "TileDB-SOMA experiment (`cae synth --out data/demo` writes the demo data)"
             )
         if path.is_file():
             if path.suffix != ".h5ad":
@@ -205,6 +214,25 @@ class DataStore:
             adata.file.close()
         return cls(path, chunks, genes, "h5ad", obs=obs, h5ad_layer=layer)
 
+    @classmethod
+    def _open_soma(cls, config: DataConfig) -> DataStore:
+        uri = str(config.path)
+        query = SomaQuery.open(
+            uri,
+            config.soma_measurement,
+            config.soma_layer,
+            config.soma_obs_filter,
+            config.soma_var_filter,
+            config.soma_tiledb_config,
+        )
+        size, name = config.h5ad_chunk_size, Path(uri.rstrip("/"))
+        chunks = [
+            Chunk(str(i), name, None, min(start + size, query.n_cells) - start, len(query.genes),
+                  rows=(start, min(start + size, query.n_cells)))
+            for i, start in enumerate(range(0, query.n_cells, size))
+        ]  # fmt: skip
+        return cls(uri, chunks, query.genes, "soma", soma=query)
+
     def chunk(self, chunk_id: str) -> Chunk:
         """Return the chunk with this id.
 
@@ -223,7 +251,10 @@ class DataStore:
         Raises:
             DataError: the file is unreadable, or holds negative or non-finite values.
         """
-        if chunk.rows is not None:
+        if self._soma is not None:
+            assert chunk.rows is not None
+            matrix = self._soma.read_rows(*chunk.rows)
+        elif chunk.rows is not None:
             matrix = self._read_h5ad_rows(chunk)
         else:
             try:
@@ -259,6 +290,9 @@ class DataStore:
             DataError: the file is unreadable or does not hold a DataFrame.
             MetadataError: a requested column is missing (the message lists the columns there).
         """
+        if self._soma is not None:
+            assert chunk.rows is not None
+            return self._soma.read_obs(*chunk.rows, columns)
         if chunk.metadata is None:
             assert self._obs is not None and chunk.rows is not None
             frame = self._obs.iloc[chunk.rows[0] : chunk.rows[1]].reset_index(drop=True)
@@ -308,8 +342,13 @@ class DataStore:
                     )
 
     def fingerprint(self) -> str:
-        """A short hash identifying the data set: file names, sizes and shapes of every chunk."""
+        """A short hash identifying the data set: file names, sizes and shapes of every chunk
+        (for a SOMA experiment: its URI, layer, filters and selected cells and genes)."""
         digest = hashlib.sha256()
+        if self._soma is not None:
+            digest.update(self._soma.identity().encode())
+            digest.update("\n".join(self.genes).encode())
+            return digest.hexdigest()[:16]
         for chunk in self.chunks:
             for file in (chunk.expression, chunk.metadata):
                 if file is not None:

@@ -1,0 +1,159 @@
+"""TileDB-SOMA experiments as data: the same cells as chunk files, filters, and bad input.
+
+The experiments are written here with ``tiledbsoma.io.from_anndata`` from the synthetic data, as a
+Census export would be laid out (measurement RNA, obs columns as categoricals).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from cae.cli import main
+from cae.config import DataConfig
+from cae.data.store import DataStore
+from cae.train import load_checkpoint, train
+from tests.conftest import quick_settings
+
+soma = pytest.importorskip("tiledbsoma")
+soma_io = pytest.importorskip("tiledbsoma.io")
+
+
+def cells_of(store: DataStore) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every cell of a store, expression dense and metadata as text."""
+    x = sp.vstack([store.read_expression(c) for c in store.chunks]).toarray()
+    meta = pd.concat([store.read_metadata(c) for c in store.chunks], ignore_index=True)
+    return x, meta.astype(str)
+
+
+@pytest.fixture(scope="module")
+def experiment(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic data as a SOMA experiment (measurement RNA, X layer "counts")."""
+    import anndata
+
+    x, meta = cells_of(DataStore.open(DataConfig(path=str(small_data))))
+    obs = meta.astype("category")
+    obs.index = [f"cell{i}" for i in range(len(obs))]
+    genes = (small_data / "genes.txt").read_text().split()
+    adata = anndata.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
+    uri = tmp_path_factory.mktemp("soma") / "experiment"
+    soma_io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name="counts")
+    return uri
+
+
+def test_soma_store_serves_the_same_cells_as_the_chunks(small_data: Path, experiment: Path):
+    chunks = DataStore.open(DataConfig(path=str(small_data)))
+    store = DataStore.open(DataConfig(path=str(experiment), h5ad_chunk_size=200))
+    assert store.kind == "soma" and store.genes == chunks.genes
+    assert [c.n_cells for c in store.chunks] == [c.n_cells for c in chunks.chunks]
+    x, meta = cells_of(chunks)
+    y, soma_meta = cells_of(store)
+    np.testing.assert_array_equal(y, x)
+    pd.testing.assert_frame_equal(soma_meta[meta.columns].reset_index(drop=True), meta)
+    assert store.fingerprint() != chunks.fingerprint()
+
+
+def test_soma_filters_choose_cells_and_genes(small_data: Path, experiment: Path):
+    x, meta = cells_of(DataStore.open(DataConfig(path=str(small_data))))
+    chunks = DataStore.open(DataConfig(path=str(small_data)))
+    wanted = chunks.genes[3:9:2]
+    config = DataConfig(
+        path=str(experiment),
+        soma_obs_filter="sex == 'female' and assay != 'Smart-seq2'",
+        soma_var_filter=f"var_id in {wanted}",
+        h5ad_chunk_size=64,
+    )
+    store = DataStore.open(config)
+    rows = ((meta["sex"] == "female") & (meta["assay"] != "Smart-seq2")).to_numpy()
+    y, soma_meta = cells_of(store)
+    assert store.genes == wanted
+    np.testing.assert_array_equal(y, x[rows][:, [chunks.genes.index(g) for g in wanted]])
+    assert (soma_meta["sex"] == "female").all() and len(soma_meta) == rows.sum()
+    assert all(c.n_cells <= 64 for c in store.chunks)
+
+
+def test_training_on_soma_matches_training_on_the_same_chunks(
+    small_data: Path, experiment: Path, tmp_path: Path
+):
+    """Same cells, same chunk sizes: the same training, so the same per-field effects."""
+    from_chunks = train(quick_settings(small_data, tmp_path / "chunks"))
+    from_soma = train(
+        quick_settings(experiment, tmp_path / "soma", **{"data.h5ad_chunk_size": 200})
+    )
+    for field in ("cell_type", "assay", "sex"):
+        want = from_chunks.final[f"effect_l2/{field}"]
+        assert from_soma.final[f"effect_l2/{field}"] == pytest.approx(want, rel=0.05)
+
+
+def test_cae_train_generate_evaluate_on_soma_with_a_filter(
+    experiment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    common = ["--data", str(experiment), "--obs-filter", "cell_type != 'NK'", "--fields",
+              "assay,sex", "--no-tracking", "--no-progress"]  # fmt: skip
+    held_out = "assay=Smart-seq2,sex=female"
+    status = main(
+        ["train", *common, "--exclude", held_out, "--num-workers", "1", "--epochs", "2",
+         "--latent-dim", "8", "--out", str(out)]
+    )  # fmt: skip
+    assert status in (None, 0), capsys.readouterr().err
+    trained = load_checkpoint(out)
+    assert trained.settings.data.soma_obs_filter == "cell_type != 'NK'"
+    moved = tmp_path / "moved.h5ad"
+    status = main(
+        ["generate", "--model", str(out), "--input", str(experiment), "--obs-filter",
+         "sex == 'male'", "--set", "sex=female", "--out", str(moved)]
+    )  # fmt: skip
+    assert status in (None, 0), capsys.readouterr().err
+    import anndata
+
+    adata = anndata.read_h5ad(moved)
+    assert (adata.obs["source_sex"] == "male").all() and (adata.obs["target_sex"] == "female").all()
+    assert np.isfinite(adata.X).all() and adata.n_vars == len(trained.genes)
+    status = main(
+        ["evaluate", "--model", str(out), *common, "--holdout", held_out, "--source",
+         "sex=male", "--out", str(tmp_path / "eval"), "--max-cells", "100"]
+    )  # fmt: skip
+    assert status in (None, 0), capsys.readouterr().err
+    scores = pd.read_csv(next((tmp_path / "eval").rglob("scores.csv")))
+    assert set(scores["method"]) >= {"model", "mean_shift"}
+    assert np.isfinite(scores["r2_mean"]).all()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--soma-measurement", "ATAC"], "has no measurement 'ATAC'; its measurements: RNA"),
+        (["--soma-layer", "raw"], "has no X layer 'raw'; its layers: counts"),
+        (["--obs-filter", "sex ==== 'x'"], "does not parse"),
+        (["--obs-filter", "tissue == 'blood'"], "does not parse or names a column obs lacks"),
+        (["--obs-filter", "sex == 'none'"], "selects no cells"),
+        (["--var-filter", "var_id == 'no_such_gene'"], "selects no genes"),
+        (["--fields", "tissue"], "obs has no column 'tissue'"),
+    ],
+)
+def test_bad_soma_input_is_one_line_and_exit_2(
+    experiment: Path, tmp_path: Path, flags: list[str], message: str, capsys
+):
+    status = main(
+        ["train", "--data", str(experiment), *flags, "--out", str(tmp_path / "run"),
+         "--no-tracking", "--no-progress"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_folder_that_is_no_soma_experiment(tmp_path: Path, capsys):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "__tiledb_group.tdb").write_text("")
+    status = main(["train", "--data", str(fake), "--no-tracking", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "cannot open" in err and str(fake) in err

@@ -53,17 +53,12 @@ def top_variable(x: sp.csr_matrix, n: int) -> np.ndarray:
 
 
 def write_fold(folder: Path, x: sp.csr_matrix, meta: pd.DataFrame, genes: list[str]) -> None:
-    """One fold's data set: log-normalised values of its genes, in chunks of 2,000 cells.
-
-    The cells are shuffled first (a fixed seed): Kang's file is sorted by condition, and a
-    mini-batch is drawn from one chunk, so sorted chunks would give batches of one condition.
-    """
+    """One fold's data set: log-normalised values of its genes, in chunks of 2,000 cells, in the
+    file's own order (sorted by condition): the loader's shuffle windows mix the chunks."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "genes.txt").write_text("\n".join(genes) + "\n")
-    order = np.random.default_rng(0).permutation(x.shape[0])
-    x, meta = x[order], meta.iloc[order]
     for index, start in enumerate(range(0, x.shape[0], 2000)):
         sp.save_npz(folder / f"kang_counts_{index}.npz", x[start : start + 2000])
         meta.iloc[start : start + 2000].reset_index(drop=True).to_parquet(

@@ -152,7 +152,10 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         store.iter_metadata(settings.data.fields), settings.data.fields, settings.data.null_values
     )
     data_path = Path(settings.data.path)
-    out = args.out or (data_path if data_path.is_dir() else data_path.parent) / "preprocessed"
+    if store.kind == "soma":  # never write into the experiment (or a local copy of a URI)
+        out = args.out or Path("preprocessed")
+    else:
+        out = args.out or (data_path if data_path.is_dir() else data_path.parent) / "preprocessed"
     vocab_path, specs_path = save_preprocessed(out, specs)
     for spec in specs.values():
         status = "used" if spec.using else f"skipped: {spec.reason}"
@@ -476,7 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
         "field_specs.json for the requested fields.",
     )
     _add_flags(preprocess, _DATA_FLAGS)
-    preprocess.add_argument("--out", type=Path, help="output folder (default <data>/preprocessed)")
+    preprocess.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default <data>/preprocessed; ./preprocessed for SOMA)",
+    )
     preprocess.set_defaults(func=cmd_preprocess)
 
     convert = commands.add_parser(

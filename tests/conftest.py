@@ -14,9 +14,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 
-from cae.config import Settings, load_settings
+from cae.config import DataConfig, Settings, load_settings
+from cae.data.store import DataStore
 from cae.data.synth import SynthConfig, generate
 from cae.train.trainer import TrainResult, train
 from tests.servers import Postgres, PostgresUnavailableError, start_postgres
@@ -53,6 +57,36 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(
         tmp_path_factory.mktemp("small") / "data", SynthConfig(n_cells=600, n_genes=30, n_chunks=3)
     )
+
+
+def store_cells(store: DataStore) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every cell of a store: expression dense, and metadata."""
+    x = sp.vstack([store.read_expression(c) for c in store.chunks]).toarray()
+    meta = pd.concat([store.read_metadata(c) for c in store.chunks], ignore_index=True)
+    return x, meta
+
+
+def load_cells(data: Path | str) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every cell of the data set at ``data`` (chunks, .h5ad or SOMA experiment)."""
+    return store_cells(DataStore.open(DataConfig(path=str(data))))
+
+
+@pytest.fixture(scope="session")
+def soma_experiment(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``small_data`` as a TileDB-SOMA experiment (measurement RNA, X layer "counts"), written by
+    ``tiledbsoma.io.from_anndata`` as a Census export is laid out. Skips without tiledbsoma."""
+    pytest.importorskip("tiledbsoma")
+    import anndata
+    import tiledbsoma.io
+
+    x, meta = load_cells(small_data)
+    obs = meta.astype(str).astype("category")
+    obs.index = [f"cell{i}" for i in range(len(obs))]
+    genes = (small_data / "genes.txt").read_text().split()
+    adata = anndata.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
+    uri = tmp_path_factory.mktemp("soma") / "experiment"
+    tiledbsoma.io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name="counts")
+    return uri
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,9 @@ from cae.cli import main
 from cae.data.synth import expected_expression
 from cae.tracking.pyfunc import register
 from cae.train import TrainResult
+from tests.conftest import load_cells
 from tests.servers import free_port, running
-from tests.test_train import load_cells, r2
+from tests.test_train import r2
 
 VENV_BIN = Path(sys.executable).parent
 SMALL = ["--latent-dim", "8", "--batch-size", "64", "--no-progress"]

@@ -1,7 +1,7 @@
 """TileDB-SOMA experiments as data: the same cells as chunk files, filters, and bad input.
 
-The experiments are written here with ``tiledbsoma.io.from_anndata`` from the synthetic data, as a
-Census export would be laid out (measurement RNA, obs columns as categoricals).
+The experiment (``soma_experiment`` in conftest) is written with ``tiledbsoma.io.from_anndata``
+from the synthetic data, as a Census export is laid out (measurement RNA, obs as categoricals).
 """
 
 from __future__ import annotations
@@ -11,38 +11,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from cae.cli import main
 from cae.config import DataConfig
 from cae.data.store import DataStore
 from cae.train import load_checkpoint, train
-from tests.conftest import quick_settings
+from tests.conftest import load_cells, quick_settings, store_cells
 
-soma = pytest.importorskip("tiledbsoma")
-soma_io = pytest.importorskip("tiledbsoma.io")
-
-
-def cells_of(store: DataStore) -> tuple[np.ndarray, pd.DataFrame]:
-    """Every cell of a store, expression dense and metadata as text."""
-    x = sp.vstack([store.read_expression(c) for c in store.chunks]).toarray()
-    meta = pd.concat([store.read_metadata(c) for c in store.chunks], ignore_index=True)
-    return x, meta.astype(str)
+pytest.importorskip("tiledbsoma")
 
 
-@pytest.fixture(scope="module")
-def experiment(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The small synthetic data as a SOMA experiment (measurement RNA, X layer "counts")."""
-    import anndata
-
-    x, meta = cells_of(DataStore.open(DataConfig(path=str(small_data))))
-    obs = meta.astype("category")
-    obs.index = [f"cell{i}" for i in range(len(obs))]
-    genes = (small_data / "genes.txt").read_text().split()
-    adata = anndata.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=genes))
-    uri = tmp_path_factory.mktemp("soma") / "experiment"
-    soma_io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name="counts")
-    return uri
+@pytest.fixture
+def experiment(soma_experiment: Path) -> Path:
+    return soma_experiment
 
 
 def test_soma_store_serves_the_same_cells_as_the_chunks(small_data: Path, experiment: Path):
@@ -50,15 +31,15 @@ def test_soma_store_serves_the_same_cells_as_the_chunks(small_data: Path, experi
     store = DataStore.open(DataConfig(path=str(experiment), h5ad_chunk_size=200))
     assert store.kind == "soma" and store.genes == chunks.genes
     assert [c.n_cells for c in store.chunks] == [c.n_cells for c in chunks.chunks]
-    x, meta = cells_of(chunks)
-    y, soma_meta = cells_of(store)
+    x, meta = store_cells(chunks)
+    y, soma_meta = store_cells(store)
     np.testing.assert_array_equal(y, x)
-    pd.testing.assert_frame_equal(soma_meta[meta.columns].reset_index(drop=True), meta)
+    assert soma_meta[meta.columns].astype(str).equals(meta.astype(str))
     assert store.fingerprint() != chunks.fingerprint()
 
 
 def test_soma_filters_choose_cells_and_genes(small_data: Path, experiment: Path):
-    x, meta = cells_of(DataStore.open(DataConfig(path=str(small_data))))
+    x, meta = load_cells(small_data)
     chunks = DataStore.open(DataConfig(path=str(small_data)))
     wanted = chunks.genes[3:9:2]
     config = DataConfig(
@@ -69,7 +50,7 @@ def test_soma_filters_choose_cells_and_genes(small_data: Path, experiment: Path)
     )
     store = DataStore.open(config)
     rows = ((meta["sex"] == "female") & (meta["assay"] != "Smart-seq2")).to_numpy()
-    y, soma_meta = cells_of(store)
+    y, soma_meta = store_cells(store)
     assert store.genes == wanted
     np.testing.assert_array_equal(y, x[rows][:, [chunks.genes.index(g) for g in wanted]])
     assert (soma_meta["sex"] == "female").all() and len(soma_meta) == rows.sum()
@@ -157,3 +138,16 @@ def test_a_folder_that_is_no_soma_experiment(tmp_path: Path, capsys):
     status = main(["train", "--data", str(fake), "--no-tracking", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert status == 2 and "cannot open" in err and str(fake) in err
+
+
+def test_preprocess_and_convert_leave_the_experiment_alone(
+    experiment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in experiment.iterdir())
+    assert main(["preprocess", "--data", str(experiment), "--fields", "assay,sex"]) in (None, 0)
+    assert (tmp_path / "preprocessed" / "vocabularies.json").is_file()
+    assert main(["convert", "--data", str(experiment), "--out", str(tmp_path / "c")]) == 2
+    assert "needs no conversion" in capsys.readouterr().err
+    assert sorted(p.name for p in experiment.iterdir()) == before
+    assert not (tmp_path / "c").exists()

@@ -175,8 +175,14 @@ def test_runs_compare_prints_contributions_side_by_side(small_data, tmp_path, ca
     assert "no experiment 'nope'" in capsys.readouterr().err
 
 
-def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
-    """`mlflow run . -P fields=assay,sex --env-manager local`, as a user types it."""
+@pytest.mark.parametrize("source", ["chunks", "soma"])
+def test_mlflow_run_entry_point(source: str, small_data: Path, tmp_path: Path, request):
+    """`mlflow run . -P fields=assay,sex --env-manager local`, as a user types it; on chunks,
+    and on a SOMA experiment with an obs filter."""
+    data = ["-P", f"data={small_data}"]
+    if source == "soma":
+        experiment = request.getfixturevalue("soma_experiment")
+        data = ["-P", f"data={experiment}", "-P", "obs_filter=cell_type != 'NK'"]
     uri = sqlite_uri(tmp_path / "mlflow.db")
     env = {
         **os.environ,
@@ -187,8 +193,7 @@ def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
     }
     command = [
         str(VENV_BIN / "mlflow"), "run", str(REPO), "--env-manager", "local",
-        "-P", "fields=assay,sex", "-P", f"data={small_data}", "-P", "epochs=2",
-        "-P", "latent_dim=8",
+        "-P", "fields=assay,sex", *data, "-P", "epochs=2", "-P", "latent_dim=8",
     ]  # fmt: skip
     done = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
@@ -197,6 +202,8 @@ def test_mlflow_run_entry_point(small_data: Path, tmp_path: Path):
     client, run = only_run(uri, "Default")
     assert run.data.params["fields"] == "assay,sex", "the MLproject's own parameter"
     assert run.data.params["model.latent_dim"] == "8"
+    if source == "soma":
+        assert run.data.params["data.soma_obs_filter"] == "cell_type != 'NK'"
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
     assert len(run.data.tags["cae.git_commit"]) == 40
     assert_training_recorded(client, run, epochs=2, fields=["assay", "sex"])

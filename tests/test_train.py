@@ -13,26 +13,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cae.config import DataConfig
-from cae.data.store import DataStore
 from cae.data.synth import expected_expression
 from cae.errors import CheckpointError, ConfigError, MetadataError
 from cae.model.contributions import CONTEXT_COLUMNS
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
 from cae.train.trainer import TrainResult, train
-from tests.conftest import demo_settings, quick_settings
+from tests.conftest import demo_settings, load_cells, quick_settings
 
 
 def r2(predicted: np.ndarray, truth: np.ndarray) -> float:
     """R² of a predicted mean expression profile against the true one, over genes."""
     return float(1 - ((predicted - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum())
-
-
-def load_cells(data: Path) -> tuple[np.ndarray, pd.DataFrame]:
-    store = DataStore.open(DataConfig(path=data))
-    x = sp.vstack([store.read_expression(c) for c in store.chunks]).toarray()
-    meta = pd.concat([store.read_metadata(c) for c in store.chunks], ignore_index=True)
-    return x, meta
 
 
 def log1p_cp10k(x: np.ndarray) -> np.ndarray:

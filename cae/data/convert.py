@@ -53,6 +53,11 @@ def convert_to_parquet(data: DataConfig, out: Path, *, overwrite: bool = False) 
             f"--out {out} is the input folder; choose another folder (the input stays as it is)"
         )
     store = DataStore.open(data)
+    if store.kind != "chunks":
+        raise DataError(
+            f"{data.path} is a TileDB-SOMA experiment; cae convert reads a folder of chunks with "
+            ".pkl metadata (a SOMA experiment needs no conversion)"
+        )
     written: list[Path] = []
     with atomic_folder(out, overwrite=overwrite) as tmp:
         for chunk in store.chunks:

@@ -40,10 +40,6 @@ class Ranks:
         """Rank 0: the process that writes files and tracks the run."""
         return self.rank == 0
 
-    def shard(self, items: Sequence[int]) -> list[int]:
-        """This rank's share of ``items``: every ``world_size``-th, starting at ``rank``."""
-        return list(items[self.rank :: self.world_size])
-
 
 def ranks_from_environment() -> Ranks:
     """The ranks torchrun set in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``);

@@ -35,7 +35,6 @@ from cae.data.loader import (
     ChunkDataset,
     EpochOrder,
     LoadedChunk,
-    balanced_windows,
     chunk_loader,
     epoch_seed,
     expected_single_value_fraction,
@@ -307,9 +306,12 @@ class Trainer:
         self.train_loader = chunk_loader(dataset, self.order, workers, prefetch)
         # Without held-out cells, epochs are evaluated on the training cells.
         self.eval_rows = "val_rows" if val_idx else "train_rows"
-        eval_idx = ranks.shard(val_idx or train_idx)
-        self.eval_windows = balanced_windows(len(eval_idx), window)
-        self.eval_loader = chunk_loader(dataset, eval_idx, workers, prefetch)
+        # Evaluation takes the same windows every epoch: those of a fixed permutation (epoch 0's,
+        # which training never uses), so sorted held-out chunks mix too.
+        evaluation = EpochOrder(val_idx or train_idx, cfg.train.seed, ranks.rank,
+                                ranks.world_size, window)  # fmt: skip
+        self.eval_windows = [len(w) for w in evaluation.windows(0)]
+        self.eval_loader = chunk_loader(dataset, list(evaluation), workers, prefetch)
         # Mixing watch: per field, the fraction of training batches in which it takes one value,
         # beside what a full shuffle would give (data sorted past what the window mixes).
         self.mixing_warned: set[str] = set()

@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cae.cli import main
 from cae.config import DataConfig
+from cae.data.soma import SomaQuery
 from cae.data.store import DataStore
+from cae.errors import DataError
 from cae.train import load_checkpoint, train
 from tests.conftest import load_cells, quick_settings, store_cells
 
@@ -151,3 +155,26 @@ def test_preprocess_and_convert_leave_the_experiment_alone(
     assert "needs no conversion" in capsys.readouterr().err
     assert sorted(p.name for p in experiment.iterdir()) == before
     assert not (tmp_path / "c").exists()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.text(max_size=30),
+        st.builds(
+            lambda column, op, value: f"{column} {op} {value}",
+            st.sampled_from(["sex", "assay", "cell_type", "soma_joinid", "nope", "obs_id"]),
+            st.sampled_from(["==", "!=", "<", ">=", "in", "===", "and"]),
+            st.one_of(st.text(max_size=8).map(repr), st.integers().map(str), st.just("[]")),
+        ),
+    )
+)
+def test_any_obs_filter_selects_cells_or_is_one_data_error(experiment: Path, text: str):
+    try:
+        query = SomaQuery.open(str(experiment), "RNA", None, text, None)
+    except DataError as err:
+        assert str(experiment) in str(err) and "\n" not in str(err).strip()
+    else:
+        assert query.n_cells > 0 and np.all(np.diff(query.obs_ids) > 0)

@@ -1,6 +1,7 @@
-"""Loading, cells/s: the two-level loader versus the raw rate of reading and densifying the same
+"""Loading, cells/s: the mixing loader versus the raw rate of reading and densifying the same
 chunks in a tight loop (this machine's limit), versus the seed's row-by-row loader; the loader
-feeding the real train step; and peak memory when training on 4 versus 16 chunks.
+feeding the real train step; peak memory when training on 4 versus 16 chunks; and the same loader
+on a TileDB-SOMA experiment of the same cells versus tiledbsoma's raw read of the same rows.
 
     python bench/loader.py [--quick] [--threads 2]
 
@@ -10,15 +11,20 @@ non-zero (CSR, ``scipy.sparse.save_npz``), metadata with cell_type (790 values),
 
 * raw: each chunk read, checked and encoded as a loader worker does, then densified batch by batch
   (1,024 shuffled cells), all in the measuring process: what one process can do at most;
-* loader: the trainer's two-level loader (one persistent worker prefetching 2 chunks, the
-  default; and two workers), batches sliced and densified in the training process, with a
-  trivial consumer;
+* loader: the trainer's loader at the default shuffle window (``data.shuffle_chunks`` chunks
+  pooled, every batch drawn across them; one persistent worker prefetching 2 chunks, the
+  default; and two workers), batches densified in the training process, with a trivial
+  consumer; and the same with windows of one chunk (no mixing), to show what mixing costs;
 * seed loader: the seed's design (chunk workers started anew each epoch; per chunk an inner loader
   whose items densify one row each, its worker started anew), on the first two chunks; and the
   same with the rows densified in the measuring process (no inner worker), kinder to it;
 * train step fed by the loader versus the same steps on batches already in memory (genes 2,000,
   latent 128, fields as above);
-* peak RSS of ``cae train`` (1 epoch) on 4 and on 16 chunks, each in its own process.
+* peak RSS of ``cae train`` (1 epoch) on 4 and on 16 chunks, each in its own process, at the
+  default shuffle window;
+* SOMA: the first 4 chunks' cells written as a TileDB-SOMA experiment (``tiledbsoma.io``); the
+  loader over it (SOMA chunks of the same size, default window, one worker) versus tiledbsoma
+  reading the same rows in the same row ranges into Arrow tables, in this process.
 
 Prints one line per case and writes bench/results/loader.json.
 """
@@ -32,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,14 @@ from measure import arguments, interleaved, setup, write_result
 from seed_reference import seed_batches
 
 from cae.config import DataConfig, LossWeights, load_settings
-from cae.data.loader import ChunkDataset, EpochOrder, chunk_loader, epoch_seed, iter_batches
+from cae.data.loader import (
+    ChunkDataset,
+    EpochOrder,
+    LoadedChunk,
+    chunk_loader,
+    epoch_seed,
+    iter_batches,
+)
 from cae.data.store import DataStore
 from cae.data.vocabulary import DEFAULT_NULL_VALUES, Vocabularies, build_field_specs
 from cae.model.cae import CAE
@@ -73,8 +87,12 @@ def write_chunks(
     return folder
 
 
-def open_dataset(folder: Path) -> ChunkDataset:
-    store = DataStore.open(DataConfig(path=folder, metadata_glob="*_metadata_*"))
+WINDOW = DataConfig().shuffle_chunks  # the default shuffle window
+
+
+def open_dataset(path: Path | str, chunk_size: int = 20_000) -> ChunkDataset:
+    config = DataConfig(path=str(path), metadata_glob="*_metadata_*", h5ad_chunk_size=chunk_size)
+    store = DataStore.open(config)
     specs = build_field_specs(store.iter_metadata(list(FIELDS)), list(FIELDS))
     vocabularies = Vocabularies.from_specs(specs)
     return ChunkDataset(
@@ -105,23 +123,8 @@ def main() -> None:
             generator = torch.Generator().manual_seed(0)
             for index in range(n_chunks):
                 chunk = dataset[index]
-                for b in iter_batches(chunk, rows, batch, cpu, "none", generator):
+                for b in iter_batches([chunk], [rows], batch, cpu, "none", generator):
                     b.x.shape  # noqa: B018 (a trivial consumer)
-
-        def two_level(workers: int) -> object:
-            order = EpochOrder(range(n_chunks), seed=0)
-            loader = chunk_loader(dataset, order, num_workers=workers, prefetch_factor=2)
-            epoch = [0]
-
-            def run() -> None:
-                epoch[0] += 1
-                order.set_epoch(epoch[0])
-                generator = torch.Generator().manual_seed(epoch[0])
-                for chunk in loader:
-                    for b in iter_batches(chunk, chunk.train_rows, batch, cpu, "none", generator):
-                        b.x.shape  # noqa: B018
-
-            return run
 
         seed_chunks = min(2, n_chunks)
 
@@ -143,8 +146,9 @@ def main() -> None:
 
         cases = {
             "raw": raw,
-            "loader": two_level(1),  # the trainer's default: one worker
-            "loader_2": two_level(2),
+            "loader": mixing_loader(dataset, n_chunks, batch, workers=1),  # the trainer's default
+            "loader_2": mixing_loader(dataset, n_chunks, batch, workers=2),
+            "unmixed": mixing_loader(dataset, n_chunks, batch, workers=1, window=1),
             "seed": seed_loader(1),  # the seed's design: inner workers started for each chunk
             "seed_inline": seed_loader(0),  # kinder to it: rows densified in this process
         }
@@ -153,6 +157,7 @@ def main() -> None:
             "raw_cells_per_s": total / times["raw"],
             "loader_cells_per_s": total / times["loader"],
             "loader_2_workers_cells_per_s": total / times["loader_2"],
+            "unmixed_loader_cells_per_s": total / times["unmixed"],
             "seed_cells_per_s": seed_chunks * cells / times["seed"],
             "seed_inline_cells_per_s": seed_chunks * cells / times["seed_inline"],
         }
@@ -160,7 +165,8 @@ def main() -> None:
         over_seed = rates["loader_cells_per_s"] / rates["seed_cells_per_s"]
         over_inline = rates["loader_cells_per_s"] / rates["seed_inline_cells_per_s"]
         print(
-            f"loader, trivial consumer: {rates['loader_cells_per_s']:9.0f} cells/s  raw "
+            f"loader, windows of {WINDOW} chunks, trivial consumer: "
+            f"{rates['loader_cells_per_s']:9.0f} cells/s  raw "
             f"read+densify {rates['raw_cells_per_s']:9.0f} cells/s ({over_raw:5.1%})  seed "
             f"row-by-row {rates['seed_cells_per_s']:8.0f} cells/s (ours {over_seed:5.1f}x; "
             f"{over_inline:4.1f}x with its rows densified inline)",
@@ -171,6 +177,12 @@ def main() -> None:
         print(
             f"loader, 2 workers:        {two:9.0f} cells/s  ({raw_share:5.1%} of raw, "
             f"{seed_ratio:4.1f}x the seed's loader)",
+            flush=True,
+        )
+        unmixed = rates["unmixed_loader_cells_per_s"]
+        print(
+            f"loader, windows of 1 chunk (no mixing): {unmixed:9.0f} cells/s (mixing costs "
+            f"{1 - rates['loader_cells_per_s'] / unmixed:+.1%})",
             flush=True,
         )
         step = step_through_loader(dataset, n_chunks, batch, genes, quick, rounds)
@@ -185,13 +197,16 @@ def main() -> None:
         small, large = sorted(rss)
         ratio = rss[large]["peak_rss_mb"] / rss[small]["peak_rss_mb"]
         print(
-            f"peak RSS, cae train 1 epoch: {small} chunks {rss[small]['peak_rss_mb']:7.0f} MB, "
-            f"{large} chunks {rss[large]['peak_rss_mb']:7.0f} MB ({ratio - 1:+.1%}); loader worker "
+            f"peak RSS, cae train 1 epoch, windows of {WINDOW}: {small} chunks "
+            f"{rss[small]['peak_rss_mb']:7.0f} MB, {large} chunks "
+            f"{rss[large]['peak_rss_mb']:7.0f} MB ({ratio - 1:+.1%}); loader worker "
             f"{rss[small]['worker_peak_rss_mb']:.0f} / {rss[large]['worker_peak_rss_mb']:.0f} MB",
             flush=True,
         )
+        soma = soma_case(folder, Path(tmp) / "soma", min(4, n_chunks), cells, batch, rounds)
     result = {
         "threads": args.threads,
+        "shuffle_chunks": WINDOW,
         "chunks": n_chunks,
         "cells_per_chunk": cells,
         "genes": genes,
@@ -203,8 +218,88 @@ def main() -> None:
         "train_step": step,
         "peak_rss": {str(k): v for k, v in rss.items()},
         "peak_rss_ratio": ratio,
+        "soma": soma,
     }
     write_result(args.out, "loader", result)
+
+
+def mixing_loader(
+    dataset: ChunkDataset,
+    n_chunks: int,
+    batch: int,
+    workers: int,
+    window: int = WINDOW,
+    consume: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> Callable[[], None]:
+    """One epoch per call of the trainer's loader: chunks permuted, pooled into shuffle windows,
+    every batch drawn across a window (what ``Trainer._train_epoch`` does)."""
+    cpu = torch.device("cpu")
+    order = EpochOrder(range(n_chunks), seed=0, window=window)
+    loader = chunk_loader(dataset, order, num_workers=workers, prefetch_factor=2, window=window)
+    epoch = [0]
+
+    def run() -> None:
+        epoch[0] += 1
+        order.set_epoch(epoch[0])
+        generator = torch.Generator().manual_seed(epoch_seed(0, epoch[0], "rows"))
+        chunks = iter(loader)
+        for indices in order.remaining():
+            pooled: list[LoadedChunk] = [next(chunks) for _ in indices]
+            rows = [chunk.train_rows for chunk in pooled]
+            for b in iter_batches(pooled, rows, batch, cpu, "none", generator):
+                if consume is None:
+                    b.x.shape  # noqa: B018 (a trivial consumer)
+                else:
+                    consume(b.x, b.contexts)
+
+    return run
+
+
+def soma_case(
+    folder: Path, uri: Path, n_chunks: int, cells: int, batch: int, rounds: int
+) -> dict[str, float]:
+    """The loader over a SOMA experiment of the first ``n_chunks`` chunks versus tiledbsoma's raw
+    read of the same rows (same row ranges, Arrow tables out, nothing densified)."""
+    import anndata
+    import tiledbsoma
+    import tiledbsoma.io
+
+    chunk_data = open_dataset(folder)
+    store = chunk_data.store
+    x = sp.vstack([store.read_expression(c) for c in store.chunks[:n_chunks]], format="csr")
+    obs = pd.concat(
+        [store.read_metadata(c) for c in store.chunks[:n_chunks]], ignore_index=True
+    ).astype("category")
+    obs.index = obs.index.astype(str)
+    adata = anndata.AnnData(x, obs=obs, var=pd.DataFrame(index=store.genes))
+    started = time.perf_counter()
+    tiledbsoma.io.from_anndata(str(uri), adata, measurement_name="RNA", X_layer_name="raw")
+    written = time.perf_counter() - started
+    dataset = open_dataset(uri, chunk_size=cells)
+    total = n_chunks * cells
+
+    def raw_read() -> None:
+        with tiledbsoma.Experiment.open(str(uri)) as experiment:
+            layer = experiment.ms["RNA"].X["raw"]
+            for start in range(0, total, cells):
+                layer.read(coords=(slice(start, start + cells - 1),)).tables().concat()
+
+    cases = {"soma_raw": raw_read, "soma_loader": mixing_loader(dataset, n_chunks, batch, 1)}
+    times = interleaved(cases, rounds, warmup=1)
+    result = {
+        "chunks": n_chunks,
+        "write_seconds": written,
+        "raw_read_cells_per_s": total / times["soma_raw"],
+        "loader_cells_per_s": total / times["soma_loader"],
+    }
+    result["loader_over_raw_read"] = result["loader_cells_per_s"] / result["raw_read_cells_per_s"]
+    print(
+        f"SOMA ({n_chunks} chunks' cells): loader {result['loader_cells_per_s']:9.0f} cells/s  "
+        f"tiledbsoma raw read {result['raw_read_cells_per_s']:9.0f} cells/s "
+        f"({result['loader_over_raw_read']:5.1%})",
+        flush=True,
+    )
+    return result
 
 
 def step_through_loader(
@@ -230,22 +325,12 @@ def step_through_loader(
             model, classifier, optimizer, classifier_optimizer, x, source, target, weights
         )
 
-    order = EpochOrder(range(used), seed=0)
-    loader = chunk_loader(dataset, order, num_workers=1, prefetch_factor=2)
+    chunks = [dataset[index] for index in range(used)]
     in_memory = [
         (b.x, b.contexts)
-        for index in range(used)
-        for b in iter_batches(dataset[index], dataset[index].train_rows, batch, cpu, "none")
+        for b in iter_batches(chunks, [c.train_rows for c in chunks], batch, cpu, "none")
     ]
-    epoch = [0]
-
-    def fed_by_loader() -> None:
-        epoch[0] += 1
-        order.set_epoch(epoch[0])
-        generator = torch.Generator().manual_seed(epoch_seed(0, epoch[0], "rows"))
-        for chunk in loader:
-            for b in iter_batches(chunk, chunk.train_rows, batch, cpu, "none", generator):
-                step(b.x, b.contexts)
+    fed_by_loader = mixing_loader(dataset, used, batch, workers=1, consume=step)
 
     def from_memory() -> None:
         for x, source in in_memory:

@@ -141,7 +141,7 @@ class DataConfig(_Section):
         ge=1,
         description="Chunks pooled into one shuffle window: every mini-batch is drawn across "
         "them, so data sorted by dataset (atlas exports) still mix in each batch. Memory holds "
-        "this many chunks plus the prefetched ones; 1 = batches from one chunk at a time.",
+        "two windows (this one and the next, read ahead); 1 = batches from one chunk at a time.",
     )
     num_workers: int = Field(1, ge=0, description="Background processes prefetching chunks.")
     prefetch_factor: int = Field(2, ge=1, description="Chunks each worker keeps ready.")

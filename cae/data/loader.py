@@ -8,9 +8,10 @@ pipe. :class:`EpochOrder` permutes the chunks every epoch and cuts the order int
 most ``data.shuffle_chunks`` chunks; :func:`iter_batches` pools a window's rows, shuffles them and
 densifies each whole batch in one call (never row by row). Atlas exports come sorted (one dataset
 = one assay), so a batch sliced out of one chunk would never contrast assays; a window drawn at
-random from the permuted chunks does. Memory is bounded by the window plus the prefetched chunks,
-never by the data set. On an accelerator the batch's sparse arrays are pinned, copied without
-blocking and densified there; the input transform runs per batch on the training device.
+random from the permuted chunks does. The workers read the next window while batches are drawn
+from this one: memory is bounded by two windows, never by the data set. On an accelerator the
+batch's sparse arrays are pinned, copied without blocking and densified there; the input
+transform runs per batch on the training device.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def chunk_loader(
     order: Sampler[int] | Sequence[int],
     num_workers: int,
     prefetch_factor: int,
+    window: int = 1,
 ) -> DataLoader:
     """The outer loader: one chunk per item, prefetched by persistent background workers.
 
@@ -245,11 +247,15 @@ def chunk_loader(
         order: which chunk comes when (an :class:`EpochOrder`, or a fixed list of indices).
         num_workers: background processes (0 reads in the training process).
         prefetch_factor: chunks each worker keeps ready.
+        window: chunks in a shuffle window; the workers keep at least that many ready, so the
+            next window is read while batches are drawn from this one (memory: two windows).
 
     Returns:
         A ``DataLoader`` yielding :class:`LoadedChunk` objects.
     """
     workers = min(num_workers, len(order))
+    if workers > 0:
+        prefetch_factor = max(prefetch_factor, -(-window // workers))
     # TileDB's threads do not survive fork(): a forked worker hangs on its first SOMA read.
     context = "spawn" if workers > 0 and dataset.store.kind == "soma" else None
     return DataLoader(

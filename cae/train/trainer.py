@@ -303,7 +303,7 @@ class Trainer:
         window = cfg.data.shuffle_chunks
         self.order = EpochOrder(train_idx, cfg.train.seed, ranks.rank, ranks.world_size, window)
         workers, prefetch = cfg.data.num_workers, cfg.data.prefetch_factor
-        self.train_loader = chunk_loader(dataset, self.order, workers, prefetch)
+        self.train_loader = chunk_loader(dataset, self.order, workers, prefetch, window)
         # Without held-out cells, epochs are evaluated on the training cells.
         self.eval_rows = "val_rows" if val_idx else "train_rows"
         # Evaluation takes the same windows every epoch: those of a fixed permutation (epoch 0's,
@@ -311,7 +311,7 @@ class Trainer:
         evaluation = EpochOrder(val_idx or train_idx, cfg.train.seed, ranks.rank,
                                 ranks.world_size, window)  # fmt: skip
         self.eval_windows = [len(w) for w in evaluation.windows(0)]
-        self.eval_loader = chunk_loader(dataset, list(evaluation), workers, prefetch)
+        self.eval_loader = chunk_loader(dataset, list(evaluation), workers, prefetch, window)
         # Mixing watch: per field, the fraction of training batches in which it takes one value,
         # beside what a full shuffle would give (data sorted past what the window mixes).
         self.mixing_warned: set[str] = set()

@@ -199,17 +199,7 @@ class DataStore:
                 raise DataError(f"{path} holds no cells")
             obs = adata.obs.reset_index(drop=True)
             genes = [str(g) for g in adata.var_names]
-            chunks = [
-                Chunk(
-                    str(i),
-                    path,
-                    None,
-                    min(start + chunk_size, adata.n_obs) - start,
-                    len(genes),
-                    rows=(start, min(start + chunk_size, adata.n_obs)),
-                )
-                for i, start in enumerate(range(0, adata.n_obs, chunk_size))
-            ]
+            chunks = _row_chunks(path, adata.n_obs, len(genes), chunk_size)
         finally:
             adata.file.close()
         return cls(path, chunks, genes, "h5ad", obs=obs, h5ad_layer=layer)
@@ -225,12 +215,8 @@ class DataStore:
             config.soma_var_filter,
             config.soma_tiledb_config,
         )
-        size, name = config.h5ad_chunk_size, Path(uri.rstrip("/"))
-        chunks = [
-            Chunk(str(i), name, None, min(start + size, query.n_cells) - start, len(query.genes),
-                  rows=(start, min(start + size, query.n_cells)))
-            for i, start in enumerate(range(0, query.n_cells, size))
-        ]  # fmt: skip
+        name = Path(uri.rstrip("/"))  # for messages: the experiment's last path part
+        chunks = _row_chunks(name, query.n_cells, len(query.genes), config.h5ad_chunk_size)
         return cls(uri, chunks, query.genes, "soma", soma=query)
 
     def chunk(self, chunk_id: str) -> Chunk:
@@ -358,6 +344,15 @@ class DataStore:
             )
         digest.update("\n".join(self.genes).encode())
         return digest.hexdigest()[:16]
+
+
+def _row_chunks(source: Path, n_rows: int, n_genes: int, size: int) -> list[Chunk]:
+    """Chunks of ``size`` consecutive rows (the last may be shorter) of an .h5ad or SOMA query."""
+    return [
+        Chunk(str(i), source, None, min(start + size, n_rows) - start, n_genes,
+              rows=(start, min(start + size, n_rows)))
+        for i, start in enumerate(range(0, n_rows, size))
+    ]  # fmt: skip
 
 
 def _by_chunk_id(files: Sequence[Path], what: str) -> dict[str, Path]:

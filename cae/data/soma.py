@@ -174,13 +174,21 @@ class SomaQuery:
         layer = self._experiment().ms[self.measurement].X[self.layer]
         var_coords = slice(None) if self._all_genes() else self.var_ids
         table = layer.read(coords=(ids, var_coords)).tables().concat()
-        rows = np.searchsorted(ids, table["soma_dim_0"].to_numpy())
+        joinids = table["soma_dim_0"].to_numpy()
+        if ids[-1] - ids[0] + 1 == len(ids):  # consecutive cells (no obs filter): no search
+            rows = joinids - ids[0]
+        else:
+            rows = np.searchsorted(ids, joinids)
         columns = table["soma_dim_1"].to_numpy()
         if not self._all_genes():
             columns = np.searchsorted(self.var_ids, columns)
         values = table["soma_data"].to_numpy().astype(np.float32, copy=False)
         shape = (len(ids), len(self.var_ids))
-        return sp.csr_matrix((values, (rows, columns)), shape=shape)
+        if len(rows) and np.any(np.diff(rows) < 0):  # not row-major after all: let scipy sort
+            return sp.csr_matrix((values, (rows, columns)), shape=shape)
+        indptr = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=len(ids)), out=indptr[1:])
+        return sp.csr_matrix((values, columns, indptr), shape=shape)
 
     def _all_genes(self) -> bool:
         return self.var_filter is None

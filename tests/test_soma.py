@@ -40,6 +40,8 @@ def test_soma_store_serves_the_same_cells_as_the_chunks(small_data: Path, experi
     np.testing.assert_array_equal(y, x)
     assert soma_meta[meta.columns].astype(str).equals(meta.astype(str))
     assert store.fingerprint() != chunks.fingerprint()
+    first = store.read_expression(store.chunks[0])  # shared with the trainer as tensors: writable
+    assert first.data.flags.writeable and first.indices.flags.writeable
 
 
 def test_soma_filters_choose_cells_and_genes(small_data: Path, experiment: Path):

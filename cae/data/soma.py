@@ -179,10 +179,13 @@ class SomaQuery:
             rows = joinids - ids[0]
         else:
             rows = np.searchsorted(ids, joinids)
+        # Arrow hands out read-only views: copy into writable arrays (the loader shares them
+        # with the training process as tensors), the indices as int32.
         columns = table["soma_dim_1"].to_numpy()
         if not self._all_genes():
             columns = np.searchsorted(self.var_ids, columns)
-        values = table["soma_data"].to_numpy().astype(np.float32, copy=False)
+        columns = columns.astype(np.int32)  # G < 2**31: a gene count, not a cell count
+        values = table["soma_data"].to_numpy().astype(np.float32)
         shape = (len(ids), len(self.var_ids))
         if len(rows) and np.any(np.diff(rows) < 0):  # not row-major after all: let scipy sort
             return sp.csr_matrix((values, (rows, columns)), shape=shape)

@@ -180,3 +180,15 @@ def test_any_obs_filter_selects_cells_or_is_one_data_error(experiment: Path, tex
         assert str(experiment) in str(err) and "\n" not in str(err).strip()
     else:
         assert query.n_cells > 0 and np.all(np.diff(query.obs_ids) > 0)
+
+
+@pytest.mark.parametrize("flag", ["--obs-filter", "--var-filter", "--soma-layer"])
+def test_soma_settings_on_chunk_files_are_refused(small_data: Path, tmp_path: Path, flag, capsys):
+    """Ignoring a filter would silently train on cells the user did not choose."""
+    status = main(
+        ["train", "--data", str(small_data), flag, "sex == 'female'", "--out",
+         str(tmp_path / "run"), "--no-tracking"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "is not one" in err and str(small_data) in err
+    assert len(err.splitlines()) == 1

@@ -123,6 +123,17 @@ class DataStore:
         """
         if is_soma_uri(str(config.path)):
             return cls._open_soma(config)
+        soma_only = {
+            "data.soma_obs_filter (--obs-filter)": config.soma_obs_filter,
+            "data.soma_var_filter (--var-filter)": config.soma_var_filter,
+            "data.soma_layer (--soma-layer)": config.soma_layer,
+        }
+        for setting, value in soma_only.items():
+            if value is not None:  # silently ignored, it would train on cells not chosen
+                raise DataError(
+                    f"{setting} = {value!r} applies to a TileDB-SOMA experiment, but "
+                    f"{config.path} is not one; leave the setting out, or give the experiment"
+                )
         path = Path(config.path)
         if not path.exists():
             raise DataError(

@@ -194,7 +194,9 @@ class SomaQuery:
         return sp.csr_matrix((values, columns, indptr), shape=shape)
 
     def _all_genes(self) -> bool:
-        return self.var_filter is None
+        """Whether the genes are exactly var's joinids 0..G-1, so a column is its joinid."""
+        ids = self.var_ids
+        return int(ids[0]) == 0 and int(ids[-1]) == len(ids) - 1
 
     def read_obs(self, start: int, stop: int, columns: Sequence[str] | None) -> pd.DataFrame:
         """The obs columns (all but ``soma_joinid`` when None) of cells ``start:stop``.

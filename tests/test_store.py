@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cae.config import DataConfig
 from cae.data.store import DataStore, load_npz
@@ -474,3 +476,68 @@ def test_load_npz_checks_each_members_crc(tmp_path: Path):
     path.write_bytes(bytes(raw))
     with pytest.raises(zipfile.BadZipFile, match="CRC"):
         load_npz(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# broken sparse structure: refused before scipy walks it (it trusts pointers and indices)
+
+
+def _broken(kind: str) -> sp.csr_matrix:
+    matrix = counts(20)
+    if kind == "index past the end":
+        matrix.indices[3] = 10**8
+    elif kind == "index = G":
+        matrix.indices[3] = N_GENES
+    elif kind == "negative index":
+        matrix.indices[3] = -5
+    elif kind == "decreasing pointers":
+        matrix.indptr[5] = matrix.indptr[7]
+    return matrix
+
+
+@pytest.mark.parametrize(
+    "kind", ["index past the end", "index = G", "negative index", "decreasing pointers"]
+)
+def test_broken_sparse_structure_is_a_data_error_naming_the_file(tmp_path: Path, kind: str):
+    write_chunk(tmp_path, "0", _broken(kind))
+    store = open_store(tmp_path)
+    with pytest.raises(DataError) as info:
+        store.read_expression(store.chunks[0])
+    check_error(info.value, DataError, "x_counts_0.npz", "broken sparse matrix", "save_npz")
+
+
+def test_cae_train_refuses_an_index_past_the_end_before_training(tmp_path: Path, capsys):
+    from cae.cli import main
+
+    write_chunk(tmp_path / "data", "0", _broken("index past the end"))
+    status = main(
+        ["train", "--data", str(tmp_path / "data"), "--fields", "cell_type", "--out",
+         str(tmp_path / "run"), "--no-tracking", "--num-workers", "0"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "broken sparse matrix" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["indices", "indptr"]),
+    st.integers(0, 200),
+    st.integers(-(2**31), 2**31 - 1),
+)
+def test_any_corrupted_pointer_or_index_is_refused_or_read_right(
+    tmp_path_factory: pytest.TempPathFactory, array: str, position: int, value: int
+):
+    folder = tmp_path_factory.mktemp("fuzz")
+    matrix = counts(20)
+    target = getattr(matrix, array)
+    target[position % len(target)] = value
+    write_chunk(folder, "0", matrix)
+    try:
+        store = open_store(folder)
+        read = store.read_expression(store.chunks[0])
+    except DataError:
+        return
+    # accepted: then it is a valid matrix of the declared shape
+    assert read.shape == (20, N_GENES) and read.indices.min() >= 0
+    assert read.indices.max() < N_GENES and np.all(np.diff(read.indptr) >= 0)

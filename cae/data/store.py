@@ -246,7 +246,8 @@ class DataStore:
         """Read one chunk's expression as a float32 CSR matrix and check its values.
 
         Raises:
-            DataError: the file is unreadable, or holds negative or non-finite values.
+            DataError: the file is unreadable, its sparse structure is broken (pointers or
+                indices outside the matrix), or it holds negative or non-finite values.
         """
         if self._soma is not None:
             assert chunk.rows is not None
@@ -258,6 +259,7 @@ class DataStore:
                 matrix = load_npz(chunk.expression)
             except _NPZ_ERRORS as err:
                 raise _unreadable_npz(chunk.expression, err) from None
+        _check_structure(matrix, chunk.name)  # before scipy walks it: bad indices crash it
         matrix = sp.csr_matrix(matrix, dtype=np.float32)
         if matrix.shape != (chunk.n_cells, chunk.n_genes):
             raise DataError(
@@ -508,6 +510,34 @@ def _read_genes(path: Path, n_genes: int) -> list[str]:
     if len(set(genes)) != len(genes):
         raise DataError(f"{path} names some genes twice; gene names must be unique")
     return genes
+
+
+def _check_structure(matrix: sp.spmatrix | sp.sparray, name: str) -> None:
+    """Reject a CSR/CSC matrix whose pointers or indices do not fit its shape (vectorised): scipy
+    trusts them, so an index past the end reads or writes out of bounds (a crash), and a negative
+    one wraps around to another gene (silently wrong rows)."""
+    if not sp.issparse(matrix) or matrix.format not in ("csr", "csc"):
+        return  # dense blocks and COO (checked by scipy when built) have no pointers to trust
+    major, minor = matrix.shape if matrix.format == "csr" else matrix.shape[::-1]
+    lines, across = ("rows", "column") if matrix.format == "csr" else ("columns", "row")
+    indptr, indices = matrix.indptr, matrix.indices
+    problem = None
+    if len(indptr) != major + 1:
+        problem = f"{len(indptr):,} pointers for {major:,} {lines}"
+    elif indptr[0] != 0 or indptr[-1] != len(indices) or len(indices) != len(matrix.data):
+        problem = (
+            f"pointers from {indptr[0]:,} to {indptr[-1]:,} over {len(indices):,} indices and "
+            f"{len(matrix.data):,} values"
+        )
+    elif len(indptr) > 1 and np.any(np.diff(indptr) < 0):
+        problem = "pointers that decrease"
+    elif len(indices) and (indices.min() < 0 or indices.max() >= minor):
+        problem = f"{across} indices from {indices.min():,} to {indices.max():,} for {minor:,}"
+    if problem is not None:
+        raise DataError(
+            f"{name} is a broken sparse matrix ({problem}); write it again with "
+            "scipy.sparse.save_npz from a valid matrix, or move it away"
+        )
 
 
 def _check_values(values: np.ndarray, name: str) -> None:

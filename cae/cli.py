@@ -191,6 +191,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cae.train.trainer import train
 
     settings = _settings(args, _TRAIN_FLAGS)
+    if settings.output.resume:  # data and model as the checkpoint has them, never the defaults
+        from cae.train.trainer import resume_settings
+
+        settings = resume_settings(settings, _overrides(args, _TRAIN_FLAGS))
     # Under torchrun every process runs this command; only rank 0 tracks and prints.
     from cae.train.distributed import ranks_from_environment
 

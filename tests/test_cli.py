@@ -303,3 +303,38 @@ def test_train_non_numeric_val_chunk(
     args = ["train", "--data", str(data), "--fields", "sex", "--out", str(tmp_path / "run")]
     assert main([*args, "--val-chunks", "abc", "--device", "cpu", "--no-progress"]) == 2
     error_line(capsys.readouterr().err, "train", "abc")
+
+
+def test_resume_without_data_goes_on_with_the_checkpoints_data(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """README's `cae train --out runs/x --epochs 20 --resume`: not the demo data, silently."""
+    out = tmp_path / "run"
+    first = ["train", "--data", str(small_data), "--fields", "assay,sex", "--out", str(out),
+             "--epochs", "1", "--latent-dim", "8", "--no-tracking", "--no-progress",
+             "--num-workers", "0"]  # fmt: skip
+    assert main(first) in (None, 0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resume = ["train", "--out", str(out), "--epochs", "2", "--resume", "--no-tracking",
+              "--no-progress"]  # fmt: skip
+    assert main(resume) in (None, 0), capsys.readouterr().err
+    assert not (elsewhere / "data").exists(), "no demo data was written"
+    from cae.train.checkpoint import read_checkpoint
+
+    saved = read_checkpoint(out)
+    assert saved["epoch"] == 2 and saved["settings"]["data"]["path"] == str(small_data)
+    assert saved["settings"]["data"]["fields"] == ["assay", "sex"]
+    capsys.readouterr()
+    disagreeing = [
+        ("--fields", "sex", "data.fields"),
+        ("--latent-dim", "16", "model.latent_dim"),
+        ("--data", str(tmp_path), "data.path"),
+    ]
+    for flag, value, key in disagreeing:
+        assert main([*resume, "--epochs", "3", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert key in err and "--resume continues" in err and len(err.splitlines()) == 1
+    agreeing = [*resume, "--epochs", "3", "--data", str(small_data), "--latent-dim", "8"]
+    assert main(agreeing) in (None, 0), "flags that agree with the checkpoint are fine"

@@ -43,6 +43,7 @@ from cae.data.loader import (
     split_rows,
     to_device,
 )
+from cae.data.soma import is_soma_uri
 from cae.data.store import DataStore
 from cae.data.vocabulary import (
     FieldSpec,
@@ -846,6 +847,52 @@ class _SignalGuard:
     def __exit__(self, *exc: object) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)  # type: ignore[arg-type]
+
+
+def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:
+    """The settings a resumed training goes on with: the data and model settings of the
+    checkpoint in ``settings.output.dir``, everything else (epochs, learning rate, tracking) as
+    given, so that a resume without ``--data`` trains on the checkpoint's data, not the default.
+
+    Args:
+        settings: the settings as given for the resume.
+        given: the dotted names the user set explicitly (flags), e.g. ``data.path``.
+
+    Returns:
+        ``settings`` with the checkpoint's ``data`` and ``model`` sections.
+
+    Raises:
+        ConfigError: no ``output.dir``, or a given data or model setting differs from the
+            checkpoint's (the message names both values).
+        CheckpointError: the folder holds no checkpoint.
+    """
+    if settings.output.dir is None:
+        raise ConfigError("--resume needs --out: the folder of the training to continue")
+    path = Path(settings.output.dir) / "checkpoints" / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"cannot resume: no checkpoint at {path}; pass the --out folder of the training to "
+            "continue"
+        )
+    saved = settings_from_dict(read_checkpoint(path)["settings"], str(path))
+    for key in given:
+        section, _, name = key.partition(".")
+        if section not in ("data", "model"):
+            continue
+        mine = getattr(getattr(settings, section), name)
+        theirs = getattr(getattr(saved, section), name)
+        if _same_place(mine, theirs) if key == "data.path" else mine == theirs:
+            continue
+        raise ConfigError(
+            f"--resume continues {path}, trained with {key} = {theirs!r}, but {mine!r} was "
+            "given; leave the flag out to go on as it was, or train anew into another --out"
+        )
+    return settings.model_copy(update={"data": saved.data, "model": saved.model})
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two data paths name the same data (as text, or as local paths resolved)."""
+    return a == b or (not is_soma_uri(a) and Path(a).resolve() == Path(b).resolve())
 
 
 def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult:

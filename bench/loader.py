@@ -52,10 +52,10 @@ from cae.config import DataConfig, LossWeights, load_settings
 from cae.data.loader import (
     ChunkDataset,
     EpochOrder,
-    LoadedChunk,
     chunk_loader,
     epoch_seed,
     iter_batches,
+    windows_of,
 )
 from cae.data.store import DataStore
 from cae.data.vocabulary import DEFAULT_NULL_VALUES, Vocabularies, build_field_specs
@@ -242,9 +242,7 @@ def mixing_loader(
         epoch[0] += 1
         order.set_epoch(epoch[0])
         generator = torch.Generator().manual_seed(epoch_seed(0, epoch[0], "rows"))
-        chunks = iter(loader)
-        for indices in order.remaining():
-            pooled: list[LoadedChunk] = [next(chunks) for _ in indices]
+        for pooled in windows_of(loader, [len(w) for w in order.remaining()]):
             rows = [chunk.train_rows for chunk in pooled]
             for b in iter_batches(pooled, rows, batch, cpu, "none", generator):
                 if consume is None:

@@ -16,7 +16,7 @@ transform runs per batch on the training device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -268,6 +268,13 @@ def chunk_loader(
         persistent_workers=workers > 0,
         multiprocessing_context=context,
     )
+
+
+def windows_of(chunks: Iterable[LoadedChunk], sizes: Iterable[int]) -> Iterator[list[LoadedChunk]]:
+    """Group a loader's chunks, in the order it yields them, into windows of the given sizes."""
+    stream = iter(chunks)
+    for size in sizes:
+        yield [next(stream) for _ in range(size)]
 
 
 def densify(block: sp.csr_matrix, device: torch.device) -> torch.Tensor:

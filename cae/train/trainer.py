@@ -42,6 +42,7 @@ from cae.data.loader import (
     single_value_batches,
     split_rows,
     to_device,
+    windows_of,
 )
 from cae.data.soma import is_soma_uri
 from cae.data.store import DataStore
@@ -586,13 +587,12 @@ class Trainer:
             leave=False,
         )
         windows_done = skip
-        chunks = iter(self.train_loader)
+        sizes = [len(window) for window in self.order.remaining()]
         with bar:
-            for window_indices in self.order.remaining():
+            for window in windows_of(self.train_loader, sizes):
                 if self.stop_signal is not None:
                     self._save_partial(epoch, windows_done, rows_gen, target_gen, means)
                     raise Preempted(self.stop_signal, self.checkpoint_path)
-                window = [next(chunks) for _ in window_indices]
                 self._train_window(window, rows_gen, target_gen, means, bar)
                 windows_done += 1
                 self._check_finite(means, epoch, window)
@@ -702,8 +702,7 @@ class Trainer:
         fields = self.vocabularies.fields
         first_batch = True
         rows_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation_rows"))
-        chunks = iter(self.eval_loader)
-        windows = ([next(chunks) for _ in range(size)] for size in self.eval_windows)
+        windows = windows_of(self.eval_loader, self.eval_windows)
         batches = (b for w in windows for b in self._batches(w, self.eval_rows, rows_gen))
         for x, source, host_source in batches:
             n = x.shape[0]

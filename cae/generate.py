@@ -54,11 +54,14 @@ def open_input(path: str | Path, data: DataConfig, obs_filter: str | None = None
     Raises:
         DataError: the input does not exist or does not open.
     """
+    # The training's cell and gene filters chose what it learnt from, not what is moved now.
+    data = data.model_copy(update={"soma_obs_filter": None, "soma_var_filter": None})
     if is_soma_uri(str(path)):
-        update = {"path": str(path), "soma_obs_filter": obs_filter, "soma_var_filter": None}
+        update = {"path": str(path), "soma_obs_filter": obs_filter}
         return DataStore.open(data.model_copy(update=update))
     if obs_filter is not None:
         raise ConfigError(f"--obs-filter selects cells of a SOMA experiment; {path} is not one")
+    data = data.model_copy(update={"soma_layer": None})
     path = Path(path)
     if path.suffix == ".npz":
         if not path.is_file():

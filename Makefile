@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # users elsewhere get whatever torch>=2.3 their platform offers.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo ui test lint format bench clean docker-lint
+.PHONY: install demo ui test fuzz lint format bench clean docker-lint
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The fuzzers of hostile input (files, settings, requests) at length: at least 2,000 examples
+# each, with hypothesis' statistics (examples tried per fuzzer). `make test` runs them short.
+fuzz: install
+	CAE_FUZZ=long $(BIN)/python -m pytest -m fuzz --hypothesis-show-statistics \
+		--timeout 3600 -q
 
 # Benchmarks: ratios measured side by side in one run (bench/README in each docstring);
 # BENCH_ARGS=--quick for a smoke run. Results: bench/results/*.json.

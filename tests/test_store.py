@@ -12,13 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cae.config import DataConfig
 from cae.data.store import DataStore, load_npz
 from cae.data.synth import SynthConfig, generate
 from cae.errors import CAEError, DataError, MetadataError
+from tests.fuzzing import fuzz_settings
 
 N_GENES = 8
 
@@ -519,7 +520,8 @@ def test_cae_train_refuses_an_index_past_the_end_before_training(tmp_path: Path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.fuzz
+@fuzz_settings(short=60)
 @given(
     st.sampled_from(["indices", "indptr"]),
     st.integers(0, 200),

@@ -112,6 +112,7 @@ def _unless_empty(convert: Callable[[str], Any] | None) -> Callable[[str], Any]:
             return None
         return convert(text) if convert else text
 
+    parse.__name__ = getattr(convert, "__name__", "text")  # argparse: "invalid float value"
     return parse
 
 
@@ -143,10 +144,13 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
     """Build vocabularies and field specs for the requested fields and save them as JSON."""
+    from cae.data.atomic import check_output_path
     from cae.data.store import DataStore
     from cae.data.vocabulary import build_field_specs, save_preprocessed
 
     settings = _settings(args, _DATA_FLAGS)
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=True)
     store = DataStore.open(settings.data)
     specs = build_field_specs(
         store.iter_metadata(settings.data.fields), settings.data.fields, settings.data.null_values
@@ -195,6 +199,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         from cae.train.trainer import resume_settings
 
         settings = resume_settings(settings, _overrides(args, _TRAIN_FLAGS))
+    name = settings.tracking.register_as
+    if name:  # refused names and a registration without a run: said now, not after training
+        from cae.tracking.pyfunc import check_registry_names
+
+        if not settings.tracking.enabled:
+            raise ConfigError("--register needs tracking; drop --no-tracking")
+        check_registry_names(name, settings.tracking.alias)
     # Under torchrun every process runs this command; only rank 0 tracks and prints.
     from cae.train.distributed import ranks_from_environment
 
@@ -212,15 +223,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     with tracked(settings) as callbacks:
         result = train(settings, callbacks)
-    name = settings.tracking.register_as
     if name:
         from cae.tracking.callbacks import MLflowCallback
         from cae.tracking.pyfunc import register
 
-        runs = [c.run_id for c in callbacks if isinstance(c, MLflowCallback)]
-        if not runs:
-            raise ConfigError("--register needs tracking; drop --no-tracking")
-        version = register(runs[0], name, settings.tracking.alias, settings.tracking.uri)
+        run_id = next(c.run_id for c in callbacks if isinstance(c, MLflowCallback))
+        assert run_id is not None  # the callback started the run
+        version = register(run_id, name, settings.tracking.alias, settings.tracking.uri)
         print(f"registered {name} version {version} as @{settings.tracking.alias}")
     final = result.final
     print(f"trained {result.epochs} epochs; checkpoint {result.checkpoint}")
@@ -302,10 +311,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Score counterfactuals on a held-out context beside the baselines; write the report."""
     from datetime import datetime
 
+    from cae.data.atomic import check_output_path
     from cae.evaluate.run import run_evaluation
 
     settings = _settings(args, _EVALUATE_FLAGS)
     out = settings.output.dir or Path("runs") / f"evaluate-{datetime.now():%Y%m%d-%H%M%S}"
+    check_output_path(Path(out), "--out", folder=True)
     result = run_evaluation(
         settings,
         out_dir=Path(out),
@@ -377,14 +388,24 @@ def cmd_tune_submit(args: argparse.Namespace) -> None:
     print(job)
 
 
+def _short(value: object) -> str:
+    """A parameter value for a one-line summary: numbers to 4 significant digits."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"{value:.4g}" if is_number else str(value)
+
+
 def cmd_tune_best(args: argparse.Namespace) -> None:
     """Print the best trial and its MLflow run; log the study's plots; optionally register."""
     from cae.tune.study import best, log_study_plots
 
     settings = _settings(args, _STUDY_FLAGS)
+    if args.register:
+        from cae.tracking.pyfunc import check_registry_names
+
+        check_registry_names(args.register, "champion")
     trials = best(settings.tune)
     for trial in trials:
-        params = ", ".join(f"{k}={v:.4g}" for k, v in trial["params"].items())
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial["params"].items())
         values = ", ".join(f"{v:.5f}" for v in trial["values"])
         print(f"trial {trial['trial']}: {values}  ({params})  MLflow run {trial['mlflow_run_id']}")
     plots = log_study_plots(settings.tune)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -70,8 +71,35 @@ CommaList = Annotated[list[str], NoDecode]
 SelectionList = Annotated[list[str], NoDecode, BeforeValidator(_split_semicolons)]
 
 
+# A seed every generator takes (numpy's need non-negative ones; torch's end at 2**64).
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# Metadata field names end up in MLflow metric keys (contrib_l2/<field>), file names
+# (plots/contributions_<field>.png) and field=value settings: letters, digits, _ . - and spaces.
+FIELD_NAME = re.compile(r"[\w.\- ]+")
+# What torch.device takes for the devices cae trains on.
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_field_name(name: str, source: str) -> str:
+    """``name`` if a metadata field may be called so.
+
+    Raises:
+        ValueError: it holds a character MLflow keys, file names or ``field=value`` settings
+            cannot hold (the message names it and says to rename the column).
+    """
+    if not FIELD_NAME.fullmatch(name) or name.strip(".") == "" or name != name.strip():
+        bad = " ".join(sorted({c for c in name if not FIELD_NAME.fullmatch(c)})) or repr(name)
+        raise ValueError(
+            f"{source} {name!r}: field names become MLflow metric keys, file names and "
+            "field=value settings, so they hold letters, digits, _ . - and inner spaces only, "
+            f"not {bad}; rename the column (e.g. obs.rename(columns=...))"
+        )
+    return name
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Every number must be finite: an infinite learning rate or scale passes ranges like gt=0.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -143,8 +171,12 @@ class DataConfig(_Section):
         "them, so data sorted by dataset (atlas exports) still mix in each batch. Memory holds "
         "two windows (this one and the next, read ahead); 1 = batches from one chunk at a time.",
     )
-    num_workers: int = Field(1, ge=0, description="Background processes prefetching chunks.")
-    prefetch_factor: int = Field(2, ge=1, description="Chunks each worker keeps ready.")
+    num_workers: int = Field(
+        1, ge=0, le=64, description="Background processes prefetching chunks (at most 64)."
+    )
+    prefetch_factor: int = Field(
+        2, ge=1, le=64, description="Chunks each worker keeps ready (at most 64)."
+    )
 
     _split = field_validator(
         "fields", "null_values", "val_chunks", "soma_tiledb_config", mode="before"
@@ -193,13 +225,15 @@ class DataConfig(_Section):
         repeated = sorted({f for f in fields if fields.count(f) > 1})
         if repeated:
             raise ValueError(f"field(s) listed twice: {', '.join(repeated)}")
-        return fields
+        return [check_field_name(field, "field") for field in fields]
 
 
 class ModelConfig(_Section):
     """Shape of the cycle autoencoder and its context classifier."""
 
-    latent_dim: int = Field(64, ge=1, description="Latent size L of every head.")
+    latent_dim: int = Field(
+        64, ge=1, le=16_384, description="Latent size L of every head (at most 16,384)."
+    )
     logit_scale: float = Field(
         0.0159, gt=0.0, description="Scale s of every field head's output (the seed's 0.0159)."
     )
@@ -213,7 +247,9 @@ class ModelConfig(_Section):
         description="Parameters kept >= 0: all (the seed's design) or base (the base head only; "
         "field heads take either sign, so a field's change can depend on the cell both ways).",
     )
-    classifier_hidden: int = Field(128, ge=1, description="Hidden width of the context classifier.")
+    classifier_hidden: int = Field(
+        128, ge=1, le=65_536, description="Hidden width of the context classifier."
+    )
     counterfactual: Literal["decode", "residual"] = Field(
         "decode",
         description="decode: a counterfactual is the model's output in the target contexts (the "
@@ -277,9 +313,11 @@ class TrainConfig(_Section):
         "training, exact; a table of every combination of the fields' categories x genes) or "
         "among the batch's cells (batch: a few cells per combination, noisy).",
     )
-    seed: int = Field(0, description="Seed of initialisation, shuffling and target sampling.")
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda or cuda:N.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's).")
+    seed: Seed = Field(0, description="Seed of initialisation, shuffling and target sampling.")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N or mps.")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for torch (default: torch's)."
+    )
     progress: bool = Field(True, description="Show progress bars.")
     # --- speed (measured by bench/) ---
     context_maps: ContextMapMethod = Field(
@@ -304,6 +342,13 @@ class TrainConfig(_Section):
         description="CPU training on Linux (glibc): keep freed memory for reuse instead of "
         "returning it to the system, so that large per-step buffers stop page-faulting anew.",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE.fullmatch(device):
+            raise ValueError("not a device; use auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+        return device
 
     @model_validator(mode="after")
     def _compile_traces_the_maps(self) -> TrainConfig:
@@ -469,7 +514,7 @@ class EvaluateConfig(_Section):
         2000, ge=10, description="Cells per set for the energy distance and classifier (sampled)."
     )
     report_genes: int = Field(20, ge=1, description="Genes per field in the top-genes table.")
-    seed: int = Field(0, description="Seed of the cell samples and the classifier.")
+    seed: Seed = Field(0, description="Seed of the cell samples and the classifier.")
 
     _split = field_validator("groups", mode="before")(_split_commas)
 

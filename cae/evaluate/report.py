@@ -10,7 +10,6 @@ import html
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cae.data.atomic import staging_folder
 from cae.tracking.plots import context_contributions_figure
 
 HEADLINE = "r2_mean_top100"
@@ -121,8 +121,7 @@ def write_report(
     Returns:
         The path of ``report.html``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".report.", dir=out_dir))
+    staging = staging_folder(out_dir / "report.html")
     try:
         metric = headline_metric(scores)
         summary = summarise(scores)

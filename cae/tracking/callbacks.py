@@ -10,6 +10,7 @@ run (params, per-epoch metrics, tags, tables, plots, artifacts) and TensorBoard 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -24,8 +25,15 @@ import matplotlib.pyplot as plt
 
 from cae import __version__
 from cae.config import Settings
+from cae.data.atomic import atomic_write
 from cae.errors import ConfigError
-from cae.tracking.outbox import TRACKING_ERRORS, Outbox, first_line, one_quick_attempt
+from cae.tracking.outbox import (
+    PENDING_DIR,
+    TRACKING_ERRORS,
+    Outbox,
+    first_line,
+    one_quick_attempt,
+)
 from cae.tracking.plots import context_contributions_figure, contribution_shares_figure
 from cae.train.trainer import Callback, Preempted, StopTraining, Trainer, TrainResult
 
@@ -35,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_RECORD = "run.json"  # in <out>/tracking: the training's MLflow run, and whether it ended
 
 
 def tracking_uri(uri: str | None) -> str:
@@ -107,19 +116,23 @@ class MLflowCallback(Callback):
         self.settings = settings
         self.run_id: str | None = None
         self.outbox: Outbox | None = None
+        self.record = Path()  # <out>/tracking/run.json, once the run started
 
     def on_train_start(self, trainer: Trainer) -> None:
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri(self.settings.tracking.uri)
         try:
-            self.run_id = start_run(self.settings)
+            previous = close_abandoned_run(trainer.out_dir)
+            self.run_id = start_run(trainer.settings)
         except TRACKING_ERRORS as err:
             raise ConfigError(
                 f"MLflow tracking at {uri} does not answer ({first_line(err)}); "
                 "start the tracking server or fix the URI (--tracking-uri, MLFLOW_TRACKING_URI), "
                 "or train with --no-tracking"
             ) from None
+        self.record = trainer.out_dir / PENDING_DIR / RUN_RECORD
+        write_run_record(self.record, self.run_id, uri, ended=False)
         retry = self.settings.tracking.retry_seconds
         self.outbox = Outbox(MlflowClient(uri), self.run_id, trainer.out_dir, retry)
         tags = {
@@ -132,8 +145,11 @@ class MLflowCallback(Callback):
         commit = git_commit()
         if commit:
             tags["cae.git_commit"] = commit
+        if previous and trainer.settings.output.resume:
+            tags["cae.resumed_from_run"] = previous
         self.outbox.send(
-            {"kind": "params", "values": self.settings.flat()}, {"kind": "tags", "values": tags}
+            {"kind": "params", "values": trainer.settings.flat()},
+            {"kind": "tags", "values": tags},
         )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
@@ -179,6 +195,9 @@ class MLflowCallback(Callback):
         if self.outbox is None:
             return
         self.outbox.send({"kind": "end", "status": status}, now=True)
+        if self.record.parent.is_dir():  # gone when a failed training's folder was removed
+            write_run_record(self.record, self.outbox.run_id, self.outbox.client.tracking_uri,
+                             ended=True)  # fmt: skip
         # start_run made the run MLflow's active run: end_run takes it off that stack first,
         # then tells the store (once more; one quick attempt when the store is down).
         with (
@@ -197,6 +216,42 @@ class MLflowCallback(Callback):
                 self.outbox.out_dir,
                 self.outbox.out_dir,
             )
+
+
+def write_run_record(path: Path, run_id: str, uri: str, *, ended: bool) -> None:
+    """Note in a training's folder which MLflow run records it, and whether that run was ended
+    (a training killed outright cannot end its run: :func:`close_abandoned_run` does)."""
+    record = {"run_id": run_id, "tracking_uri": uri, "ended": ended}
+    with atomic_write(path) as file:
+        file.write((json.dumps(record) + "\n").encode())
+
+
+def close_abandoned_run(out_dir: Path) -> str | None:
+    """End, as KILLED, the MLflow run that a training killed outright in ``out_dir`` left
+    RUNNING (the folder's lock is held: no live training records into it).
+
+    Returns:
+        The id of the folder's last run, if it noted one (ended or not).
+    """
+    from mlflow.tracking import MlflowClient
+
+    path = out_dir / PENDING_DIR / RUN_RECORD
+    try:
+        record = json.loads(path.read_text())
+        run_id, uri, ended = record["run_id"], record["tracking_uri"], record["ended"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not one we wrote
+        return None
+    if not ended:
+        client = MlflowClient(uri)
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+                log.warning("MLflow run %s of %s was left RUNNING by a killed training: ended "
+                            "as KILLED", run_id, out_dir)  # fmt: skip
+        except TRACKING_ERRORS as err:  # deleted, or its store is gone: nothing to end there
+            log.warning("could not end MLflow run %s (left by a killed training in %s) at %s: "
+                        "%s", run_id, out_dir, redact(uri), first_line(err))  # fmt: skip
+    return run_id
 
 
 def start_run(settings: Settings) -> str:

@@ -189,6 +189,33 @@ def download_run_checkpoint(run_id: str, dst: Path) -> str:
         ) from None
 
 
+def check_registry_names(name: str, alias: str | None) -> None:
+    """Check a registered model name and alias as the MLflow Model Registry will, before any
+    work is done for them.
+
+    Raises:
+        ConfigError: the registry would refuse one of them (the message names it and why).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+        _validate_model_name,
+    )
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as err:
+        raise ConfigError(f"registered model name {name!r} is refused: {err.message}") from None
+    if alias is None:
+        return
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        raise ConfigError(f"alias {alias!r} is refused: {err.message}") from None
+
+
 def register(
     run_id: str, name: str, alias: str | None = "champion", tracking_uri: str | None = None
 ) -> str:
@@ -204,10 +231,13 @@ def register(
         The new model version (a string, as MLflow numbers them).
 
     Raises:
+        ConfigError: ``name`` or ``alias`` is one the registry refuses.
         CheckpointError: the run does not exist or holds no checkpoint.
     """
     import mlflow
     from mlflow.models import infer_signature
+
+    check_registry_names(name, alias)
     from mlflow.tracking import MlflowClient
 
     from cae.tracking.callbacks import tracking_uri as resolve_uri
@@ -223,7 +253,9 @@ def register(
                 example, predict_frame(trained, example, {}, False), params=DEFAULT_PARAMS
             )
         )
-        with mlflow.start_run(run_id=run_id):
+        ended = client.get_run(run_id).info.status
+        mlflow.start_run(run_id=run_id)
+        try:
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(MODEL_CODE),
@@ -234,6 +266,8 @@ def register(
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,
             )
+        finally:  # a refused registration does not change how the training ended
+            mlflow.end_run(ended)
     version = str(info.registered_model_version)
     run = client.get_run(run_id)
     for key in ("cae.data_fingerprint", "cae.fields", "cae.version"):

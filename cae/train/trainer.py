@@ -71,12 +71,11 @@ from cae.train.cycle import (
     sample_targets,
     training_step,
 )
+from cae.train.folder import CHECKPOINT, TrainingFolder, clean_training_leftovers
 from cae.train.host import configure_host
 from cae.train.optim import build_optimizers
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "last.pt"
 
 
 # The largest table of combination means train.context_means_reference = "data" builds (bytes).
@@ -176,13 +175,22 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else as torch reads it.
 
     Raises:
-        ConfigError: a CUDA device was asked for but is not available.
+        ConfigError: the device asked for is not on this machine (the message says which are).
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device = {name!r} but no CUDA device is available; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"train.device = {name!r} but this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}; pick one of them or use auto"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device = {name!r} but MPS is not available here; use cpu")
     return device
 
 
@@ -196,15 +204,23 @@ class Trainer:
     """Holds one training's data, networks and optimisers; :meth:`fit` runs the epochs.
 
     Args:
-        settings: the settings.
+        settings: the settings; ``output.dir`` is where it writes.
         callbacks: receivers of training events.
+        folder: the locked output folder (:class:`TrainingFolder`; None: the caller does not
+            write, like every process but the first under torchrun).
 
     Raises:
         CAEError: bad data, settings, or an output folder that would be overwritten.
     """
 
-    def __init__(self, settings: Settings, callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        callbacks: Sequence[Callback] = (),
+        folder: TrainingFolder | None = None,
+    ) -> None:
         self.settings = settings
+        self.folder = folder
         cfg = settings
         self.ranks = distributed.ranks_from_environment()
         # Only rank 0 writes files and tracks; the other ranks train silently beside it.
@@ -213,8 +229,8 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if self.ranks.enabled:
             self.device = distributed.start(self.ranks, self.device)
-        self.out_dir = Path(cfg.output.dir) if cfg.output.dir else default_out_dir(cfg)
-        self.checkpoint_path = self.out_dir / "checkpoints" / CHECKPOINT_NAME
+        self.out_dir = Path(cfg.output.dir or default_out_dir(cfg))
+        self.checkpoint_path = self.out_dir / CHECKPOINT
         resume_payload = self._check_out_dir()
 
         self.store = DataStore.open(cfg.data)
@@ -242,7 +258,16 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         sizes = self.vocabularies.sizes()
-        self.model, self.classifier = build_networks(cfg, self.store.n_genes, sizes)
+        try:
+            self.model, self.classifier = build_networks(cfg, self.store.n_genes, sizes)
+        except (MemoryError, RuntimeError) as err:  # torch says "can't allocate memory"
+            if not isinstance(err, MemoryError) and "allocate" not in str(err):
+                raise
+            raise ConfigError(
+                f"the networks for {self.store.n_genes:,} genes do not fit in memory with "
+                f"model.latent_dim = {cfg.model.latent_dim} and model.classifier_hidden = "
+                f"{cfg.model.classifier_hidden}; lower them (--latent-dim)"
+            ) from None
         self.model.to(self.device)
         self.classifier.to(self.device)
         method = cfg.train.context_maps
@@ -489,6 +514,8 @@ class Trainer:
     def _fit(self) -> TrainResult:
         cfg = self.settings
         self._emit("on_train_start")  # first: a tracking store that does not answer writes nothing
+        if self.folder is not None:
+            self.folder.set_aside_old()
         self._write_static_files()
         table = pd.DataFrame()
         for epoch in range(self.start_epoch, cfg.train.epochs + 1):
@@ -824,6 +851,8 @@ class Trainer:
         save_checkpoint(self.checkpoint_path, payload)
         with atomic_write(self.out_dir / "history.json") as file:
             file.write((json.dumps(self.history, indent=1) + "\n").encode())
+        if self.folder is not None:
+            self.folder.commit()
 
 
 class _SignalGuard:
@@ -867,7 +896,8 @@ def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:
     """
     if settings.output.dir is None:
         raise ConfigError("--resume needs --out: the folder of the training to continue")
-    path = Path(settings.output.dir) / "checkpoints" / CHECKPOINT_NAME
+    clean_training_leftovers(Path(settings.output.dir))
+    path = Path(settings.output.dir) / CHECKPOINT
     if not path.is_file():
         raise CheckpointError(
             f"cannot resume: no checkpoint at {path}; pass the --out folder of the training to "
@@ -909,8 +939,15 @@ def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult
             folder that would be overwritten, or a non-finite loss.
     """
     ranks = distributed.ranks_from_environment()
+    if settings.output.dir is None:  # resolved once: it names the folder that is locked
+        output = settings.output.model_copy(update={"dir": default_out_dir(settings)})
+        settings = settings.model_copy(update={"output": output})
+    assert settings.output.dir is not None
     try:
-        return Trainer(settings, callbacks).fit()
+        if not ranks.is_main:  # the first process writes; the others train beside it
+            return Trainer(settings, callbacks).fit()
+        with TrainingFolder(settings.output.dir, overwrite=settings.output.overwrite) as folder:
+            return Trainer(settings, callbacks, folder).fit()
     finally:
         if ranks.enabled:
             distributed.stop()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cae.config import Settings, TuneConfig, deep_merge, settings_from_dict
+from cae.data.atomic import check_output_path
 from cae.errors import ConfigError
 from cae.tracking.callbacks import redact
 from cae.train.trainer import Callback, StopTraining, Trainer
@@ -88,7 +89,7 @@ def open_storage(tune: TuneConfig) -> Any:
                 f"tune.storage {redact(tune.storage)} cannot be opened: {reason}; check that the "
                 "database server is up and the database exists (`cae doctor` checks it)"
             ) from None
-    path = Path(tune.storage)
+    path = check_output_path(Path(tune.storage), "tune.storage (--storage)", folder=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 

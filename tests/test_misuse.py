@@ -1,0 +1,239 @@
+"""Misuse a careful user could still make, through the real ``cae`` command: settings that pass
+their ranges but cannot work, output paths that are files or lie under files, names the MLflow
+registry refuses, two trainings in one folder, ``--overwrite`` that fails, ``kill -9`` leftovers,
+and file modes. Each is refused before any work (exit 2, one line, nothing written) or handled."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cae.data.atomic import clean_leftovers
+from cae.train.checkpoint import read_checkpoint
+from cae.train.folder import LOCK_NAME
+from tests.fuzzing import files_under, run_cae
+
+SMALL = ["--latent-dim", "8", "--batch-size", "64", "--num-workers", "0", "--no-progress"]
+
+pytestmark = pytest.mark.usefixtures("isolated")  # a temporary folder, no CAE_/MLFLOW_ settings
+
+
+def train_args(data: Path, out: Path, *more: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--epochs", "1", *SMALL, *more]
+
+
+def refused(argv: list[str], *parts: str) -> str:
+    """Run ``cae ARGV``; assert exit 2 with one line holding every part; return the line."""
+    status, err = run_cae(argv)
+    assert status == 2, err
+    for part in parts:
+        assert part in err, (part, err)
+    return err
+
+
+@pytest.mark.parametrize(
+    ("flags", "parts"),
+    [
+        (["--device", "foo"], ["train.device = 'foo'", "use auto, cpu, cuda"]),
+        (["--device", "cpux"], ["train.device = 'cpux'"]),
+        (["--seed", "-1"], ["train.seed = -1", "greater than or equal to 0"]),
+        (["--seed", str(2**40)], ["train.seed", "less than or equal to"]),
+        (["--lr", "inf"], ["train.lr = inf", "finite"]),
+        (["--lr", "nan"], ["train.lr = nan", "finite"]),
+        (["--logit-scale", "1e400"], ["model.logit_scale", "finite"]),
+        (["--val-fraction", "nan"], ["data.val_fraction", "finite"]),
+        (["--fields", "cell_type,a=b"], ["field 'a=b'", "not =;", "rename the column"]),
+        (["--fields", "cell/type"], ["field 'cell/type'", "not /;"]),
+        (["--fields", ".."], ["field '..'"]),
+        (["--register", "a/b"], ["registered model name 'a/b' is refused", "'/'"]),
+        (["--register", "m", "--alias", "latest"], ["alias 'latest' is refused", "reserved"]),
+        (["--register", "m", "--alias", "v3"], ["alias 'v3' is refused", "reserved"]),
+        (["--register", "m", "--no-tracking"], ["--register needs tracking"]),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_anything_is_written(
+    small_data: Path, tmp_path: Path, flags: list[str], parts: list[str]
+):
+    refused(train_args(small_data, tmp_path / "run", *flags), *parts)
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run was started"
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_before_training(small_data, tmp_path):
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    refused(train_args(small_data, tmp_path / "run", "--device", f"cuda:{count}"), "cuda")
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_paths_that_are_files_or_under_files_are_refused(small_data: Path, tmp_path: Path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    refused(train_args(small_data, a_file, "--no-tracking"), str(a_file), "is a file")
+    refused(train_args(small_data, a_file / "run", "--no-tracking"), "notes.txt is a file")
+    refused(["synth", "--out", str(a_file / "data")], "notes.txt is a file")
+    refused(["preprocess", "--data", str(small_data), "--out", str(a_file)], "is a file")
+    refused(
+        ["convert", "--data", str(small_data), "--out", str(a_file / "x")], "notes.txt is a file"
+    )
+    refused(
+        ["tune", "create", "--data", str(small_data), "--storage", str(a_file / "journal.log")],
+        "notes.txt is a file",
+    )
+    assert a_file.read_text() == "mine\n"
+
+
+def test_generate_refuses_an_out_under_a_file_before_moving_any_cell(
+    demo_run, demo_data: Path, tmp_path: Path
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    argv = ["generate", "--model", str(demo_run.out_dir), "--input", str(demo_data),
+            "--set", "sex=female", "--out", str(a_file / "moved.h5ad")]  # fmt: skip
+    refused(argv, "notes.txt is a file")
+
+
+def test_a_folder_in_use_by_another_training_is_refused(small_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / LOCK_NAME, "w") as held:  # what a running training holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused(train_args(small_data, out, "--no-tracking"), "in use by another training")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME], "nothing else was written"
+    assert run_cae(train_args(small_data, out, "--no-tracking"))[0] == 0, "free again"
+
+
+def test_overwrite_that_fails_gives_the_old_training_back(small_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    assert run_cae(train_args(small_data, out, "--no-tracking"))[0] == 0
+    before = files_under(out)
+    # weights that overflow: the new training fails in its first epoch, before any checkpoint
+    refused(train_args(small_data, out, "--no-tracking", "--overwrite", "--lr", "1e30"), "nan")
+    assert files_under(out) == before, "the old training, whole"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_replaces_the_whole_folder_once_the_new_training_has_a_checkpoint(
+    small_data: Path, tmp_path: Path
+):
+    out = tmp_path / "run"
+    assert run_cae(train_args(small_data, out))[0] == 0  # tracked: tensorboard/ and plots/ too
+    (out / "mine.txt").write_text("a file of the old training's folder\n")
+    assert (
+        run_cae(train_args(small_data, out, "--no-tracking", "--overwrite", "--seed", "3"))[0] == 0
+    )
+    assert read_checkpoint(out)["settings"]["train"]["seed"] == 3
+    assert not (out / "mine.txt").exists() and not (out / "tensorboard").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_training_into_a_new_folder_leaves_no_folder(small_data: Path, tmp_path: Path):
+    out = tmp_path / "deep" / "run"
+    refused(train_args(small_data, out, "--no-tracking", "--lr", "1e30"), "nan")
+    assert not out.exists()
+
+
+_KILLED_WRITER = """
+import os, sys
+from pathlib import Path
+from cae.data.atomic import atomic_write, move_aside, staging_folder
+kind, path = sys.argv[1], Path(sys.argv[2])
+if kind == "file":
+    with atomic_write(path) as file:
+        file.write(b"half")
+        os._exit(9)
+elif kind == "folder":
+    staging_folder(path)
+    os._exit(9)
+else:  # a training folder moved aside by --overwrite, the new one without a checkpoint yet
+    move_aside(path)
+    (path / "checkpoints").mkdir(parents=True)
+    os._exit(9)
+"""
+
+
+def _killed_while_writing(kind: str, path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, kind, str(path)], timeout=120)
+    assert done.returncode == 9
+
+
+def test_leftovers_of_killed_writers_are_cleaned_by_the_next_one(small_data: Path, tmp_path: Path):
+    history = tmp_path / "history.json"
+    _killed_while_writing("file", history)
+    _killed_while_writing("folder", tmp_path / "data")
+    assert len(list(tmp_path.glob(".history.json.tmp-*"))) == 1
+    assert len(list(tmp_path.glob(".data.tmp-*"))) == 1
+    assert len(clean_leftovers(history)) == 1 and not list(tmp_path.glob(".history.json.*"))
+    assert run_cae(["synth", "--out", str(tmp_path / "data"), "--cells", "60"])[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_training_moved_aside_by_a_killed_overwrite_comes_back(small_data: Path, tmp_path):
+    out = tmp_path / "run"
+    assert run_cae(train_args(small_data, out, "--no-tracking"))[0] == 0
+    before = files_under(out)
+    _killed_while_writing("training", out)
+    assert not (out / "checkpoints" / "last.pt").exists()
+    assert (
+        run_cae(train_args(small_data, out, "--no-tracking", "--epochs", "2", "--resume"))[0] == 0
+    )
+    assert read_checkpoint(out)["epoch"] == 2, "resumed the training given back"
+    assert set(before) <= set(files_under(out))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(small_data: Path, tmp_path: Path, umask: int):
+    previous = os.umask(umask)
+    try:
+        out = tmp_path / "run"
+        assert run_cae(train_args(small_data, out, "--no-tracking"))[0] == 0
+        assert run_cae(["synth", "--out", str(tmp_path / "data"), "--cells", "60"])[0] == 0
+    finally:
+        os.umask(previous)
+    for path in [out / "checkpoints" / "last.pt", out / "history.json", out / "settings.json",
+                 out / "vocabularies.json", tmp_path / "data" / "truth.json"]:  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    for folder in [out, out / "checkpoints", tmp_path / "data"]:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+
+
+def test_a_run_left_running_by_kill_9_is_ended_when_the_training_resumes(small_data, tmp_path):
+    out, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = train_args(small_data, out, "--tracking-uri", uri)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cae.cli", *args, "--epochs", "50"],
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert checkpoint.exists(), "the training reached its first checkpoint"
+    client = MlflowClient(uri)
+    killed = json.loads((out / "tracking" / "run.json").read_text())["run_id"]
+    assert client.get_run(killed).info.status == "RUNNING", "what kill -9 leaves"
+
+    epoch = read_checkpoint(out)["epoch"]
+    resumed = [*args, "--epochs", str(epoch + 1), "--resume"]
+    assert run_cae(resumed)[0] == 0
+    assert client.get_run(killed).info.status == "KILLED"
+    (experiment,) = [e for e in client.search_experiments() if e.name == "cae"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
+    new = next(r for r in runs if r.info.run_id != killed)
+    assert new.data.tags["cae.resumed_from_run"] == killed
+    assert new.data.params["output.dir"] == str(out)

@@ -375,3 +375,21 @@ def test_trials_choose_among_listed_settings_and_keep_the_rest(tmp_path: Path) -
     assert settings.train.weights.context_means == 10
     assert settings.train.weights.parsimony == 0.3  # a sibling of a chosen setting survives
     assert study.trials[0].params["model.nonnegative"] == "base"
+
+
+def test_best_prints_chosen_settings_of_any_type(small_data, tmp_path, monkeypatch, capsys):
+    from cae.tune.study import work
+
+    choices = (
+        '[tune.space.choices]\n"model.nonnegative" = ["base"]\n"model.context_offsets" = [true]'
+    )
+    config = write_config(tmp_path, small_data, "chosen", n_trials=1, epochs=1, tune_extra=choices)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "create", "--config", str(config)]) == 0
+    assert work(TuneConfig(study="chosen", storage=str(tmp_path / "journal.log"))) == 1
+    capsys.readouterr()
+    assert main(["tune", "best", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "model.nonnegative=base" in out and "model.context_offsets=True" in out
+    assert main(["tune", "best", "--config", str(config), "--register", "a:b"]) == 2
+    assert "registered model name 'a:b' is refused" in capsys.readouterr().err

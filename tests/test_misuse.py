@@ -237,3 +237,16 @@ def test_a_run_left_running_by_kill_9_is_ended_when_the_training_resumes(small_d
     new = next(r for r in runs if r.info.run_id != killed)
     assert new.data.tags["cae.resumed_from_run"] == killed
     assert new.data.params["output.dir"] == str(out)
+
+
+def test_a_refused_registration_leaves_the_run_as_it_ended(small_data: Path, tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_cae(train_args(small_data, tmp_path / "run", "--tracking-uri", uri))[0] == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cae").experiment_id])
+    for name, alias, part in [("a/b", "champion", "name 'a/b'"), ("ok", "latest", "'latest'")]:
+        argv = ["register", "--run-id", run.info.run_id, "--name", name, "--alias", alias,
+                "--tracking-uri", uri]  # fmt: skip
+        refused(argv, part, "refused")
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.search_registered_models() == []

@@ -523,6 +523,7 @@ class Trainer:
             metrics = {"epoch": float(epoch)}
             metrics.update(self._train_epoch(epoch))
             evaluation, table = self._evaluate()
+            self._check_evaluation(epoch, evaluation)
             metrics.update(evaluation)
             seconds = time.perf_counter() - started
             metrics["time/epoch_seconds"] = seconds
@@ -655,18 +656,33 @@ class Trainer:
         if loss is None or torch.isfinite(loss):
             return
         names = ", ".join(self.store.chunk(chunk.chunk_id).name for chunk in window)
-        kept = (
-            f"the last good checkpoint is kept at {self.checkpoint_path}; lower train.lr (--lr, "
-            f"now {self.settings.train.lr:g}) and continue with --resume"
-            if self.checkpoint_path.is_file()
-            else f"no checkpoint was written yet; lower train.lr (--lr, now "
-            f"{self.settings.train.lr:g}) and start again"
-        )
         raise TrainingError(
             f"the training loss became {loss.item()} in epoch {epoch}, in the window of chunks "
-            f"{names}; training stopped: {kept}, or check those chunks' values and "
-            "data.transform"
+            f"{names}; training stopped: {self._what_is_kept()}, or check those chunks' values "
+            "and data.transform"
         )
+
+    def _check_evaluation(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Stop when an epoch's evaluation is not finite (weights that overflowed after the last
+        finite training loss), before its checkpoint, metrics or table are written."""
+        broken = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+        if not broken:
+            return
+        shown = ", ".join(f"{name} = {metrics[name]}" for name in broken[:3])
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise TrainingError(
+            f"the evaluation after epoch {epoch} is not finite ({shown}{more}): the weights "
+            f"overflowed; training stopped: {self._what_is_kept()}"
+        )
+
+    def _what_is_kept(self) -> str:
+        lr = f"train.lr (--lr, now {self.settings.train.lr:g})"
+        if self.checkpoint_path.is_file():
+            return (
+                f"the last good checkpoint is kept at {self.checkpoint_path}; lower {lr} and "
+                "continue with --resume"
+            )
+        return f"no checkpoint was written yet; lower {lr} and start again"
 
     def _train_window(
         self,

@@ -52,6 +52,14 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """90 cells x 12 genes in 3 chunks: a one-epoch training takes about a second."""
+    return generate(
+        tmp_path_factory.mktemp("tiny") / "data", SynthConfig(n_cells=90, n_genes=12, n_chunks=3)
+    )
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """600 cells x 30 genes in 3 chunks: for behaviour, not learning."""
     return generate(

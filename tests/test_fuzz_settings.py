@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cae.data.synth import SynthConfig, generate
 from tests.fuzzing import fuzz_settings, run_cae
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.usefixtures("isolated")]
@@ -66,14 +65,6 @@ FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--epochs": st.sampled_from(["1", "0", "-1", "x", "", "1.5"]),
     "--num-workers": st.sampled_from(["0", "-1", "x", "", "65", "1e3"]),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """90 cells x 12 genes in 3 chunks: a one-epoch training takes about a second."""
-    return generate(
-        tmp_path_factory.mktemp("fuzz") / "data", SynthConfig(n_cells=90, n_genes=12, n_chunks=3)
-    )
 
 
 _count = itertools.count()

@@ -138,9 +138,20 @@ def test_overwrite_replaces_the_whole_folder_once_the_new_training_has_a_checkpo
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_failed_training_into_a_new_folder_leaves_no_folder(small_data: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    ("lr", "batch", "part"),
+    [
+        ("1e30", "64", "the training loss became nan"),
+        # one step: its loss was finite, the weights it left are not
+        ("1e300", "512", "evaluation after epoch 1 is not finite"),
+    ],
+)
+def test_a_failed_training_into_a_new_folder_leaves_no_folder(
+    tiny: Path, tmp_path: Path, lr: str, batch: str, part: str
+):
     out = tmp_path / "deep" / "run"
-    refused(train_args(small_data, out, "--no-tracking", "--lr", "1e30"), "nan")
+    flags = ["--no-tracking", "--lr", lr, "--batch-size", batch]
+    refused(train_args(tiny, out, *flags), part, "lower train.lr")
     assert not out.exists()
 
 

@@ -408,6 +408,15 @@ class ServeConfig(_Section):
         description="Most cells one request may hold; a larger one is refused (HTTP 400). Saved "
         "with the model; CAE_SERVE__MAX_ROWS in the serving process overrides it.",
     )
+    max_value: float = Field(
+        1e9,
+        gt=0,
+        le=1e30,  # so that a cell's total over 60,000 genes stays finite in float32
+        description="Largest expression value a request may hold: no count of one gene in one "
+        "cell, nor a normalised value, comes near 1e9, so a larger one is a unit or encoding "
+        "mistake and is refused (HTTP 400), as are negative, NaN, null and infinite values. "
+        "Saved with the model; CAE_SERVE__MAX_VALUE in the serving process overrides it.",
+    )
 
 
 class Range(_Section):

@@ -192,6 +192,23 @@ def _unseen_source(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _gene_value(value: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """A request whose gene_0003 holds ``value`` in row 1 (a column of Python objects, as JSON
+    with a null or a string gives)."""
+
+    def spoil(frame: pd.DataFrame) -> pd.DataFrame:
+        frame["gene_0003"] = frame["gene_0003"].astype(object)
+        frame.loc[1, "gene_0003"] = value
+        return frame
+
+    return spoil
+
+
+def _zero_row(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.loc[1, GENES] = 0
+    return frame
+
+
 CASES = {
     # shapes and files
     "row-count mismatch": Case(
@@ -449,6 +466,58 @@ CASES = {
         ),
         lambda frame: frame.sample(10_001, replace=True, random_state=0),
     ),
+    "NaN expression at serving": _serve(
+        DataError,
+        ("gene column 'gene_0003' holds NaN or null in row 1", "needs a number (0 where nothing"),
+        _gene_value(float("nan")),
+    ),
+    "null expression at serving": _serve(
+        DataError,
+        ("gene column 'gene_0003' holds null in row 1", "needs a number"),
+        _gene_value(None),
+    ),
+    "infinite expression at serving": _serve(
+        DataError,
+        ("gene column 'gene_0003' holds Infinity in row 1", "must be finite and at most 1e+09"),
+        _gene_value(float("inf")),
+    ),
+    "negative expression at serving": _serve(
+        DataError,
+        ("gene column 'gene_0003' holds -1.0 in row 1", "expression must be >= 0"),
+        _gene_value(-1.0),
+    ),
+    "over-large expression at serving": _serve(
+        DataError,
+        (
+            "gene column 'gene_0003' holds 1e+39 in row 1",
+            "at most 1e+09 (serve.max_value)",
+            "CAE_SERVE__MAX_VALUE",
+        ),
+        _gene_value(1e39),
+    ),
+    "text in a gene column at serving": _serve(
+        DataError,
+        ("gene column 'gene_0003' holds 'many' in row 1", "gene columns take numbers"),
+        _gene_value("many"),
+    ),
+    "boolean in a gene column at serving": _serve(
+        DataError,
+        ("gene column 'gene_0003' holds True in row 1", "gene columns take numbers"),
+        _gene_value(True),
+    ),
+    "duplicated column at serving": _serve(
+        DataError,
+        ("the column 'gene_0003' more than once", "send each gene and field once"),
+        lambda frame: pd.concat([frame, frame[["gene_0003"]]], axis=1),
+    ),
+    "cell with zero counts at serving": _serve(
+        DataError, ("row 1 has zero total counts", "drop it, or send its counts"), _zero_row
+    ),
+    "unknown target field at serving": _serve(
+        MetadataError,
+        ("target field 'tissue'", "its fields: cell_type, assay, sex"),
+        targets="tissue=lung",
+    ),
 }
 
 
@@ -552,5 +621,5 @@ def _served_case(case: Case, data: Path, request: pytest.FixtureRequest) -> None
     assert answer.value.error_code == "INVALID_PARAMETER_VALUE"
     _message_names(answer.value.message, case.parts, {})
     with pytest.raises(CAEError) as info:
-        predict_frame(trained, frame, parse_targets(case.targets), False, max_rows=10_000)
+        predict_frame(trained, frame, parse_targets(case.targets), False)
     assert type(info.value) is case.error, f"{type(info.value).__name__}: {info.value}"

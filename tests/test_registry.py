@@ -9,6 +9,7 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,13 +19,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
+from hypothesis import event, given
+from hypothesis import strategies as st
+from mlflow.exceptions import MlflowException
 
 import cae
 from cae.cli import main
 from cae.data.synth import expected_expression
-from cae.tracking.pyfunc import register
+from cae.errors import DataError
+from cae.tracking.pyfunc import example_input, predict_frame, register
 from cae.train import TrainResult
+from cae.train.checkpoint import TrainedModel, load_checkpoint
 from tests.conftest import load_cells
+from tests.fuzzing import fuzz_settings
 from tests.servers import free_port, running
 from tests.test_train import r2
 
@@ -140,9 +148,10 @@ def test_register_names_a_missing_run(registry: str, capsys):
     assert "no MLflow run 0123abcd" in capsys.readouterr().err
 
 
-@pytest.fixture
-def served(registry: str, tmp_path: Path) -> Iterator[str]:
-    """`mlflow models serve` on 127.0.0.1 for cae-demo@champion; stopped by its pid."""
+@pytest.fixture(scope="module")
+def served(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow models serve` on 127.0.0.1 for cae-demo@champion (one per module); stopped by its
+    pid."""
     port = free_port()
     command = [
         str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/cae-demo@champion",
@@ -155,12 +164,14 @@ def served(registry: str, tmp_path: Path) -> Iterator[str]:
         "CAE_SERVE__MAX_ROWS": "3",  # the serving process's limit beats the model's 10,000
     }
     url = f"http://127.0.0.1:{port}"
-    with running(command, env, f"{url}/ping", tmp_path / "serve.log"):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running(command, env, f"{url}/ping", log):
         yield url
 
 
-def post(url: str, frame: pd.DataFrame, params: dict) -> tuple[int, dict]:
-    body = {"dataframe_split": frame.to_dict(orient="split"), "params": params}
+def post(url: str, frame: pd.DataFrame, params: dict, orient: str = "split") -> tuple[int, dict]:
+    """POST ``frame`` as JSON (NaN, Infinity and null as Python's json writes them)."""
+    body = {f"dataframe_{orient}": frame.to_dict(orient=orient), "params": params}
     request = urllib.request.Request(
         f"{url}/invocations",
         data=json.dumps(body).encode(),
@@ -197,3 +208,143 @@ def test_http_serving_answers_counterfactuals_and_rejects_bad_requests(served, d
     status, answer = post(served, four, {"targets": "sex=female"})
     assert status == 400
     assert "holds 4 cells" in answer["message"] and "at most 3" in answer["message"]
+
+
+def refusal(answer: dict) -> str:
+    """The model's reason in a 400 answer (the scoring server puts the request's data first)."""
+    assert (
+        answer["error_code"] == "INVALID_PARAMETER_VALUE" and "Traceback" not in answer["message"]
+    )
+    reason = answer["message"].rsplit("Error: ", 1)[-1]
+    assert "\n" not in reason.strip()
+    return reason
+
+
+@pytest.mark.parametrize("orient", ["split", "records"])
+def test_http_serving_refuses_values_that_are_not_expression(served, demo_data, orient):
+    x, meta = cells_of(demo_data, {"cell_type": "B"})
+    genes = cae.load_model("models:/cae-demo@champion").genes
+    sent = {
+        float("nan"): "holds NaN or null in row 1",
+        float("inf"): "holds Infinity in row 1",
+        None: "holds NaN or null in row 1",  # a null among numbers arrives as NaN
+        -2.0: "holds -2.0 in row 1",
+        1e39: "holds 1e+39 in row 1",
+    }
+    for value, says in sent.items():
+        frame = request_frame(x[:3], meta[:3], genes)
+        frame["gene_0042"] = frame["gene_0042"].astype(object)
+        frame.loc[1, "gene_0042"] = value
+        status, answer = post(served, frame, {"targets": "sex=female"}, orient)
+        assert status == 400, (value, answer)
+        assert f"gene column 'gene_0042' {says}" in refusal(answer)
+
+    frame = request_frame(x[:3], meta[:3], genes)
+    status, answer = post(served, frame, {"target": "sex=female"}, orient)
+    assert status == 400
+    assert 'params lack "targets"' in refusal(answer)
+
+
+def assert_refused_or_finite(model, frame: pd.DataFrame, params: object, genes: list[str]) -> str:
+    """The serving promise: an MlflowException INVALID_PARAMETER_VALUE (HTTP 400) with a one-line
+    reason, or one row of finite values per cell with the model's genes as columns. Returns
+    which ("refused" or "answered")."""
+    try:
+        answer = model.predict(frame, params=params)
+    except MlflowException as err:
+        assert err.error_code == "INVALID_PARAMETER_VALUE", err.message
+        assert err.message.strip() and "\n" not in err.message.strip(), err.message
+        assert "Traceback" not in err.message
+        return "refused"
+    assert list(answer.columns[: len(genes)]) == genes and len(answer) == len(frame)
+    assert np.isfinite(answer.to_numpy(dtype=np.float64)).all()
+    return "answered"
+
+
+HOSTILE = st.one_of(
+    st.floats(allow_subnormal=False),  # the process runs flush-to-zero: no subnormals
+    st.integers(-(2**70), 2**70),
+    st.none(),
+    st.booleans(),
+    st.text(max_size=4),
+)
+
+VALUES = st.one_of(st.floats(0, 1e9, allow_subnormal=False), st.integers(0, 10**9), HOSTILE)
+
+
+@st.composite
+def hostile_requests(
+    draw: st.DrawFn, genes: list[str], known: dict[str, tuple[str, ...]]
+) -> tuple[pd.DataFrame, object]:
+    """A request to a model of ``genes`` whose fields take the ``known`` values: a few valid
+    cells, then hostile edits (values in gene and field columns, dropped, duplicated and extra
+    columns, all-zero cells) and hostile params."""
+    n = draw(st.integers(0, 4))
+    counts = np.random.default_rng(draw(st.integers(0, 99))).poisson(3.0, (n, len(genes)))
+    frame = pd.DataFrame(counts.astype(draw(st.sampled_from(["int64", "float64"]))), columns=genes)
+    for field, values in known.items():
+        frame[field] = draw(st.lists(st.sampled_from(values), min_size=n, max_size=n))
+    columns = st.sampled_from([*genes[:3], *known])
+    for column, row, value in draw(
+        st.lists(st.tuples(columns, st.integers(0, 3), VALUES), max_size=3)
+    ):
+        if n:
+            if not isinstance(value, float) or frame[column].dtype.kind != "f":
+                frame[column] = frame[column].astype(object)
+            frame.loc[row % n, column] = value
+    if n and draw(st.integers(0, 3)) == 0:
+        frame.loc[draw(st.integers(0, n - 1)), genes] = 0
+    for column in draw(st.lists(columns, max_size=2)):
+        action = draw(st.sampled_from(["drop", "twice", "extra"]))
+        if action == "drop" and column in frame:
+            frame = frame.drop(columns=column)
+        elif action == "twice" and column in frame:
+            frame = pd.concat([frame, frame[[column]]], axis=1)
+        elif action == "extra":
+            frame[f"{column}_extra"] = draw(HOSTILE)
+    pairs = [f"{field}={value}" for field, values in known.items() for value in values]
+    target = st.sampled_from([*pairs, "tissue=lung", "sex=T", "sex=", "sex=<unk>"])
+    joined = st.lists(target, max_size=3).map(";".join)
+    targets = st.one_of(joined, st.text(max_size=12), st.integers(), st.none())
+    good = st.fixed_dictionaries({"targets": joined}, optional={"contributions": st.booleans()})
+    hostile = st.one_of(
+        st.fixed_dictionaries(
+            {"targets": targets}, optional={"contributions": HOSTILE, "target": targets}
+        ),
+        st.dictionaries(st.text(max_size=12), HOSTILE, max_size=2),
+        st.none(),
+        st.lists(st.text(max_size=3), max_size=2),
+    )
+    params = draw(st.one_of(good, hostile))
+    return frame, params
+
+
+@pytest.fixture(scope="module")
+def pyfunc(registry: str) -> tuple[mlflow.pyfunc.PyFuncModel, TrainedModel]:
+    """cae-demo@champion as the pyfunc that serving runs, and as the torch model."""
+    return mlflow.pyfunc.load_model("models:/cae-demo@champion"), cae.load_model(
+        "models:/cae-demo@champion"
+    )
+
+
+@pytest.mark.fuzz
+@fuzz_settings(short=40)
+@given(data=st.data())
+def test_any_request_is_refused_in_one_line_or_answered_with_finite_values(pyfunc, data):
+    model, trained = pyfunc
+    known = {
+        field: vocabulary.values for field, vocabulary in trained.vocabularies.by_field.items()
+    }
+    frame, params = data.draw(hostile_requests(trained.genes, known))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # extra columns are ignored with a warning
+        event(assert_refused_or_finite(model, frame, params, trained.genes))
+
+
+def test_a_model_whose_answer_is_not_finite_refuses_rather_than_serving_nan(demo_run):
+    trained = load_checkpoint(demo_run.checkpoint)
+    with torch.no_grad():
+        next(trained.model.parameters()).fill_(float("nan"))  # as a broken checkpoint would be
+    cells = example_input(trained, 3)
+    with pytest.raises(DataError, match="the model's answer for row 0 is not finite"):
+        predict_frame(trained, cells, {"sex": "female"}, False)

@@ -6,15 +6,26 @@ the ``cae`` package itself (``code_paths``). It never needs the training or data
 
 Input: a DataFrame with one column per gene (any order; extra columns are ignored with a warning)
 and one column per model field holding each cell's source context. Params: ``targets``
-(``"sex=female;assay=10x 3' v3"``; fields not named keep their source value) and ``contributions``
-(add each head's per-cell L2 norm as ``contrib_l2/<head>`` columns). Output: the counterfactual
-expression, one column per gene (log1p counts per 10,000 for the default transform). A request
-of more than ``serve.max_rows`` cells (default 10,000; ``CAE_SERVE__MAX_ROWS`` in the serving
-process overrides the value saved with the model) is refused with a message saying so.
+(``"sex=female;assay=10x 3' v3"``; fields not named keep their source value; ``""`` reconstructs
+the cells), which every request must give, and ``contributions`` (add each head's per-cell L2 norm
+as ``contrib_l2/<head>`` columns). Output: the counterfactual expression, one column per gene
+(log1p counts per 10,000 for the default transform), every value finite.
+
+Refused with a one-line reason (``MlflowException`` INVALID_PARAMETER_VALUE, HTTP 400 when
+served): a request of more than ``serve.max_rows`` cells (default 10,000); a gene value that is
+not a number, or is NaN, null, infinite, negative or above ``serve.max_value`` (default 1e9, which
+no count or normalised value reaches); a cell with zero total counts under ``log1p_cp10k``; a
+column given twice; missing gene or field columns; unknown target fields or values; params without
+``targets``. ``CAE_SERVE__MAX_ROWS`` / ``CAE_SERVE__MAX_VALUE`` in the serving process override
+the values saved with the model. MLflow itself drops param names other than ``targets`` and
+``contributions`` (with a warning in the server's log) before the model sees them, which is why
+``targets`` has no default: a misspelt ``target`` is refused rather than answered with the cells
+unchanged.
 """
 
 from __future__ import annotations
 
+import numbers
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,7 +35,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from cae.config import serve_settings
+from cae.config import ServeConfig, serve_settings
 from cae.errors import CAEError, CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import TrainedModel, load_checkpoint
@@ -32,7 +43,7 @@ from cae.train.checkpoint import TrainedModel, load_checkpoint
 MODEL_NAME_IN_RUN = "counterfactual_model"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_PARAMS: dict[str, Any] = {"targets": "", "contributions": False}
+PARAMS = ("targets", "contributions")
 
 
 def parse_targets(text: str) -> dict[str, str]:
@@ -61,7 +72,7 @@ def predict_frame(
     cells: pd.DataFrame,
     targets: dict[str, str],
     contributions: bool,
-    max_rows: int | None = None,
+    limits: ServeConfig | None = None,
 ) -> pd.DataFrame:
     """Counterfactual expression of ``cells`` (gene columns + one source column per field).
 
@@ -70,22 +81,39 @@ def predict_frame(
         cells: one row per cell: a column per gene and a source-context column per field.
         targets: ``{field: value}`` for the fields to change.
         contributions: add each head's per-cell L2 norm as ``contrib_l2/<head>`` columns.
-        max_rows: refuse inputs with more rows (None: no limit).
+        limits: the most rows and the largest value a request may hold (None: the defaults of
+            :class:`ServeConfig`).
 
     Returns:
-        The counterfactual expression, one column per gene, indexed like ``cells``.
+        The counterfactual expression, one column per gene, indexed like ``cells``; every value
+        finite.
 
     Raises:
-        DataError: more rows than ``max_rows``, or gene columns are missing (the message says
-            the limit and how to raise it, or lists the genes the model needs).
+        DataError: ``cells`` is not a table, holds more rows than ``limits.max_rows``, names a
+            column twice, lacks gene columns, or holds a gene value that is not a number >= 0 and
+            at most ``limits.max_value`` (or a cell with zero counts under ``log1p_cp10k``); or the
+            model's answer is not finite. The message names the column, row and value.
         MetadataError: a field column is missing, or a source or target value is unknown (the
             message lists the fields or the known values).
     """
-    if max_rows is not None and len(cells) > max_rows:
+    limits = limits or ServeConfig()
+    if not isinstance(cells, pd.DataFrame):
+        raise DataError(
+            f"the input is a {type(cells).__name__}, not a table; send a DataFrame "
+            '(served: "dataframe_split" or "dataframe_records") with one column per gene and '
+            "per field"
+        )
+    if len(cells) > limits.max_rows:
         raise DataError(
             f"the request holds {len(cells):,} cells but this model answers at most "
-            f"{max_rows:,} per request (serve.max_rows); send fewer cells per request, or raise "
-            "the limit where the model is served (CAE_SERVE__MAX_ROWS=N mlflow models serve ...)"
+            f"{limits.max_rows:,} per request (serve.max_rows); send fewer cells per request, or "
+            "raise the limit where the model is served (CAE_SERVE__MAX_ROWS=N mlflow models serve "
+            "...)"
+        )
+    twice = cells.columns[cells.columns.duplicated()]
+    if len(twice):
+        raise DataError(
+            f"input has the column {twice[0]!r} more than once; send each gene and field once"
         )
     genes = trained.genes
     fields = list(trained.vocabularies.fields)
@@ -110,13 +138,114 @@ def predict_frame(
             f"{', '.join(sorted(map(str, extra))[:5])}",
             stacklevel=2,
         )
-    x = cells[genes].to_numpy(dtype=np.float32)
+    x = expression_values(cells[genes], limits.max_value, trained.settings.data.transform)
     out = trained.counterfactual(x, cells[fields].astype(str), targets)
     frame = pd.DataFrame(out.output.cpu().numpy(), columns=genes, index=cells.index)
     if contributions:
         for head, norms in contribution_l2(out).items():
             frame[f"contrib_l2/{head}"] = norms.cpu().numpy()
+    finite = np.isfinite(frame.to_numpy()).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise DataError(
+            f"the model's answer for row {row} is not finite; its input lies far outside what "
+            "the model was trained on, or the model's weights are broken (retrain it)"
+        )
     return frame
+
+
+def expression_values(genes: pd.DataFrame, max_value: float, transform: str) -> np.ndarray:
+    """The gene columns of a request as a float32 matrix, checked value by value.
+
+    Args:
+        genes: (n, G) one column per gene, in the model's order (column names unique).
+        max_value: the largest value allowed.
+        transform: the model's input transform; ``log1p_cp10k`` also refuses all-zero cells.
+
+    Returns:
+        (n, G) float32.
+
+    Raises:
+        DataError: naming the first column, row and value that is not a number (a string, a
+            boolean), is null, NaN, infinite, negative or above ``max_value``; or the first cell
+            with zero total counts under ``log1p_cp10k``. Rows count from 0.
+    """
+    for gene, dtype in genes.dtypes.items():
+        if dtype.kind not in "iuf":  # object columns (JSON with nulls, strings, huge integers)
+            for row, value in enumerate(genes[gene].tolist()):
+                if value is not None and value is not pd.NA and not _is_number(value):
+                    raise DataError(
+                        f"gene column {gene!r} holds {value!r} in row {row}; gene columns take "
+                        "numbers (counts, or the normalised values the model was trained on)"
+                    )
+    with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
+        try:
+            x = genes.to_numpy(dtype=np.float32, na_value=np.nan)
+        except OverflowError:  # an integer past float64's range
+            x = np.array([[_as_float(v) for v in row] for row in genes.itertuples(index=False)])
+            x = x.astype(np.float32)
+    allowed = (x >= 0) & (x <= max_value)  # NaN fails both comparisons
+    if not allowed.all():
+        row, column = divmod(int(np.argmin(allowed)), x.shape[1])
+        value = genes.iat[row, column]
+        bad = allowed.size - int(np.count_nonzero(allowed))
+        more = f" (and {bad - 1:,} more such values)" if bad > 1 else ""
+        raise DataError(
+            f"gene column {genes.columns[column]!r} holds {_shown(value)} in row {row}{more}; "
+            f"{_why_refused(value, max_value)}"
+        )
+    if transform == "log1p_cp10k":
+        empty = np.flatnonzero(x.sum(axis=1) <= 0)
+        if empty.size:
+            more = f" (and {empty.size - 1:,} more cells)" if empty.size > 1 else ""
+            raise DataError(
+                f"row {empty[0]} has zero total counts{more}; transform log1p_cp10k cannot "
+                "normalise a cell with no counts: drop it, or send its counts"
+            )
+    return x
+
+
+def _is_number(value: object) -> bool:
+    """A real number, and not a boolean (True is an int to Python, never a count here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _as_float(value: object) -> float:
+    """``value`` as a float; None and integers past float64's range as NaN and infinity."""
+    if value is None or value is pd.NA:
+        return float("nan")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")  # type: ignore[operator]
+
+
+def _shown(value: object) -> str:
+    """A gene value as the request spelled it (JSON names for the special floats)."""
+    number = _as_float(value)
+    if value is None or value is pd.NA:
+        return "null"
+    if np.isnan(number):  # a JSON null in a column of numbers arrives as NaN
+        return "NaN or null"
+    if np.isinf(number) and not isinstance(value, numbers.Integral):
+        return "Infinity" if number > 0 else "-Infinity"
+    text = str(value) if isinstance(value, np.generic) else repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} digits)"
+
+
+def _why_refused(value: object, max_value: float) -> str:
+    """Why a gene value that is a number is refused, and what to send instead."""
+    number = _as_float(value)
+    if np.isnan(number):
+        return "every gene of every cell needs a number (0 where nothing was counted)"
+    if number < 0:
+        return "expression must be >= 0 (counts, or the normalised values the model was trained on)"
+    return (
+        f"expression must be finite and at most {max_value:g} (serve.max_value), more than any "
+        "count or normalised value reaches; send counts or the normalised values the model was "
+        "trained on, or raise the bound where the model is served (CAE_SERVE__MAX_VALUE=X mlflow "
+        "models serve ...)"
+    )
 
 
 class CounterfactualModel(PythonModel):
@@ -125,7 +254,7 @@ class CounterfactualModel(PythonModel):
     def load_context(self, context: Any) -> None:
         """Load the checkpoint artifact (on the CPU) and the serving settings in force."""
         self.trained = load_checkpoint(context.artifacts["checkpoint"])
-        self.max_rows = serve_settings(self.trained.settings).max_rows
+        self.limits = serve_settings(self.trained.settings)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -134,12 +263,17 @@ class CounterfactualModel(PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-        params = {**DEFAULT_PARAMS, **(params or {})}
+        params = params or {}
         try:
+            if params.get("targets") is None:
+                raise ConfigError(
+                    'the request\'s params lack "targets"; name the counterfactual, e.g. '
+                    '{"targets": "sex=female"} ("" reconstructs the cells). MLflow drops param '
+                    f"names other than {' and '.join(PARAMS)}: check their spelling"
+                )
             targets = parse_targets(str(params["targets"]))
-            return predict_frame(
-                self.trained, model_input, targets, bool(params["contributions"]), self.max_rows
-            )
+            contributions = bool(params.get("contributions", False))
+            return predict_frame(self.trained, model_input, targets, contributions, self.limits)
         except CAEError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 
@@ -235,24 +369,18 @@ def register(
         CheckpointError: the run does not exist or holds no checkpoint.
     """
     import mlflow
-    from mlflow.models import infer_signature
-
-    check_registry_names(name, alias)
     from mlflow.tracking import MlflowClient
 
     from cae.tracking.callbacks import tracking_uri as resolve_uri
 
+    check_registry_names(name, alias)
     mlflow.set_tracking_uri(resolve_uri(tracking_uri))
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = download_run_checkpoint(run_id, Path(scratch))
         trained = load_checkpoint(checkpoint)
         example = example_input(trained)
-        signature = _optional_inputs(
-            infer_signature(
-                example, predict_frame(trained, example, {}, False), params=DEFAULT_PARAMS
-            )
-        )
+        signature = _signature(predict_frame(trained, example, {}, False))
         ended = client.get_run(run_id).info.status
         mlflow.start_run(run_id=run_id)
         try:
@@ -262,7 +390,7 @@ def register(
                 artifacts={"checkpoint": checkpoint},
                 code_paths=[str(PACKAGE_DIR)],
                 signature=signature,
-                input_example=example,
+                input_example=(example, {"targets": ""}),
                 pip_requirements=pip_requirements(),
                 registered_model_name=name,
             )
@@ -279,17 +407,19 @@ def register(
     return version
 
 
-def _optional_inputs(signature: Any) -> Any:
-    """The same signature with every input column optional, so that a missing gene or field
-    reaches :func:`predict_frame`, whose message lists what the model needs (MLflow's own schema
-    error would print the whole request instead)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+def _signature(output: pd.DataFrame) -> Any:
+    """The registered model's signature: its output columns and its params, ``targets`` without a
+    default (see the module docstring). It declares no input schema: MLflow would check the input
+    against one before :func:`predict_frame` sees it, and its refusals print the whole request and
+    schema (megabytes for 60,000 genes) without naming the value to fix; ``input_example`` shows
+    the input's columns instead."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
-    inputs = Schema(
-        [ColSpec(col.type, col.name, required=False) for col in signature.inputs.inputs]
+    params = ParamSchema(
+        [ParamSpec("targets", "string", None), ParamSpec("contributions", "boolean", False)]
     )
-    return ModelSignature(inputs=inputs, outputs=signature.outputs, params=signature.params)
+    return ModelSignature(outputs=infer_signature(output).inputs, params=params)
 
 
 def load_model(model_uri: str) -> TrainedModel:

@@ -261,3 +261,18 @@ def test_a_refused_registration_leaves_the_run_as_it_ended(small_data: Path, tmp
         refused(argv, part, "refused")
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert client.search_registered_models() == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 1e39])
+def test_python_counterfactuals_refuse_values_that_are_not_expression(demo_run, value: float):
+    import numpy as np
+
+    from cae.errors import DataError
+    from cae.train import load_checkpoint
+
+    model = load_checkpoint(demo_run.out_dir)
+    x = np.ones((3, len(model.genes)), dtype=np.float64)
+    x[2, 5] = value
+    source = {f: v.values[0] for f, v in model.vocabularies.by_field.items()}
+    with pytest.raises(DataError, match=f"for gene '{model.genes[5]}' in row 2"):
+        model.counterfactual(x, source, {})

@@ -22,7 +22,7 @@ from cae.config import Settings, settings_from_dict
 from cae.data.atomic import atomic_write
 from cae.data.loader import apply_transform
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
-from cae.errors import CheckpointError, MetadataError
+from cae.errors import CheckpointError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
 
@@ -163,12 +163,22 @@ class TrainedModel:
 
         Raises:
             MetadataError: unknown fields or values in ``source`` or ``targets``.
+            DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``.
             ValueError: ``x`` does not have the model's gene count.
         """
         dense = x.toarray() if sp.issparse(x) else x
         tensor = torch.as_tensor(dense, dtype=torch.float32)
         if tensor.ndim != 2 or tensor.shape[1] != len(self.genes):
             raise ValueError(f"x must be (cells, {len(self.genes)}) but is {tuple(tensor.shape)}")
+        limit = self.settings.serve.max_value
+        refused = ~(torch.isfinite(tensor) & (tensor >= 0) & (tensor <= limit))
+        if refused.any():
+            row, column = divmod(int(refused.flatten().nonzero()[0]), tensor.shape[1])
+            raise DataError(
+                f"x holds {tensor[row, column].item()} for gene {self.genes[column]!r} in row "
+                f"{row}; expression must be finite, >= 0 and <= {limit:g} (serve.max_value): "
+                "counts, or the normalised values the model was trained on"
+            )
         device = next(self.model.parameters()).device
         source_index = self.encode_contexts(source, tensor.shape[0])
         target_index = self.encode_targets(source_index, targets)

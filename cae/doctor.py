@@ -2,9 +2,10 @@
 
 Each check is one row, OK, WARN or FAIL, with what was found and, for WARN and FAIL, what to do:
 Python and the versions of torch, MLflow and Optuna; the training device; the tracking store
-(resolved as training resolves it); the study storage; the PostgreSQL driver where a
-``postgresql://`` URL is configured; SLURM. Every network check is bounded by a timeout, and no
-check writes anything: a sqlite file or a journal is only checked for a writable folder.
+(resolved as training resolves it; a server must also let in the login MLflow's client sends);
+the study storage; the PostgreSQL driver where a ``postgresql://`` URL is configured; SLURM.
+Every network check is bounded by a timeout, and no check writes anything: a sqlite file or a
+journal is only checked for a writable folder.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 
 from cae.config import Settings
 from cae.errors import ConfigError
-from cae.tracking.callbacks import redact, tracking_uri
+from cae.tracking.callbacks import access_refused, redact, tracking_uri
 
 Status = Literal["OK", "WARN", "FAIL"]
 
@@ -167,6 +168,10 @@ def _tracking_store(uri: str, source: str, timeout: float) -> Check:
                 f"{SERVER_HINT}, or point MLFLOW_TRACKING_URI (or --tracking-uri) at a running "
                 "tracking server",
             )
+        refused = _login_refused(uri, timeout)
+        if refused:
+            what, fix = refused
+            return Check(name, "FAIL", f"{shown}: answers, but {what}", fix)
         return Check(name, "OK", f"{shown}: /health answered {status}")
     if scheme == "sqlite":
         return _sqlite(name, uri, shown, "--tracking-uri or MLFLOW_TRACKING_URI")
@@ -176,6 +181,28 @@ def _tracking_store(uri: str, source: str, timeout: float) -> Check:
         folder = Path(urlsplit(uri).path if scheme else uri)
         return _writable(name, folder, shown, "--tracking-uri or MLFLOW_TRACKING_URI")
     return Check(name, "WARN", f"{shown}: a {scheme}:// store is not checked here")
+
+
+def _login_refused(uri: str, timeout: float) -> tuple[str, str] | None:
+    """Ask the tracking server's API for one experiment with the credentials MLflow's client
+    sends (``/health`` needs none, so it cannot tell): what a 401 or 403 means and what to do,
+    or None when the server lets this client in (or fails otherwise: left to training)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        answer = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            max_retries=0,
+            timeout=timeout,
+            params={"max_results": 1},
+        )
+    except (OSError, MlflowException):  # the server went away since /health: not a login matter
+        return None
+    return access_refused(answer.status_code)
 
 
 def _study_storage(storage: str, timeout: float) -> Check:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -68,12 +69,31 @@ def running(
             stop(server)
 
 
+@dataclass
+class BasicAuth:
+    """MLflow's basic-auth app as a server runs it: its configuration file (``database_uri``
+    names the users' store) and the password it gives its admin user on first start."""
+
+    config: Path
+    admin_password: str
+
+    def environment(self) -> dict[str, str]:
+        """The variables ``mlflow server --app-name basic-auth`` reads: the configuration, the
+        admin's password and a fresh secret for its CSRF tokens."""
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
+
+
 def mlflow_server_command(
-    backend_store_uri: str, folder: Path, port: int
+    backend_store_uri: str, folder: Path, port: int, basic_auth: BasicAuth | None = None
 ) -> tuple[list[str], dict[str, str], str]:
     """The command, environment and health URL of a real ``mlflow server`` on 127.0.0.1:``port``
     over ``backend_store_uri``, serving artifacts from ``folder``/server-artifacts (a restart on
-    the same store, folder and port finds the same runs)."""
+    the same store, folder and port finds the same runs). With ``basic_auth`` it runs MLflow's
+    basic-auth app: every request but ``/health`` needs a login."""
     command = [
         str(Path(sys.executable).parent / "mlflow"), "server",
         "--backend-store-uri", backend_store_uri,
@@ -81,15 +101,20 @@ def mlflow_server_command(
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if basic_auth is not None:
+        command += ["--app-name", "basic-auth"]
+        env.update(basic_auth.environment())
     return command, env, f"http://127.0.0.1:{port}/health"
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
+def mlflow_server(
+    backend_store_uri: str, folder: Path, basic_auth: BasicAuth | None = None
+) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 and a free port over ``backend_store_uri``, serving
-    artifacts from ``folder``/server-artifacts (log: ``folder``/server.log); yields its URL and
-    stops it by its pid."""
-    command, env, health = mlflow_server_command(backend_store_uri, folder, free_port())
+    artifacts from ``folder``/server-artifacts (log: ``folder``/server.log), with a login when
+    ``basic_auth`` is given; yields its URL and stops it by its pid."""
+    command, env, health = mlflow_server_command(backend_store_uri, folder, free_port(), basic_auth)
     with running(command, env, health, folder / "server.log"):
         yield health.removesuffix("/health")
 

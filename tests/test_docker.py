@@ -5,6 +5,7 @@ is no Docker engine here: the images are built and run elsewhere."""
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import shutil
@@ -41,7 +42,8 @@ def test_dockerfile_is_cpu_by_default_runs_as_a_user_and_enters_cae():
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == ['["cae"]']
-    assert '".[postgres]"' in text, "the image reaches PostgreSQL stores"
+    assert '".[postgres,server]"' in text, "the image reaches PostgreSQL and runs the login app"
+    assert re.search(r"mkdir -p .*/mlauth", text), "the users' volume belongs to the user"
     ignored = [line for line in (REPO / ".dockerignore").read_text().split("\n") if line[:1] != "#"]
     assert ignored[0] == "*" and "!cae/" in ignored and "!pyproject.toml" in ignored
 
@@ -52,7 +54,7 @@ def test_compose_starts_postgres_and_mlflow_on_loopback_with_volumes():
     assert set(services) == SERVICES
     assert {name for name, s in services.items() if "profiles" not in s} == {"postgres", "mlflow"}
     assert services["optuna-dashboard"]["profiles"] == ["dashboard"]
-    assert set(compose["volumes"]) == {"postgres-data", "mlflow-artifacts"}
+    assert set(compose["volumes"]) == {"postgres-data", "mlflow-artifacts", "mlflow-auth"}
 
     postgres = services["postgres"]
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
@@ -76,7 +78,32 @@ def test_compose_starts_postgres_and_mlflow_on_loopback_with_volumes():
 
     for name, service in services.items():  # published only on 127.0.0.1 unless CAE_BIND says
         for port in service.get("ports", []):
-            assert port.startswith("${CAE_BIND:-127.0.0.1}:"), (name, port)
+            if name == "optuna-dashboard":  # no login of its own: never opened
+                assert port.startswith("127.0.0.1:"), (name, port)
+            else:
+                assert port.startswith("${CAE_BIND:-127.0.0.1}:"), (name, port)
+
+
+def test_compose_has_no_default_password_and_mlflow_asks_for_a_login():
+    text = (DOCKER / "compose.yaml").read_text()
+    assert not re.search(r"(PASSWORD|SECRET_KEY):-", text), "a default secret"
+    services = yaml.safe_load(text)["services"]
+    postgres = services["postgres"]["environment"]
+    assert postgres["POSTGRES_PASSWORD"].startswith("${CAE_DB_PASSWORD:?")
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${CAE_MLFLOW_PASSWORD:?")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${CAE_MLFLOW_SECRET_KEY:?")
+    config = env["MLFLOW_AUTH_CONFIG_PATH"]
+    assert f"./basic_auth.ini:{config}:ro" in mlflow["volumes"]
+    assert "mlflow-auth:/mlauth" in mlflow["volumes"]
+    ini = configparser.ConfigParser()
+    ini.read(DOCKER / "basic_auth.ini")
+    assert ini["mlflow"]["database_uri"] == "sqlite:////mlauth/basic_auth.db"
+    assert "admin_password" not in ini["mlflow"], "the admin's password comes from the environment"
+    for name in ("cae", "serve"):  # inside the stack, the admin's login
+        assert services[name]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "${CAE_MLFLOW_PASSWORD}"
 
 
 def _compose_command() -> list[str] | None:
@@ -88,20 +115,36 @@ def _compose_command() -> list[str] | None:
     return [legacy] if legacy else None
 
 
-def test_compose_file_validates_with_docker_compose():
+SECRETS = {"CAE_DB_PASSWORD": "db0secret", "CAE_MLFLOW_PASSWORD": "mlflow0secret0",
+           "CAE_MLFLOW_SECRET_KEY": "key0secret"}  # fmt: skip
+
+
+def test_compose_file_validates_with_docker_compose(tmp_path):
     command = _compose_command()
     if command is None:
         pytest.skip(
             "neither `docker compose` nor docker-compose is installed (`.ci/run` installs "
             "Debian's docker-compose; no Docker engine is needed to validate)"
         )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAE_")}
-    compose = [*command, "-f", str(DOCKER / "compose.yaml")]
-    done = subprocess.run([*compose, "config", "-q"], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("CAE_", "MLFLOW_"))}
+    empty = tmp_path / "empty.env"  # instead of a docker/.env this checkout may hold
+    empty.touch()
+    compose = [*command, "--env-file", str(empty), "-f", str(DOCKER / "compose.yaml")]
     profiles = ["--profile", "dashboard", "--profile", "cli", "--profile", "serve"]
-    done = subprocess.run([*compose, *profiles, "config", "--services"], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    def config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*compose, *profiles, "config", *args], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    for missing in SECRETS:  # each secret missing: the stack refuses to start, naming it
+        done = config({**clean, **SECRETS, missing: "", "CAE_BIND": "0.0.0.0"}, "-q")
+        assert done.returncode != 0 and f"set {missing} (docker/.env)" in done.stderr, done.stderr
+    done = config({**clean, **SECRETS}, "--services")
     assert done.returncode == 0, done.stderr
     assert set(done.stdout.split()) == SERVICES
+    done = config({**clean, **SECRETS, "CAE_BIND": "0.0.0.0"})
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    published = {name: [str(p) for p in s.get("ports", [])] for name, s in resolved.items()}
+    assert "0.0.0.0" in " ".join(published["mlflow"] + published["postgres"]), published
+    assert "0.0.0.0" not in " ".join(published["optuna-dashboard"]), published

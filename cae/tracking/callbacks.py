@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import matplotlib.pyplot as plt
+from mlflow.exceptions import MlflowException
 
 from cae import __version__
 from cae.config import Settings
@@ -58,6 +59,34 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def access_refused(status: int) -> tuple[str, str] | None:
+    """What an MLflow tracking server meant by refusing this client with HTTP ``status``, and
+    what to do: for 401 (no login, or a wrong one) and 403 (logged in, not allowed); None for any
+    other status. The credentials are those MLflow's client sends: ``MLFLOW_TRACKING_USERNAME``
+    and ``MLFLOW_TRACKING_PASSWORD``, else ``~/.mlflow/credentials``.
+
+    Returns:
+        ``(what happened, what to do)``, each a phrase to put after the server's URI, or None.
+    """
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    user = read_mlflow_creds().username
+    login = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    if status == 401:
+        who = f"the password of user {user!r}" if user else "a request without credentials"
+        return (
+            f"asks for a login and refused {who} (HTTP 401)",
+            f"set {login} to your account on that server (its admin creates it)",
+        )
+    if status == 403:
+        return (
+            f"lets user {user!r} in but not do this (HTTP 403)",
+            f"ask the server's admin for permission on the experiment, or set {login} to "
+            "another account",
+        )
+    return None
 
 
 def git_commit(directory: Path | None = None) -> str | None:
@@ -126,6 +155,13 @@ class MLflowCallback(Callback):
             previous = close_abandoned_run(trainer.out_dir)
             self.run_id = start_run(trainer.settings)
         except TRACKING_ERRORS as err:
+            status = err.get_http_status_code() if isinstance(err, MlflowException) else 0
+            refused = access_refused(status)
+            if refused:
+                what, fix = refused
+                raise ConfigError(
+                    f"MLflow tracking at {redact(uri)} {what}: {fix}; or train with --no-tracking"
+                ) from None
             raise ConfigError(
                 f"MLflow tracking at {uri} does not answer ({first_line(err)}); "
                 "start the tracking server or fix the URI (--tracking-uri, MLFLOW_TRACKING_URI), "

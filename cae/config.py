@@ -656,9 +656,12 @@ def load_settings(
                 f"config file {path} does not exist; check the path given to --config"
             )
         try:
-            tomllib.loads(path.read_text())
+            with path.open("rb") as file:  # as pydantic-settings reads it (no newline folding)
+                tomllib.load(file)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
     nested = nest(overrides or {})
     with _toml_source(path):
         try:

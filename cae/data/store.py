@@ -41,10 +41,11 @@ if TYPE_CHECKING:
     from cae.config import DataConfig
 
 METADATA_SUFFIXES = (".pkl", ".parquet")
-# What numpy and zipfile raise for a truncated, corrupt or foreign .npz.
+# What numpy and zipfile raise for a truncated, corrupt or foreign .npz (zipfile raises
+# NotImplementedError for a version or compression it lacks, RuntimeError for an encrypted member).
 _NPZ_ERRORS = (
     OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error,
-    isal_zlib.error,
+    isal_zlib.error, NotImplementedError, RuntimeError,
 )  # fmt: skip
 _CHUNK_ID = re.compile(r"(\d+)$")
 # The arrays of each sparse format, as scipy.sparse.save_npz and AnnData name them.

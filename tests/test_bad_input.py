@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anndata
 import mlflow
 import numpy as np
 import pandas as pd
@@ -138,6 +139,54 @@ def _rename_genes(data: Path) -> None:
                                     "".join(f"{g}\n" for g in GENES[2:]))  # fmt: skip
 
 
+def _h5ad(edit: Callable[[anndata.AnnData], anndata.AnnData]) -> Callable[[Path], None]:
+    """Write the three chunks as ``cells.h5ad``, changed by ``edit``."""
+
+    def spoil(data: Path) -> None:
+        x = sp.vstack([sp.load_npz(_counts(data, chunk)) for chunk in range(3)], format="csr")
+        obs = pd.concat([pd.read_pickle(_metadata(data, c)) for c in range(3)], ignore_index=True)
+        obs.index = obs.index.astype(str)
+        edit(anndata.AnnData(x, obs=obs, var=pd.DataFrame(index=GENES))).write_h5ad(
+            data / "cells.h5ad"
+        )
+
+    return spoil
+
+
+def _repeat_gene(adata: anndata.AnnData) -> anndata.AnnData:
+    adata.var_names = [GENES[0], *GENES[:-1]]  # gene_0000 twice, gene_0011 gone
+    return adata
+
+
+def _without_x(adata: anndata.AnnData) -> anndata.AnnData:
+    adata.X = None
+    return adata
+
+
+def _pickle_of_another_pandas(data: Path) -> None:
+    """A DataFrame pickled by a pandas whose module layout differs from the one installed."""
+    raw = pickle.dumps(pd.read_pickle(_metadata(data, 1)))
+    _metadata(data, 1).write_bytes(raw.replace(b"pandas.core.frame", b"pandas.core.frams"))
+
+
+def _repeated_column(frame: pd.DataFrame, chunk: int) -> pd.DataFrame:
+    return pd.concat([frame, frame[["sex"]]], axis=1)
+
+
+def _two_column_levels(frame: pd.DataFrame, chunk: int) -> pd.DataFrame:
+    frame.columns = pd.MultiIndex.from_tuples([(c, "label") for c in frame.columns])
+    return frame
+
+
+def _text_indices(data: Path) -> None:
+    arrays = dict(np.load(_counts(data, 1)))
+    np.savez(_counts(data, 1), **arrays | {"indices": arrays["indices"].astype(str)})
+
+
+def _genes_not_text(data: Path) -> None:
+    (data / "genes.txt").write_bytes(b"\xff\xfe" + b"\x00" * 40)
+
+
 def _existing_output(data: Path) -> None:
     (data.parent / "output" / "shared").mkdir(parents=True)
     (data.parent / "output" / "shared" / "mine.txt").write_text("keep")
@@ -174,7 +223,9 @@ def _train(*extra: str) -> tuple[str, ...]:
 
 
 TRAIN = _train("--no-tracking")
+TRAIN_H5AD = tuple("{data}/cells.h5ad" if arg == "{data}" else arg for arg in TRAIN)
 GENERATE = ("generate", "--model", "{model}", "--input", "{data}", "--out", "{out}/cf.h5ad")
+GENERATE_H5AD = tuple("{data}/cells.h5ad" if arg == "{data}" else arg for arg in GENERATE)
 CONVERT = ("convert", "--data", "{data}", "--out", "{out}/shared")
 
 
@@ -312,6 +363,62 @@ CASES = {
         ("synth_metadata_2.pkl has no expression chunk with id 2", "add it or move the file away"),
         TRAIN,
     ),
+    "pkl of another pandas version": Case(
+        _pickle_of_another_pandas,
+        DataError,
+        (
+            "cannot unpickle",
+            "synth_metadata_1.pkl",
+            "ModuleNotFoundError: No module named 'pandas.core.frams'",
+            "write it again as parquet",
+        ),
+        TRAIN,
+    ),
+    "repeated metadata column": Case(
+        _edit_metadata(_repeated_column, chunks=(1,)),
+        MetadataError,
+        ("synth_metadata_1.pkl", "columns 'sex' appear more than once", "unique name"),
+        TRAIN,
+    ),
+    "metadata columns of two levels": Case(
+        _edit_metadata(_two_column_levels, chunks=(1,)),
+        MetadataError,
+        ("synth_metadata_1.pkl", "columns have 2 levels", "one level of names"),
+        TRAIN,
+    ),
+    "genes.txt that is not text": Case(
+        _genes_not_text,
+        DataError,
+        ("cannot read {data}/genes.txt as text", "one gene name per line in UTF-8"),
+        TRAIN,
+    ),
+    "npz array of text": Case(
+        _text_indices,
+        DataError,
+        ("synth_counts_1.npz: 'indices' holds <U11 values, expected integers", "write the matrix"),
+        TRAIN,
+    ),
+    "h5ad repeating a gene": Case(
+        _h5ad(_repeat_gene),
+        DataError,
+        (
+            "cells.h5ad var_names names genes more than once: gene_0000 (2 times)",
+            "give every gene one name",
+        ),
+        TRAIN_H5AD,
+    ),
+    "h5ad without X": Case(
+        _h5ad(_without_x),
+        DataError,
+        ("cells.h5ad has no X matrix", "write the expression into .X", "data.h5ad_layer"),
+        TRAIN_H5AD,
+    ),
+    "h5ad without genes": Case(
+        _h5ad(lambda adata: adata[:, :0].copy()),
+        DataError,
+        ("cells.h5ad holds no genes", "give one with genes"),
+        TRAIN_H5AD,
+    ),
     # fields
     "requested field missing": Case(
         _nothing,
@@ -409,6 +516,15 @@ CASES = {
             "give an input with every gene the model was trained on",
         ),
         (*GENERATE, "--set", "sex=female"),
+    ),
+    "input h5ad repeating a gene at generation": Case(
+        _h5ad(_repeat_gene),
+        DataError,
+        (
+            "cells.h5ad var_names names genes more than once: gene_0000 (2 times)",
+            "give every gene one name",
+        ),
+        (*GENERATE_H5AD, "--set", "sex=female"),
     ),
     # sharing
     "convert onto its own input": Case(

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
+import math
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +35,30 @@ import scipy.sparse as sp
 from isal import isal_zlib
 
 from cae.data.soma import SomaQuery, is_soma_uri
-from cae.errors import DataError, MetadataError
+from cae.errors import CAEError, DataError, MetadataError
 
 if TYPE_CHECKING:
     from cae.config import DataConfig
 
 METADATA_SUFFIXES = (".pkl", ".parquet")
-# What numpy and zipfile raise for a truncated, corrupt or foreign .npz.
+# What numpy and zipfile raise for a truncated, corrupt or foreign .npz (zipfile raises
+# NotImplementedError for a version or compression it lacks, RuntimeError for an encrypted member).
 _NPZ_ERRORS = (
     OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error,
-    isal_zlib.error,
+    isal_zlib.error, NotImplementedError, RuntimeError,
 )  # fmt: skip
 _CHUNK_ID = re.compile(r"(\d+)$")
+# The arrays of each sparse format, as scipy.sparse.save_npz and AnnData name them.
+_SPARSE_ARRAYS = {
+    "csr": ("data", "indices", "indptr"),
+    "csc": ("data", "indices", "indptr"),
+    "coo": ("data", "row", "col"),
+}
+# More genes than any expression matrix holds: a header declaring more is corrupt (and naming them
+# gene_0 ... would exhaust memory).
+MAX_GENES = 10_000_000
+# Gene names that mean a name is missing (compared stripped and in lower case).
+_MISSING_NAMES = frozenset({"", "nan", "none", "null", "<na>"})
 
 
 @dataclass(frozen=True)
@@ -199,7 +212,7 @@ class DataStore:
         try:
             adata = anndata.read_h5ad(path, backed="r")
         except Exception as err:  # h5py and anndata raise many kinds for a broken file
-            raise DataError(f"cannot read {path} as .h5ad: {err}") from None
+            raise _unreadable_h5ad(path, err) from None
         try:
             if layer is not None and layer not in adata.layers:
                 raise DataError(
@@ -208,9 +221,17 @@ class DataStore:
                 )
             if adata.n_obs == 0:
                 raise DataError(f"{path} holds no cells")
-            obs = adata.obs.reset_index(drop=True)
-            genes = [str(g) for g in adata.var_names]
+            if adata.n_vars == 0:
+                raise DataError(f"{path} holds no genes (its var is empty); give one with genes")
+            fix = "give every gene one name in var_names and write the .h5ad again"
+            genes = _gene_names(list(adata.var_names), f"{path} var_names", fix)
+            obs = _check_columns(adata.obs.reset_index(drop=True), f"{path.name}.obs")
+            _check_h5ad_matrix(path, layer, (adata.n_obs, adata.n_vars), list(adata.layers))
             chunks = _row_chunks(path, adata.n_obs, len(genes), chunk_size)
+        except CAEError:
+            raise
+        except Exception as err:  # a broken element that anndata opened lazily
+            raise _unreadable_h5ad(path, err) from None
         finally:
             adata.file.close()
         return cls(path, chunks, genes, "h5ad", obs=obs, h5ad_layer=layer)
@@ -273,14 +294,20 @@ class DataStore:
         import anndata
 
         assert chunk.rows is not None
-        adata = anndata.read_h5ad(chunk.expression, backed="r")
+        start, stop = chunk.rows
         try:
-            start, stop = chunk.rows
-            source = adata.X if self._h5ad_layer is None else adata.layers[self._h5ad_layer]
-            block = source[start:stop]
-        finally:
-            adata.file.close()
-        return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+            adata = anndata.read_h5ad(chunk.expression, backed="r")
+            try:
+                source = adata.X if self._h5ad_layer is None else adata.layers[self._h5ad_layer]
+                block = source[start:stop]
+            finally:
+                adata.file.close()
+            return block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        except Exception as err:  # h5py, anndata and scipy raise many kinds for broken elements
+            raise DataError(
+                f"cannot read {chunk.name}: {_reason(err)}; the file is truncated or corrupt: "
+                "write it again with AnnData.write_h5ad, or move it away"
+            ) from None
 
     def read_metadata(self, chunk: Chunk, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Read one chunk's per-cell metadata (only ``columns`` when given).
@@ -389,17 +416,128 @@ def _by_chunk_id(files: Sequence[Path], what: str) -> dict[str, Path]:
 
 
 def _npz_shape(path: Path) -> tuple[int, int]:
-    """Read a sparse .npz's shape from its header without loading the matrix."""
+    """Read a sparse .npz's shape from its headers, without loading the matrix, and check that
+    its arrays' declared sizes and types fit that shape and the bytes the file holds."""
     try:
-        with np.load(path, allow_pickle=False) as archive:  # a plain .npy raises TypeError here
-            fmt = archive["format"].item()
-            shape = tuple(int(n) for n in archive["shape"])
+        with zipfile.ZipFile(path) as archive:
+            arrays = {
+                name.removesuffix(".npy"): _npy_header(path, archive, name)
+                for name in archive.namelist()
+                if name.endswith(".npy")
+            }
+            for name, (shape, kinds) in {"format": ((), "SU"), "shape": ((2,), "iu")}.items():
+                if name not in arrays or arrays[name][0] != shape:
+                    found = f"a {arrays[name][0]} '{name}'" if name in arrays else f"no '{name}'"
+                    raise DataError(
+                        f"{path} is not a sparse matrix file ({found} array; np.savez writes "
+                        "dense arrays): write it again with scipy.sparse.save_npz, or move it away"
+                    )
+                _check_dtype(arrays[name][1], kinds, f"{path}: its '{name}' array")
+            with archive.open("format.npy") as member:
+                fmt = np.lib.format.read_array(member, allow_pickle=False).item()
+            with archive.open("shape.npy") as member:
+                shape = tuple(int(n) for n in np.lib.format.read_array(member, allow_pickle=False))
     except _NPZ_ERRORS as err:
         raise _unreadable_npz(path, err) from None
-    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
-    if fmt not in ("csr", "csc", "coo") or len(shape) != 2:
-        raise DataError(f"{path} holds a sparse '{fmt}' matrix of shape {shape}; expected CSR 2-D")
-    return shape[0], shape[1]
+    fmt = fmt.decode(errors="replace") if isinstance(fmt, bytes) else str(fmt)
+    return _check_sparse_layout(
+        str(path), fmt, shape, arrays, "write it again with scipy.sparse.save_npz, or move it away"
+    )
+
+
+def _npy_header(
+    path: Path, archive: zipfile.ZipFile, name: str
+) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype one ``.npy`` member of an .npz declares, checked against the bytes the
+    member holds (a header claiming more would have numpy allocate it before finding out)."""
+    info = archive.getinfo(name)
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+        header = member.tell()
+    what = f"{path}: its '{name.removesuffix('.npy')}' array"
+    if dtype.hasobject:
+        raise DataError(
+            f"{what} holds Python objects, which only an unsafe unpickling reads; store numbers: "
+            "write it again with scipy.sparse.save_npz from a numeric matrix, or move it away"
+        )
+    declared = math.prod(shape) * dtype.itemsize
+    if header + declared != info.file_size:
+        raise DataError(
+            f"{what} declares {math.prod(shape):,} values ({declared:,} bytes) but holds "
+            f"{info.file_size - header:,} bytes; the file is truncated or corrupt: write it again "
+            "with scipy.sparse.save_npz, or move it away"
+        )
+    return shape, dtype
+
+
+def _check_dtype(dtype: np.dtype, kinds: str, what: str) -> None:
+    """Refuse an array whose dtype is not of one of ``kinds`` (numpy kind letters: ``biuf`` for
+    numbers, ``iu`` for integers, ``SU`` for text)."""
+    if dtype.kind not in kinds:
+        expected = {"biuf": "numbers", "iu": "integers", "SU": "text"}[kinds]
+        raise DataError(
+            f"{what} holds {dtype} values, expected {expected}; write the matrix again from a "
+            "valid one (scipy.sparse.save_npz, AnnData.write_h5ad), or move it away"
+        )
+
+
+def _check_sparse_layout(
+    name: str,
+    fmt: str,
+    shape: tuple[int, ...],
+    arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    fix: str,
+) -> tuple[int, int]:
+    """Check a sparse matrix's declared layout against its arrays' declared shapes and dtypes.
+
+    Args:
+        name: the file (and element) for messages.
+        fmt: the sparse format, ``csr``, ``csc`` or ``coo``.
+        shape: the declared matrix shape.
+        arrays: ``{array name: (shape, dtype)}`` of the stored arrays.
+        fix: what to do, ending the message.
+
+    Returns:
+        ``(cells, genes)``.
+
+    Raises:
+        DataError: another format, not 2-D, a negative or over-large dimension, a missing array,
+            an array that is not 1-D or of the wrong dtype, or array lengths that do not fit.
+    """
+    if fmt not in _SPARSE_ARRAYS or len(shape) != 2:
+        raise DataError(f"{name} holds a sparse '{fmt}' matrix of shape {shape}; expected CSR 2-D")
+    n_cells, n_genes = shape
+    if n_cells < 0 or n_genes < 0 or n_genes > MAX_GENES:
+        raise DataError(
+            f"{name} declares a {n_cells:,} x {n_genes:,} matrix (at most {MAX_GENES:,} genes); "
+            f"its header is corrupt: {fix}"
+        )
+    for array in _SPARSE_ARRAYS[fmt]:
+        if array not in arrays:
+            raise DataError(f"{name} lacks the '{array}' array of a {fmt} matrix: {fix}")
+        if len(arrays[array][0]) != 1:
+            raise DataError(f"{name}: its '{array}' array is {arrays[array][0]}, not 1-D: {fix}")
+        _check_dtype(arrays[array][1], "biuf" if array == "data" else "iu", f"{name}: '{array}'")
+    length = {array: arrays[array][0][0] for array in _SPARSE_ARRAYS[fmt]}
+    problem = None
+    if fmt == "coo":
+        if not length["data"] == length["row"] == length["col"]:
+            problem = f"{length['row']:,} row and {length['col']:,} column indices"
+            problem += f" for {length['data']:,} values"
+    elif length["indices"] != length["data"]:
+        problem = f"{length['indices']:,} indices for {length['data']:,} values"
+    else:
+        major = n_cells if fmt == "csr" else n_genes
+        if length["indptr"] != major + 1:
+            lines = "rows" if fmt == "csr" else "columns"
+            problem = f"{length['indptr']:,} pointers for {major:,} {lines}"
+    if problem is not None:
+        raise DataError(f"{name} is a broken sparse matrix ({problem}): {fix}")
+    return n_cells, n_genes
 
 
 def load_npz(path: Path) -> sp.spmatrix:
@@ -451,9 +589,57 @@ def _npz_member(path: Path, name: str) -> bytes:
 
 def _unreadable_npz(path: Path, err: Exception) -> DataError:
     return DataError(
-        f"cannot read {path}: {err}; the file is truncated or was not written by "
+        f"cannot read {path}: {_reason(err)}; the file is truncated or was not written by "
         "scipy.sparse.save_npz: write it again with save_npz, or move it away"
     )
+
+
+def _unreadable_h5ad(path: Path, err: Exception) -> DataError:
+    return DataError(
+        f"cannot read {path} as .h5ad: {_reason(err)}; the file is truncated or corrupt: write it "
+        "again with AnnData.write_h5ad, or move it away"
+    )
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one short line for a message (library errors span lines or say little)."""
+    text = " ".join(str(err).split())
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _check_h5ad_matrix(
+    path: Path, layer: str | None, shape: tuple[int, int], layers: Sequence[str]
+) -> None:
+    """Check the stored layout of the .h5ad matrix that is read (``X``, or the layer), against
+    the cells and genes of its obs and var, before any of its rows is read."""
+    import h5py
+
+    where = "X" if layer is None else f"layers/{layer}"
+    name = f"{path}:{where}"
+    fix = "write the .h5ad again with AnnData.write_h5ad from a valid matrix, or move it away"
+    with h5py.File(path, "r") as file:
+        element = file.get(where)
+        if element is None:
+            raise DataError(
+                f"{path} has no X matrix (layers: {', '.join(layers) or 'none'}); write the "
+                "expression into .X, or set data.h5ad_layer to the layer that holds it"
+            )
+        if isinstance(element, h5py.Dataset):
+            _check_dtype(element.dtype, "biuf", name)
+            declared = tuple(element.shape)
+        else:
+            fmt = element.attrs.get("encoding-type", "")
+            fmt = fmt.decode(errors="replace") if isinstance(fmt, bytes) else str(fmt)
+            arrays = {key: (tuple(item.shape), item.dtype) for key, item in element.items()
+                      if isinstance(item, h5py.Dataset)}  # fmt: skip
+            declared = tuple(int(n) for n in np.ravel(element.attrs.get("shape", ())))
+            _check_sparse_layout(name, fmt.removesuffix("_matrix"), declared, arrays, fix)
+    if declared != shape:
+        raise DataError(
+            f"{name} is a {' x '.join(f'{n:,}' for n in declared)} matrix but obs and var name "
+            f"{shape[0]:,} cells and {shape[1]:,} genes: {fix}"
+        )
 
 
 def _metadata_rows(path: Path) -> int:
@@ -470,20 +656,52 @@ def _metadata_rows(path: Path) -> int:
 def _read_metadata_file(path: Path, columns: Sequence[str] | None) -> pd.DataFrame:
     if path.suffix == ".parquet":
         try:
-            return pd.read_parquet(path)
+            frame = pd.read_parquet(path)
         except Exception as err:  # pyarrow raises its own error types for broken files
-            raise DataError(f"cannot read {path} as parquet: {err}") from None
+            raise DataError(f"cannot read {path} as parquet: {_reason(err)}") from None
+        return _check_columns(frame, path.name)
     try:
         frame = pd.read_pickle(path)
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as err:
+    except Exception as err:  # unpickling runs the file's own code: it can raise anything
         raise DataError(
-            f"cannot unpickle {path}: {err}; the file is truncated or corrupt: write it "
-            "again (DataFrame.to_parquet, or to_pickle)"
+            f"cannot unpickle {path}: {_reason(err)}; the file is truncated, corrupt or needs "
+            "other library versions than these: write it again as parquet "
+            "(DataFrame.to_parquet), or with to_pickle under these versions"
         ) from None
     if not isinstance(frame, pd.DataFrame):
         raise DataError(
             f"{path} holds a {type(frame).__name__}, not a pandas DataFrame; save the per-cell "
             "metadata with DataFrame.to_pickle or to_parquet"
+        )
+    return _check_columns(frame, path.name)
+
+
+def _check_columns(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """``frame``, if its columns are one level of unique string names (a field names one column).
+
+    Raises:
+        MetadataError: naming ``source`` and the offending columns.
+    """
+    columns = frame.columns
+    if isinstance(columns, pd.MultiIndex):
+        raise MetadataError(
+            f"{source}: metadata columns have {columns.nlevels} levels (e.g. {columns[0]!r}); "
+            "give them one level of names, e.g. frame.columns = ['_'.join(map(str, c)) for c in "
+            "frame.columns]"
+        )
+    not_text = [c for c in columns if not isinstance(c, str)]
+    if not_text:
+        raise MetadataError(
+            f"{source}: metadata column {not_text[0]!r} ({type(not_text[0]).__name__}) is not "
+            "named by a string; name every column with a string, e.g. "
+            "frame.columns = frame.columns.astype(str)"
+        )
+    repeated = list(dict.fromkeys(columns[columns.duplicated()]))
+    if repeated:
+        shown = ", ".join(repr(c) for c in repeated[:5])
+        raise MetadataError(
+            f"{source}: metadata columns {shown} appear more than once; give every column a "
+            "unique name"
         )
     return frame
 
@@ -502,14 +720,44 @@ def _check_gene_counts(chunks: Sequence[Chunk]) -> None:
 def _read_genes(path: Path, n_genes: int) -> list[str]:
     if not path.exists():
         return [f"gene_{i}" for i in range(n_genes)]
-    genes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"cannot read {path} as text: {_reason(err)}; write one gene name per line in UTF-8, "
+            "or remove it"
+        ) from None
+    genes = [line.strip() for line in text.splitlines() if line.strip()]
     if len(genes) != n_genes:
         raise DataError(
             f"{path} names {len(genes):,} genes but the chunks have {n_genes:,}; fix or remove it"
         )
-    if len(set(genes)) != len(genes):
-        raise DataError(f"{path} names some genes twice; gene names must be unique")
-    return genes
+    return _gene_names(genes, str(path), "write one unique gene name per line")
+
+
+def _gene_names(genes: Sequence[object], source: str, fix: str) -> list[str]:
+    """``genes``, if every one is a name of text, on one line, not empty or missing, and unique.
+
+    Raises:
+        DataError: naming ``source``, the first bad name and its position, or the repeated names.
+    """
+    for position, gene in enumerate(genes):
+        if (not isinstance(gene, str) or gene.strip().lower() in _MISSING_NAMES
+                or "\n" in gene or "\r" in gene):  # fmt: skip
+            raise DataError(
+                f"{source}: gene {position:,} is named {gene!r} ({type(gene).__name__}); every "
+                f"gene needs a name of text, not empty or missing and on one line: {fix}"
+            )
+    counts = Counter(genes)
+    repeated = [gene for gene, count in counts.items() if count > 1]
+    if repeated:
+        shown = ", ".join(f"{gene} ({counts[gene]} times)" for gene in repeated[:5])
+        more = f" and {len(repeated) - 5:,} more" if len(repeated) > 5 else ""
+        raise DataError(
+            f"{source} names genes more than once: {shown}{more}; gene names must be unique "
+            f"(one column per gene): {fix}"
+        )
+    return [str(gene) for gene in genes]
 
 
 def _check_structure(matrix: sp.spmatrix | sp.sparray, name: str) -> None:
@@ -535,8 +783,8 @@ def _check_structure(matrix: sp.spmatrix | sp.sparray, name: str) -> None:
         problem = f"{across} indices from {indices.min():,} to {indices.max():,} for {minor:,}"
     if problem is not None:
         raise DataError(
-            f"{name} is a broken sparse matrix ({problem}); write it again with "
-            "scipy.sparse.save_npz from a valid matrix, or move it away"
+            f"{name} is a broken sparse matrix ({problem}); write it again from a valid matrix "
+            "(scipy.sparse.save_npz, AnnData.write_h5ad), or move it away"
         )
 
 

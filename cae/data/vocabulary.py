@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import reprlib
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,16 @@ def _canonicalise(
             "(is the column name repeated in the file?). Give every metadata column a unique name."
         )
     nulls = _null_set(null_values)
-    raw_codes, raw_uniques = pd.factorize(column, use_na_sentinel=True)
+    try:
+        raw_codes, raw_uniques = pd.factorize(column, use_na_sentinel=True)
+    except TypeError:  # unhashable cells (lists, dicts, arrays) cannot be labels
+        example = next((v for v in column if not isinstance(v, Hashable)), None)
+        raise MetadataError(
+            f"{source}: field {field!r} holds {type(example).__name__} values (e.g. "
+            f"{reprlib.repr(example)}), not labels; a field holds one label per cell (text, a "
+            f"number or a bool): convert the column, e.g. frame[{field!r}] = "
+            f"frame[{field!r}].astype(str), or drop {field} from data.fields"
+        ) from None
     raw_codes = np.asarray(raw_codes, dtype=np.int64)
 
     # Python work happens per unique value only; the rows are remapped with one lookup table whose

@@ -276,3 +276,22 @@ def test_python_counterfactuals_refuse_values_that_are_not_expression(demo_run, 
     source = {f: v.values[0] for f, v in model.vocabularies.by_field.items()}
     with pytest.raises(DataError, match=f"for gene '{model.genes[5]}' in row 2"):
         model.counterfactual(x, source, {})
+
+
+def test_generate_refused_mid_way_leaves_no_file_and_no_folder(demo_run, demo_data, tmp_path):
+    import shutil
+
+    import numpy as np
+    import scipy.sparse as sp
+
+    spoiled = tmp_path / "input"
+    shutil.copytree(demo_data, spoiled)
+    last = sorted(spoiled.glob("*_counts_*.npz"))[-1]
+    matrix = sp.load_npz(last).tocsr()
+    matrix.data[0] = np.nan
+    sp.save_npz(last, matrix)
+    out = tmp_path / "new" / "deeper" / "moved.h5ad"
+    argv = ["generate", "--model", str(demo_run.out_dir), "--input", str(spoiled),
+            "--set", "sex=female", "--out", str(out)]  # fmt: skip
+    refused(argv, last.name, "non-finite")
+    assert not (tmp_path / "new").exists()

@@ -8,6 +8,7 @@ is gone (:func:`clean_leftovers`). What is written follows the umask, like any f
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -143,13 +144,15 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
 @contextmanager
 def atomic_file(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield the path of a temporary sibling file to write (by a library that opens it by name);
-    on success it becomes ``path``; on any error it is removed and ``path`` is left as it was.
+    on success it becomes ``path``; on any error it is removed, with the folders made for it, and
+    ``path`` is left as it was.
 
     Raises:
         DataError: ``path`` exists and ``overwrite`` is False.
     """
     if path.exists() and not overwrite:
         raise DataError(f"{path} already exists; pass --overwrite to replace it or choose --out")
+    created = [p for p in reversed(path.parents) if not p.exists()]  # outermost first
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     handle, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
@@ -158,8 +161,12 @@ def atomic_file(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        for folder in reversed(created):  # the folders made for it, innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 @contextmanager

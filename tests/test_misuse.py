@@ -128,7 +128,8 @@ def test_overwrite_replaces_the_whole_folder_once_the_new_training_has_a_checkpo
     small_data: Path, tmp_path: Path
 ):
     out = tmp_path / "run"
-    assert run_cae(train_args(small_data, out))[0] == 0  # tracked: tensorboard/ and plots/ too
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tracked: tensorboard/ and plots/ too
+    assert run_cae(train_args(small_data, out, "--tracking-uri", uri))[0] == 0
     (out / "mine.txt").write_text("a file of the old training's folder\n")
     assert (
         run_cae(train_args(small_data, out, "--no-tracking", "--overwrite", "--seed", "3"))[0] == 0

@@ -431,6 +431,12 @@ CASES = {
         ),
         (*TRAIN, "--fields", "cell_type,tissue"),
     ),
+    "label with a line break": Case(
+        _edit_metadata(_column("donor", lambda chunk, n: ["d1", f"d{chunk}\r"] * (n // 2))),
+        MetadataError,
+        ("synth_metadata_0.pkl", "field 'donor'", "'d0\\r'", "control character", "line breaks"),
+        (*TRAIN, "--fields", "cell_type,donor"),
+    ),
     "field entirely null": Case(
         _edit_metadata(_column("donor", lambda chunk, n: ["unknown", None] * (n // 2))),
         MetadataError,

@@ -368,12 +368,14 @@ def test_load_of_missing_or_corrupt_files_names_them(tmp_path) -> None:
 _NULL_SPELLINGS = st.sampled_from(DEFAULT_NULL_VALUES).flatmap(
     lambda s: st.sampled_from([s, s.upper(), s.title(), f" {s} ", f"\t{s.upper()}"])
 )
+# Label text: anything but control characters, which labels may not hold (a property below).
+_TEXT = st.characters(blacklist_categories=("Cc", "Cs"))
 _CELL = st.one_of(
     st.none(),
     st.just(np.nan),
     _NULL_SPELLINGS,
     st.sampled_from(["T cell", "B cell", "Ünïcødé 细胞", "10x 3' v3"]),
-    st.text(max_size=6),
+    st.text(_TEXT, max_size=6),
 )
 
 
@@ -458,7 +460,7 @@ _SCALAR = st.one_of(
     st.integers(-5, 5),
     st.floats(allow_nan=False, allow_infinity=True, allow_subnormal=False, width=32),
     st.sampled_from(["3", "T cell", "Ünïcødé 细胞", "10x 3' v3"]),
-    st.text(max_size=4),
+    st.text(_TEXT, max_size=4),
 )
 
 
@@ -498,13 +500,13 @@ def test_mixed_types_raise_naming_file_and_field_or_round_trip_property(
         assert decoded.tolist() == expected
 
 
-_VALUE = st.text(min_size=1, max_size=8).filter(lambda v: not _is_null(v))
+_VALUE = st.text(_TEXT, min_size=1, max_size=8).filter(lambda v: not _is_null(v))
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     fields=st.dictionaries(
-        st.text(min_size=1, max_size=6),
+        st.text(_TEXT, min_size=1, max_size=6),
         st.lists(_VALUE, min_size=2, max_size=6, unique=True),
         min_size=1,
         max_size=3,
@@ -525,3 +527,20 @@ def test_vocabularies_and_specs_survive_their_files_property(fields: dict[str, l
         vocab = vocabularies.by_field[field]
         decoded = vocab.decode(vocab.encode(frame[field], source="m.parquet"))
         assert decoded.tolist() == [UNK if value is None else value for value in column]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(["d", "T cell", "Ünï"]),
+    st.one_of(
+        st.characters(codec="ascii", categories=("Cc",)).filter(lambda c: c != "\t"),
+        st.characters(categories=("Cs",)),
+    ),
+    st.text(_TEXT, max_size=3),
+)
+def test_labels_with_control_characters_are_refused_naming_the_value(before, control, after):
+    label = before + control + after  # a label, not a null spelling, holding the character
+    column = pd.Series(["x", label, "x"], dtype=object)
+    with pytest.raises(MetadataError, match=r"control character|not UTF-8") as info:
+        canonical_values(column, source="m.pkl", field="donor")
+    assert repr(label) in str(info.value) and "m.pkl" in str(info.value)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import reprlib
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ def _mixed_types_error(source: str, field: str, first: Any, second: Any) -> Meta
         f"frame[{field!r}] = frame[{field!r}].astype(str), or give every value one type."
     )
 
+
+# Characters no label may hold: C0 controls but the tab, and DEL (a "\r" in a label split the rows
+# of contributions.csv).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 # infer_dtype kinds in which every non-missing value has one type family.
 _SINGLE_FAMILY_KINDS = frozenset({"string", "integer", "floating", "boolean", "empty"})
@@ -162,6 +167,20 @@ def _canonicalise(
         text = str(value)
         if text.strip().lower() in nulls:
             continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MetadataError(
+                f"{source}: field {field!r} holds the value {text!r}, which is not UTF-8 text (a "
+                "lone surrogate); read the file with the right encoding and write it again"
+            ) from None
+        if _CONTROL.search(text):
+            raise MetadataError(
+                f"{source}: field {field!r} holds the value {text!r}, with a control character "
+                "(a line break, NUL...); a label is one line of text that tables and MLflow can "
+                "hold: remove line breaks and other control characters from the column and write "
+                "the file again"
+            )
         value_family = _family_of_type(type(value))
         if family is None:
             family, example = value_family, value

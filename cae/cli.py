@@ -395,8 +395,8 @@ def _add_register(commands: _Commands) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Write counterfactuals of every input cell to an .h5ad."""
+    from cae.data.contexts import parse_targets
     from cae.generate import generate, load_any_model
-    from cae.tracking.pyfunc import parse_targets
 
     targets = parse_targets(";".join(args.set or []))
     if not targets:

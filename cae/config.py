@@ -39,12 +39,11 @@ from pydantic_settings import (
 from cae.data.contexts import Selection
 from cae.data.vocabulary import DEFAULT_NULL_VALUES
 from cae.errors import ConfigError
+from cae.types import ContextMapMethod, Nonnegative
 
 Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
-ContextMapMethod = Literal["auto", "grouped", "gather"]  # cae.model.context_maps
 Precision = Literal["fp32", "bf16"]
-Nonnegative = Literal["all", "base"]  # cae.model.cae
 
 
 def _split_on(value: Any, separator: str) -> Any:

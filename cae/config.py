@@ -38,13 +38,12 @@ from pydantic_settings import (
 
 from cae.data.contexts import Selection
 from cae.data.vocabulary import DEFAULT_NULL_VALUES
-from cae.errors import ConfigError
+from cae.errors import ConfigError, describe_invalid
+from cae.types import ContextMapMethod, Nonnegative
 
 Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
-ContextMapMethod = Literal["auto", "grouped", "gather"]  # cae.model.context_maps
 Precision = Literal["fp32", "bf16"]
-Nonnegative = Literal["all", "base"]  # cae.model.cae
 
 
 def _split_on(value: Any, separator: str) -> Any:
@@ -742,13 +741,4 @@ def _merge_into(node: dict[str, Any], key: str, value: Any) -> None:
 
 def describe_validation_error(err: ValidationError) -> str:
     """One clause per invalid setting: ``train.epochs = 0: Input should be greater than ...``."""
-    lines = []
-    for item in err.errors():
-        name = ".".join(str(part) for part in item["loc"])
-        if not name:  # a check across settings (Settings' own validators) says it all
-            lines.append(item["msg"].removeprefix("Value error, "))
-            continue
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"{name}{shown}: {item['msg']}")
-    return "invalid settings: " + "; ".join(lines)
+    return "invalid settings: " + describe_invalid(err)

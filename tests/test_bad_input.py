@@ -22,9 +22,10 @@ import scipy.sparse as sp
 from mlflow.exceptions import MlflowException
 
 from cae.cli import main
+from cae.data.contexts import parse_targets
 from cae.data.synth import SynthConfig, generate
 from cae.errors import CAEError, ConfigError, DataError, MetadataError
-from cae.tracking.pyfunc import parse_targets, predict_frame, register
+from cae.tracking.pyfunc import predict_frame, register
 from cae.train import train
 from cae.train.checkpoint import TrainedModel, load_checkpoint
 from tests.conftest import quick_settings

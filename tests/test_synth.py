@@ -15,6 +15,7 @@ from cae.data.synth import (
     SynthConfig,
     expected_expression,
     generate,
+    load_truth,
     log1p_cp10k,
     make_truth,
     simulate,
@@ -93,6 +94,20 @@ def test_truth_keys_and_shapes(default_truth: dict) -> None:
         assert effects.shape == (len(spec["values"]), n_genes)
         np.testing.assert_allclose(effects.mean(axis=0), 0.0, atol=1e-12)  # centred
         assert np.abs(effects).max() > 0
+
+
+def test_truth_json_reads_back_and_a_broken_one_is_refused(
+    default_truth: dict, tmp_path: Path
+) -> None:
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(default_truth))
+    assert load_truth(path) == json.loads(json.dumps(default_truth))
+    path.write_text(json.dumps({**default_truth, "genes": default_truth["genes"][:5]}))
+    with pytest.raises(DataError, match=r"truth\.json is not a synthetic ground truth.*base_log"):
+        load_truth(path)
+    path.write_text("{")
+    with pytest.raises(DataError, match=r"truth\.json cannot be read as JSON"):
+        load_truth(path)
 
 
 def test_truth_ranking_defaults(default_truth: dict) -> None:

@@ -317,6 +317,12 @@ def test_to_dict_from_dict_round_trip() -> None:
         assert FieldSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
+def test_field_specs_written_with_a_kind_still_read() -> None:
+    spec = build_field_specs([("m.pkl", _frame())], ["sex"])["sex"]
+    assert FieldSpec.from_dict({**spec.to_dict(), "kind": "categorical"}) == spec
+    assert "kind" not in spec.to_dict()
+
+
 @pytest.mark.parametrize(
     "bad",
     [

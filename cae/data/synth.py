@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cae.data.atomic import atomic_folder
-from cae.errors import ConfigError
+from cae.errors import ConfigError, DataError, describe_invalid
 
 TRUTH_VERSION = 1
 NULL_VALUE = "unknown"
@@ -324,6 +325,75 @@ def _effect_sizes(truth: Mapping[str, Any], n_cells: int, seed: int) -> dict[str
 
 # --------------------------------------------------------------------------------------------------
 # simulation
+
+
+class _FieldTruth(BaseModel):
+    values: list[str] = Field(min_length=1)
+    probabilities: list[float]
+    effect_sd: float
+
+
+class _LibrarySize(BaseModel):
+    log_mean: float
+    log_sd: float
+
+
+class _TruthFile(BaseModel):
+    """The parts of ``truth.json`` that evaluation and simulation read; other keys pass through."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    genes: list[str] = Field(min_length=1)
+    fields: dict[str, _FieldTruth] = Field(min_length=1)
+    base_log_rate: list[float]
+    effects: dict[str, dict[str, list[float]]]
+    programs: list[list[float]]
+    library_size: _LibrarySize
+    unknown_fraction: dict[str, float]
+    null_value: str
+    ranking: list[str]
+
+    @model_validator(mode="after")
+    def _shapes_agree(self) -> _TruthFile:
+        n_genes = len(self.genes)
+        if len(self.base_log_rate) != n_genes:
+            raise ValueError(f"base_log_rate has {len(self.base_log_rate)} genes, not {n_genes}")
+        for name, spec in self.fields.items():
+            if len(spec.probabilities) != len(spec.values):
+                raise ValueError(f"field {name!r} has not one probability per value")
+            effects = self.effects.get(name, {})
+            for value in spec.values:
+                if len(effects.get(value, ())) != n_genes:
+                    raise ValueError(f"effects[{name!r}][{value!r}] is not {n_genes} numbers")
+        if any(len(row) != n_genes for row in self.programs):
+            raise ValueError(f"a row of programs is not {n_genes} numbers")
+        unknown = sorted(set(self.unknown_fraction) - set(self.fields))
+        if unknown:
+            raise ValueError(f"unknown_fraction names fields {unknown} that fields lacks")
+        return self
+
+
+def load_truth(path: Path) -> dict[str, Any]:
+    """Read the ground truth :func:`generate` wrote to ``truth.json``.
+
+    Returns:
+        The dict :func:`make_truth` made.
+
+    Raises:
+        DataError: the file cannot be read, is not JSON, or is not a ground truth (the message
+            names the file and what is wrong).
+    """
+    redo = "write the data again with `cae synth`, or give the right --truth"
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path} cannot be read as JSON ({err}); {redo}") from None
+    try:
+        return _TruthFile.model_validate(raw).model_dump()
+    except ValidationError as err:
+        raise DataError(
+            f"{path} is not a synthetic ground truth: {describe_invalid(err)}; {redo}"
+        ) from None
 
 
 def _check_truth(truth: Any) -> None:

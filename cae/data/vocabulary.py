@@ -17,20 +17,29 @@ loop over its *unique* values, and the per-row result is a lookup table indexed 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import reprlib
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cae.data.atomic import atomic_write
-from cae.errors import MetadataError
+from cae.errors import MetadataError, describe_invalid
 
 UNK = "<unk>"
 UNK_INDEX = 0
@@ -40,6 +49,10 @@ VOCABULARIES_FILE = "vocabularies.json"
 FIELD_SPECS_FILE = "field_specs.json"
 
 _MAX_LISTED = 20
+_REDO = "Re-run preprocessing to rebuild the field specs."
+
+# vocabularies.json: {field: {value: index}}; the indices are checked by Vocabularies.from_dict.
+_VOCABULARIES_JSON = TypeAdapter(dict[str, dict[str, StrictInt]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,111 +240,72 @@ def canonical_values(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise MetadataError(f"{where}: {name} must be a non-negative integer, got {value!r}.")
-    return int(value)
-
-
-@dataclass(kw_only=True)
-class FieldSpec:
+class FieldSpec(BaseModel):
     """What preprocessing learnt about one metadata field, and whether the model uses it.
+
+    Read back from ``field_specs.json`` and checkpoints with :meth:`from_dict`; a ``kind`` key in
+    older files is ignored.
 
     Attributes:
         field: the column name.
-        kind: always ``"categorical"`` for now.
         cardinality: the number of known (non-null) values, excluding ``<unk>``.
         n_cells: cells seen.
         n_null: cells whose value is null.
         non_null_fraction: ``(n_cells - n_null) / n_cells`` (0.0 when no cells were seen).
-        counts: known value -> number of cells, sorted by value.
         using: whether the model conditions on this field.
         reason: why the field is not used (None when it is).
+        counts: known value -> number of cells, sorted by value.
     """
 
-    field: str
-    kind: str = "categorical"
-    cardinality: int
-    n_cells: int
-    n_null: int
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    field: str = Field(min_length=1)
+    cardinality: int = Field(ge=0)
+    n_cells: int = Field(ge=0)
+    n_null: int = Field(ge=0)
     non_null_fraction: float
-    counts: dict[str, int]
     using: bool
     reason: str | None = None
+    counts: dict[str, Annotated[int, Field(ge=0)]]
 
-    def __post_init__(self) -> None:
-        where = f"field spec {self.field!r}"
-        if not isinstance(self.field, str) or not self.field:
-            raise MetadataError(
-                f"field spec: field must be a non-empty string, got {self.field!r}."
-            )
-        if not isinstance(self.kind, str):
-            raise MetadataError(f"{where}: kind must be a string, got {self.kind!r}.")
-        self.cardinality = _check_int("cardinality", self.cardinality, where)
-        self.n_cells = _check_int("n_cells", self.n_cells, where)
-        self.n_null = _check_int("n_null", self.n_null, where)
-        if not isinstance(self.counts, Mapping):
-            raise MetadataError(f"{where}: counts must be a mapping, got {self.counts!r}.")
-        counts = {}
-        for value, count in self.counts.items():
-            if not isinstance(value, str):
-                raise MetadataError(f"{where}: count key {value!r} is not a string.")
-            counts[value] = _check_int(f"count of {value!r}", count, where)
-        self.counts = dict(sorted(counts.items()))
+    @field_validator("counts")
+    @classmethod
+    def _sorted(cls, counts: dict[str, int]) -> dict[str, int]:
+        return dict(sorted(counts.items()))
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> FieldSpec:
         if self.cardinality != len(self.counts):
-            raise MetadataError(
-                f"{where}: cardinality {self.cardinality} differs from the {len(self.counts)} "
-                "counted values. Re-run preprocessing to rebuild the field specs."
+            raise ValueError(
+                f"cardinality {self.cardinality} differs from the {len(self.counts)} counted values"
             )
         if self.n_null > self.n_cells or sum(self.counts.values()) != self.n_cells - self.n_null:
-            raise MetadataError(
-                f"{where}: counts sum to {sum(self.counts.values()):,} but n_cells - n_null is "
-                f"{self.n_cells - self.n_null:,}. Re-run preprocessing to rebuild the field specs."
+            raise ValueError(
+                f"counts sum to {sum(self.counts.values()):,} but n_cells - n_null is "
+                f"{self.n_cells - self.n_null:,}"
             )
-        if not isinstance(self.non_null_fraction, (int, float)) or isinstance(
-            self.non_null_fraction, bool
-        ):
-            raise MetadataError(
-                f"{where}: non_null_fraction must be a number, got {self.non_null_fraction!r}."
-            )
-        self.non_null_fraction = float(self.non_null_fraction)
-        if not isinstance(self.using, (bool, np.bool_)):
-            raise MetadataError(f"{where}: using must be true or false, got {self.using!r}.")
-        self.using = bool(self.using)
-        if self.reason is not None and not isinstance(self.reason, str):
-            raise MetadataError(f"{where}: reason must be a string or null, got {self.reason!r}.")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict; :meth:`from_dict` reads it back."""
-        return {
-            "field": self.field,
-            "kind": self.kind,
-            "cardinality": self.cardinality,
-            "n_cells": self.n_cells,
-            "n_null": self.n_null,
-            "non_null_fraction": self.non_null_fraction,
-            "using": self.using,
-            "reason": self.reason,
-            "counts": dict(self.counts),
-        }
+        return self.model_dump()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FieldSpec:
+    def from_dict(cls, d: Any) -> FieldSpec:
         """Rebuild a spec from :meth:`to_dict` output.
 
         Raises:
             MetadataError: a key is missing or a value has the wrong type or is inconsistent.
         """
-        if not isinstance(d, Mapping):
-            raise MetadataError(f"field spec: expected a JSON object, got {type(d).__name__}.")
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in d and name not in ("kind", "reason")]
-        if missing:
-            raise MetadataError(
-                f"field spec {d.get('field')!r}: missing {', '.join(missing)}. "
-                "Re-run preprocessing to rebuild the field specs."
-            )
-        return cls(**{name: d[name] for name in names if name in d})
+        try:
+            return cls.model_validate(d)
+        except ValidationError as err:
+            where = f"field spec {d.get('field')!r}" if isinstance(d, Mapping) else "field spec"
+            raise MetadataError(f"{where}: {describe_invalid(err)}. {_REDO}") from None
+
+
+# field_specs.json: every spec, in the order of the requested fields.
+_FIELD_SPECS_JSON = TypeAdapter(list[FieldSpec])
 
 
 class FieldCounter:
@@ -684,41 +658,38 @@ class Vocabularies:
         return {field: self.by_field[field].index_of() for field in self.fields}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, source: str = VOCABULARIES_FILE) -> Vocabularies:
+    def from_dict(cls, d: Any, *, source: str = VOCABULARIES_FILE) -> Vocabularies:
         """Read :meth:`to_dict` output back, keeping its indices.
 
         Raises:
-            MetadataError (naming ``source``): not a mapping of mappings, ``"<unk>"`` is not 0, or
-                the other indices are not exactly ``1..K``.
+            MetadataError (naming ``source``): not a non-empty ``{field: {value: index}}`` with
+                integer indices, ``"<unk>"`` is not 0, or the other indices are not ``1..K``.
         """
         redo = "Re-run preprocessing to rebuild it."
-        if not isinstance(d, Mapping) or not d:
+        try:
+            d = _VOCABULARIES_JSON.validate_python(d)
+        except ValidationError as err:
+            raise MetadataError(
+                f"{source}: expected {{field: {{value: index}}}}: {describe_invalid(err)}. {redo}"
+            ) from None
+        if not d:
             raise MetadataError(f"{source}: expected a non-empty JSON object of fields. {redo}")
         by_field: dict[str, FieldVocabulary] = {}
         for field, mapping in d.items():
             where = f"{source}: field {field!r}"
-            if not isinstance(mapping, Mapping):
-                raise MetadataError(f"{where}: expected an object {{value: index}}. {redo}")
-            if mapping.get(UNK) != UNK_INDEX or isinstance(mapping.get(UNK), bool):
+            if mapping.get(UNK) != UNK_INDEX:
                 raise MetadataError(
                     f"{where}: {UNK!r} must have index {UNK_INDEX}, got {mapping.get(UNK)!r}. "
                     + redo
                 )
             items = [(v, i) for v, i in mapping.items() if v != UNK]
-            bad = [
-                (v, i)
-                for v, i in items
-                if not isinstance(v, str) or isinstance(i, bool) or not isinstance(i, int)
-            ]
-            if bad:
-                raise MetadataError(f"{where}: invalid entries {bad[:5]!r}. {redo}")
             items.sort(key=lambda item: item[1])
             if [i for _, i in items] != list(range(1, len(items) + 1)):
                 raise MetadataError(
                     f"{where}: the indices of the known values must be 1..{len(items)} without "
                     f"gaps or repeats, got {sorted(i for _, i in items)[:_MAX_LISTED]!r}. {redo}"
                 )
-            by_field[str(field)] = FieldVocabulary(str(field), tuple(v for v, _ in items))
+            by_field[field] = FieldVocabulary(field, tuple(v for v, _ in items))
         return cls(tuple(by_field), by_field)
 
 
@@ -784,17 +755,14 @@ def load_preprocessed(dir: Path) -> tuple[Vocabularies, dict[str, FieldSpec]]:
     specs_path = directory / FIELD_SPECS_FILE
     vocabularies = Vocabularies.from_dict(_read_json(vocab_path), source=str(vocab_path))
 
-    raw_specs = _read_json(specs_path)
-    if not isinstance(raw_specs, list):
+    try:
+        listed = _FIELD_SPECS_JSON.validate_python(_read_json(specs_path))
+    except ValidationError as err:
         raise MetadataError(
-            f"{specs_path}: expected a JSON list of field specs. Re-run preprocessing."
-        )
+            f"{specs_path}: expected a JSON list of field specs: {describe_invalid(err)}. {_REDO}"
+        ) from None
     specs: dict[str, FieldSpec] = {}
-    for entry in raw_specs:
-        try:
-            spec = FieldSpec.from_dict(entry)
-        except MetadataError as exc:
-            raise MetadataError(f"{specs_path}: {exc}") from None
+    for spec in listed:
         if spec.field in specs:
             raise MetadataError(
                 f"{specs_path}: field {spec.field!r} appears twice. Re-run preprocessing."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -16,6 +15,7 @@ import pandas as pd
 
 from cae.config import Settings
 from cae.data.store import DataStore
+from cae.data.synth import load_truth
 from cae.errors import CheckpointError, ConfigError
 from cae.evaluate.protocol import (
     Holdout,
@@ -87,13 +87,18 @@ def load_evaluated_model(model: str | None, run_id: str | None, settings: Settin
 
 
 def read_truth(path: Path | None, data_path: Path) -> dict[str, Any] | None:
-    """The synthetic generator's truth: ``path`` if given, else ``truth.json`` beside the data."""
+    """The synthetic generator's truth: ``path`` if given, else ``truth.json`` beside the data.
+
+    Raises:
+        ConfigError: ``path`` is given but does not exist.
+        DataError: the file is not a ground truth written by ``cae synth``.
+    """
     candidate = path or (data_path / TRUTH_FILE if data_path.is_dir() else None)
     if candidate is None or not candidate.is_file():
         if path is not None:
             raise ConfigError(f"--truth {path} does not exist; `cae synth` writes truth.json")
         return None
-    return json.loads(candidate.read_text())
+    return load_truth(candidate)
 
 
 def _score_one(

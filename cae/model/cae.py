@@ -23,25 +23,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from cae.model.context_maps import (
-    ContextMapMethod,
     MapsPlan,
     apply_context_maps,
     plan_maps,
     resolve_method,
 )
+from cae.types import ContextMapMethod, Nonnegative
 
 __all__ = [
     "CAE", "CAEOutput", "FieldHead", "Nonnegative", "apply_context_maps", "contribution_l2",
 ]  # fmt: skip
-
-# Which parameters are kept >= 0: "all" (the seed's design) or "base" (signed field heads).
-Nonnegative = Literal["all", "base"]
 
 
 class CAEOutput(NamedTuple):

@@ -25,16 +25,17 @@ both against the seed's loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 
+from cae.types import ContextMapMethod
+
 # Say so explicitly (the default) so that sparse gradients do not warn on every run.
 torch.sparse.check_sparse_tensor_invariants.disable()
 
-ContextMapMethod = Literal["auto", "grouped", "gather"]
-CONTEXT_MAP_METHODS: tuple[str, ...] = ("auto", "grouped", "gather")
+CONTEXT_MAP_METHODS: tuple[str, ...] = get_args(ContextMapMethod)
 
 
 def resolve_method(method: str, device: torch.device) -> Literal["grouped", "gather"]:

@@ -36,6 +36,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from cae.config import ServeConfig, serve_settings
+from cae.data.contexts import parse_targets
 from cae.errors import CAEError, CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import TrainedModel, load_checkpoint
@@ -44,27 +45,6 @@ MODEL_NAME_IN_RUN = "counterfactual_model"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PARAMS = ("targets", "contributions")
-
-
-def parse_targets(text: str) -> dict[str, str]:
-    """Parse ``"sex=female;assay=10x 3' v3"`` into ``{"sex": "female", "assay": "10x 3' v3"}``.
-
-    Raises:
-        ConfigError: an entry is not ``field=value``, or names a field twice.
-    """
-    targets: dict[str, str] = {}
-    for entry in filter(None, (part.strip() for part in text.split(";"))):
-        field, sep, value = entry.partition("=")
-        field, value = field.strip(), value.strip()
-        if not sep or not field or not value:
-            raise ConfigError(
-                f"target {entry!r} is not field=value; write targets as "
-                '"sex=female;assay=10x 3\' v3"'
-            )
-        if field in targets:
-            raise ConfigError(f"target field '{field}' is given twice")
-        targets[field] = value
-    return targets
 
 
 def predict_frame(

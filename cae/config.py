@@ -8,6 +8,7 @@ below. This replaces the seed's "copy template_main.py and edit EDIT_ME" step.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -271,14 +272,6 @@ class LossWeights(_Section):
         0.1,
         ge=0.0,
         description="Penalty on the field heads' squared output (0 = the seed's design exactly).",
-    )
-    shared: float = Field(
-        0.0,
-        ge=0.0,
-        description="Penalty on what a field head's output shares between a cell's source and "
-        "target contexts (the squared mean of the two): that belongs to the base head, and a "
-        "field's contribution then measures what differs between its values (0 = off, the "
-        "seed's design).",
     )
     context_means: float = Field(
         0.0,
@@ -683,13 +676,30 @@ def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
     """
     token = _READ_ENVIRONMENT.set(False)
     try:
-        return Settings(**dict(values))
+        return Settings(**_without_retired(values))
     except ValidationError as err:
         raise ConfigError(
             f"settings saved in {source} are invalid: {describe_validation_error(err)}"
         ) from None
     finally:
         _READ_ENVIRONMENT.reset(token)
+
+
+# Settings this version still finds in saved settings but no longer has: dropped on reading, so
+# that checkpoints and registered models that carry them load.
+_RETIRED = (("train", "weights", "shared"),)
+
+
+def _without_retired(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of saved settings ``values`` without the :data:`_RETIRED` settings."""
+    out = copy.deepcopy(dict(values))
+    for *parents, leaf in _RETIRED:
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 def serve_settings(saved: Settings) -> ServeConfig:

@@ -9,6 +9,7 @@ from cae.config import LossWeights
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
 from cae.train.cycle import (
+    BatchMeans,
     ContextMeans,
     classifier_hits,
     classifier_loss,
@@ -107,8 +108,8 @@ def test_context_means_loss_by_hand() -> None:
     x = torch.tensor([[1.0, 0.0], [5.0, 0.0], [7.0, 7.0]])
     source = torch.tensor([[1, 1], [2, 2], [2, 2]])
     # (3 - 1)^2 on gene 0, 0 on gene 1: mean over genes 2
-    assert context_means_loss(moved, target, x, source).item() == pytest.approx(2.0)
-    assert context_means_loss(moved[2:], target[2:], x, source).item() == 0.0
+    assert context_means_loss(moved, target, BatchMeans(x, source)).item() == pytest.approx(2.0)
+    assert context_means_loss(moved[2:], target[2:], BatchMeans(x, source)).item() == 0.0
 
 
 def test_context_means_of_the_data_average_every_combination_over_batches() -> None:
@@ -128,12 +129,14 @@ def test_context_means_of_the_data_average_every_combination_over_batches() -> N
     # Against the batch's own cells as the reference, the term is the batch version's.
     moved = torch.rand(40, 6, generator=generator)
     target = torch.stack([torch.randint(0, k, (40,), generator=generator) for k in (3, 4)], 1)
+    batch = BatchMeans(x, source)
     torch.testing.assert_close(
-        means.loss(moved, target), context_means_loss(moved, target, x, source)
+        context_means_loss(moved, target, means), context_means_loss(moved, target, batch)
     )
     one = ContextMeans.accumulate([(x[:1], torch.tensor([[1, 2]]))], sizes, n_genes=6)
-    assert one.loss(moved[:1], torch.tensor([[2, 3]])).item() == 0.0  # no such training cells
-    assert one.loss(moved[:1], torch.tensor([[1, 2]])).item() > 0.0
+    unseen = torch.tensor([[2, 3]])  # no such training cells
+    assert context_means_loss(moved[:1], unseen, one).item() == 0.0
+    assert context_means_loss(moved[:1], torch.tensor([[1, 2]]), one).item() > 0.0
     with pytest.raises(ValueError, match="no training cells"):
         ContextMeans.accumulate([], sizes, n_genes=6)
 

@@ -90,7 +90,7 @@ from cae.train.checkpoint import save_checkpoint
 
 weights = torch.zeros(10_000_000)  # 40 MB: each write takes a while
 for version in range(1_000_000):
-    save_checkpoint(Path(sys.argv[1]), {"format": 1, "version": version, "weights": weights})
+    save_checkpoint(Path(sys.argv[1]), {"format": 2, "version": version, "weights": weights})
     weights += 1
 """
 

@@ -220,30 +220,29 @@ def test_context_table_effect_is_the_norm_of_each_values_mean_effect():
 @pytest.mark.parametrize("batch", [4, 9])  # fewer and more cells than a field's categories
 def test_the_summed_pass_equals_the_sum_of_the_heads_terms(offsets, batch):
     """terms=False (training's one-matmul decoding, squares from the latents) gives the same
-    outputs, parsimony and shared squares, and gradients as the per-head terms."""
+    outputs, parsimony squares, and gradients as the per-head terms."""
     model = make_model(offsets)
     x, source, target = torch.rand(batch, 12), contexts(batch), contexts(batch, seed=2)
     results = []
     for terms in (True, False):
         model.zero_grad()
-        out = model(x, source, target, and_source=True, terms=terms, shared=True)
+        out = model(x, source, target, and_source=True, terms=terms)
         own = out.own
-        assert own is not None and own.squares is not None and own.shared is not None
+        assert own is not None and own.squares is not None
         loss = out.output.square().sum() + own.output.sum() + sum(own.squares.values())
-        (loss + sum(own.shared.values())).backward()
+        loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
-        results.append((out.output, own.output, own.squares, own.shared, grads))
+        results.append((out.output, own.output, own.squares, grads))
         assert (out.base is None) == (not terms) and bool(out.fields) == terms
-    (output, own, squares, shared, grads) = results[0]
-    (output_sum, own_sum, squares_sum, shared_sum, grads_sum) = results[1]
+    (output, own, squares, grads) = results[0]
+    (output_sum, own_sum, squares_sum, grads_sum) = results[1]
     torch.testing.assert_close(output_sum, output)
     torch.testing.assert_close(own_sum, own)
     torch.testing.assert_close(squares_sum, squares)
-    torch.testing.assert_close(shared_sum, shared)
     for a, b in zip(grads_sum, grads, strict=True):
         torch.testing.assert_close(a, b)
     alone = model(x, source, target, terms=False)
-    assert alone.own is None and model(x, source, and_source=True).own.shared is None
+    assert alone.own is None
     torch.testing.assert_close(alone.output, output)
 
 

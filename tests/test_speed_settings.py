@@ -1,5 +1,5 @@
 """The speed settings change how a training runs, not what it learns: context-map methods agree,
-bf16 autocast trains, checkpoints of the previous format load but do not resume, and chunks
+bf16 autocast trains, checkpoints of the previous format are refused clearly, and chunks
 travel between processes intact."""
 
 from __future__ import annotations
@@ -35,19 +35,33 @@ def test_bf16_autocast_trains(small_data: Path, tmp_path: Path):
     assert all(t.dtype == torch.float32 for t in weights.values())  # weights stay float32
 
 
-def test_previous_checkpoint_format_loads_for_inference_but_does_not_resume(
+def test_a_checkpoint_of_the_previous_format_is_refused_with_a_clear_error(
     small_data: Path, tmp_path: Path
 ):
     result = train(quick_settings(small_data, tmp_path / "run", **{"train.epochs": 1}))
     payload = read_checkpoint(result.checkpoint)
     save_checkpoint(result.checkpoint, {**payload, "format": 1})
-    assert load_checkpoint(tmp_path / "run").epoch == 1
+    with pytest.raises(CheckpointError, match=r"older cae .*format 1.*train the model again"):
+        load_checkpoint(tmp_path / "run")
     with pytest.raises(CheckpointError, match="older cae"):
         train(
             quick_settings(
                 small_data, tmp_path / "run", **{"train.epochs": 2, "output.resume": True}
             )
         )
+
+
+def test_saved_settings_with_the_retired_shared_weight_load(small_data: Path, tmp_path: Path):
+    """Checkpoints and registered models of this version carry ``train.weights.shared``."""
+    result = train(quick_settings(small_data, tmp_path / "run", **{"train.epochs": 1}))
+    payload = read_checkpoint(result.checkpoint)
+    payload["settings"]["train"]["weights"]["shared"] = 0.0
+    save_checkpoint(result.checkpoint, payload)
+    assert load_checkpoint(tmp_path / "run").epoch == 1
+    resumed = quick_settings(
+        small_data, tmp_path / "run", **{"train.epochs": 2, "output.resume": True}
+    )
+    assert train(resumed).epochs == 2
 
 
 def test_a_chunk_pickles_through_tensors_and_back(small_data: Path):

@@ -28,7 +28,7 @@ from cae.evaluate.protocol import (
     training_settings,
 )
 from cae.evaluate.report import beats_identity, headline_metric, summarise, write_report
-from cae.train.checkpoint import TrainedModel, load_checkpoint, read_checkpoint
+from cae.train.checkpoint import Checkpoint, TrainedModel, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +207,10 @@ def _fold_checkpoint_done(out_dir: Path, epochs: int) -> bool:
     if not path.is_file():
         return False
     try:
-        payload = read_checkpoint(path)
+        saved = Checkpoint.read(path)
     except CheckpointError:
         return False
-    return payload.get("partial") is None and int(payload["epoch"]) >= epochs
+    return saved.partial is None and saved.epoch >= epochs
 
 
 def _train_fold(settings: Settings) -> tuple[Path, str | None]:

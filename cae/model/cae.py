@@ -55,11 +55,8 @@ class CAEOutput(NamedTuple):
     # the encoding, so the self pass of a training step costs only its decoders.
     own: CAEOutput | None = None
     # On that self pass: field -> the mean over cells and genes of its head's squared output
-    # (the parsimony term), computed without the (B, G) outputs when terms=False; and with
-    # forward(..., shared=True) the same of the mean of its outputs in the source and the target
-    # contexts (what the two contexts share).
+    # (the parsimony term), computed without the (B, G) outputs when terms=False.
     squares: dict[str, torch.Tensor] | None = None
-    shared: dict[str, torch.Tensor] | None = None
     # The same encoding decoded in further target contexts (forward(..., also=...)), in order.
     also: tuple[CAEOutput, ...] = ()
 
@@ -106,21 +103,19 @@ class FieldHead(nn.Module):
         # than indexing's on the CPU.
         return None if self.offsets is None else self.offsets.index_select(0, target)
 
-    def mean_square(
-        self, z: torch.Tensor, targets: Sequence[torch.Tensor], n_genes: int
-    ) -> torch.Tensor:
-        """The mean over cells and genes of the squared output ``z D^T + o``, ``o`` the mean of
-        the offsets ``b[t]`` over ``targets`` (each (B,)), from scaled latents ``z`` (B, L),
-        without forming the (B, G) output: ``|z D^T|^2 = sum(z (D^T D) * z)``, plus with offsets
-        ``2 sum(z * (o D)) + |o|^2`` (``o D`` per category, then gathered, when few)."""
+    def mean_square(self, z: torch.Tensor, target: torch.Tensor, n_genes: int) -> torch.Tensor:
+        """The mean over cells and genes of the squared output ``z D^T + o``, ``o`` the offsets
+        ``b[target]`` (target (B,)), from scaled latents ``z`` (B, L), without forming the (B, G)
+        output: ``|z D^T|^2 = sum(z (D^T D) * z)``, plus with offsets ``2 sum(z * (o D)) + |o|^2``
+        (``o D`` per category, then gathered, when few)."""
         weight = self.decoder.weight  # (G, L)
         total = ((z @ (weight.T @ weight)) * z).sum()
         if self.offsets is not None:
-            if len(targets) == 1 and self.offsets.shape[0] <= z.shape[0]:
-                projected = (self.offsets @ weight).index_select(0, targets[0])
-                squares = self.offsets.square().sum(dim=1).index_select(0, targets[0]).sum()
+            if self.offsets.shape[0] <= z.shape[0]:
+                projected = (self.offsets @ weight).index_select(0, target)
+                squares = self.offsets.square().sum(dim=1).index_select(0, target).sum()
             else:
-                offset = sum(self.offsets.index_select(0, t) for t in targets) / len(targets)
+                offset = self.offsets.index_select(0, target)
                 projected, squares = offset @ weight, offset.square().sum()
             total = total + 2 * (z * projected).sum() + squares
         return total / (z.shape[0] * n_genes)
@@ -184,7 +179,6 @@ class CAE(nn.Module):
         *,
         and_source: bool = False,
         terms: bool = True,
-        shared: bool = False,
         also: Sequence[torch.Tensor] = (),
     ) -> CAEOutput:
         """Encode ``x`` in its source contexts and decode it in the target contexts.
@@ -201,7 +195,6 @@ class CAE(nn.Module):
                 ``squares``).
             terms: return every head's output (``base``, ``fields``: contributions); False
                 leaves them None and {}.
-            shared: with ``and_source``, also give the self pass ``shared``.
             also: further (B, F) target contexts to decode the same encoding in (``.also``: the
                 same as calling the model with each, one encoding cheaper).
 
@@ -240,15 +233,9 @@ class CAE(nn.Module):
                 return out
             own = self._decode(base, base_hidden, field_hidden, source)
             squares = {f: values.square().mean() for f, values in own.fields.items()}
-            common = None
-            if shared:  # what the source and target contexts' outputs have in common
-                common = {
-                    f: ((values + out.fields[f]) / 2).square().mean()
-                    for f, values in own.fields.items()
-                }
-            return out._replace(own=own._replace(squares=squares, shared=common))
+            return out._replace(own=own._replace(squares=squares))
         return self._decode_sum(
-            x, base_hidden, field_hidden, source, contexts, decoding, and_source, shared
+            x, base_hidden, field_hidden, source, contexts, decoding, and_source
         )
 
     def _decode(
@@ -277,7 +264,6 @@ class CAE(nn.Module):
         contexts: list[torch.Tensor],
         decoding: list[tuple[torch.Tensor, MapsPlan | None]],
         and_source: bool,
-        shared: bool,
     ) -> CAEOutput:
         """The summed output in each of the ``contexts`` (the pass's own target, with
         ``and_source`` the source, then the ``.also`` targets), one matmul each:
@@ -310,15 +296,11 @@ class CAE(nn.Module):
         result = CAEOutput(outputs[0], None, {}, base_hidden, field_hidden, also=more)
         if not and_source:
             return result
-        squares, common = {}, {}
-        for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
-            z_target, z_source = decoded[0][column], decoded[1][column]
-            rows = source[:, column], contexts[0][:, column]
-            squares[field] = head.mean_square(z_source, rows[:1], self.n_genes)
-            if shared:
-                common[field] = head.mean_square((z_source + z_target) / 2, rows, self.n_genes)
-        own = CAEOutput(outputs[1], None, {}, base_hidden, field_hidden)
-        own = own._replace(squares=squares, shared=common if shared else None)
+        squares = {
+            field: head.mean_square(decoded[1][column], source[:, column], self.n_genes)
+            for column, (field, head) in enumerate(zip(self.fields, self.heads, strict=True))
+        }
+        own = CAEOutput(outputs[1], None, {}, base_hidden, field_hidden, squares=squares)
         return result._replace(own=own)
 
     def _offsets(self, contexts: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:

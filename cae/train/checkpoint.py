@@ -1,13 +1,15 @@
-"""Checkpoints: atomic writes, safe loads, and the trained model they hold.
+"""Checkpoints: their contents (:class:`Checkpoint`, the one place that knows the file's keys),
+atomic writes, safe loads, and the trained model they hold.
 
 A checkpoint is one ``torch.save`` file with only tensors and plain containers, so it loads with
 ``torch.load(weights_only=True)``: model and classifier weights, both optimisers, the vocabularies,
-field specs, settings, gene names, epoch and metric history. A model never needs the data or
-preprocessing folder it was trained from.
+field specs, settings, gene names, epoch and metric history, and where a preempted epoch stopped.
+A model never needs the data or preprocessing folder it was trained from.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from cae import __version__
 from cae.config import Settings, settings_from_dict
 from cae.data.atomic import atomic_write
 from cae.data.loader import apply_transform
@@ -25,12 +28,11 @@ from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
+from cae.train.networks import build_networks
 
-# Format 2 (issue 9): the autoencoder's optimiser is ContextAdam (per-category step counts for the
-# context maps). Format 1 checkpoints still load for inference (same model keys); they cannot be
-# resumed, since their optimiser state is plain Adam's.
-CHECKPOINT_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 2  # format 1 (plain Adam's optimiser state) is not read
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
@@ -43,8 +45,15 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint's raw contents with ``weights_only=True`` (no code runs on load).
 
+    Args:
+        path: a ``.pt`` file, or a training folder (its ``checkpoints/last.pt``).
+
+    Returns:
+        The payload, keyed as :meth:`Checkpoint.payload` writes it.
+
     Raises:
-        CheckpointError: the file is missing, unreadable or not a CAE checkpoint.
+        CheckpointError: the file is missing, unreadable, not a CAE checkpoint, or of a format
+            this version does not read.
     """
     path = Path(path)
     if path.is_dir():
@@ -55,9 +64,145 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several kinds for truncated or foreign files
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found == 1:
+        raise CheckpointError(
+            f"{path} was written by an older cae (checkpoint format 1), which this version does "
+            "not read; train the model again"
+        )
+    if found != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a CAE checkpoint (format {CHECKPOINT_FORMAT})")
     return payload
+
+
+@dataclass
+class PartialEpoch:
+    """Where a training stopped mid-epoch (preempted): enough to replay the rest of the epoch
+    exactly, since its windows are the epoch order's."""
+
+    epoch: int  # the epoch that goes on
+    windows_done: int  # its shuffle windows already trained
+    # The epoch's generators of batch rows and targets after those windows; None: the epoch's
+    # own seeds (it starts again).
+    rows_generator: torch.Tensor | None
+    target_generator: torch.Tensor | None
+    sums: dict[str, torch.Tensor]  # the epoch's running metric sums and counts
+    counts: dict[str, torch.Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``partial`` entry."""
+        return {
+            "epoch": self.epoch,
+            "windows_done": self.windows_done,
+            "rows_generator": self.rows_generator,
+            "target_generator": self.target_generator,
+            "sums": self.sums,
+            "counts": self.counts,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str) -> PartialEpoch:
+        """Read a checkpoint's ``partial`` entry; one written before shuffle windows existed
+        (no ``windows_done``) cannot be replayed: its epoch starts again."""
+        epoch = int(values["epoch"])
+        if "windows_done" not in values:
+            log.warning("%s stopped mid-epoch %d under an older cae: that epoch starts again",
+                        source, epoch)  # fmt: skip
+            return cls(epoch, 0, None, None, {}, {})
+        return cls(
+            epoch,
+            int(values["windows_done"]),
+            values["rows_generator"],
+            values["target_generator"],
+            dict(values["sums"]),
+            dict(values["counts"]),
+        )
+
+
+@dataclass
+class Checkpoint:
+    """Everything one checkpoint file holds; the only code that knows its keys.
+
+    The file holds only tensors and plain containers, so it loads with ``weights_only=True``.
+    """
+
+    epoch: int  # epochs completed
+    model: dict[str, torch.Tensor]  # the autoencoder's weights after the last step
+    # train.ema: the AveragedModel's state (the average, what inference loads), else None.
+    averaged: dict[str, torch.Tensor] | None
+    classifier: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    classifier_optimizer: dict[str, Any]
+    settings: Settings
+    vocabularies: Vocabularies
+    field_specs: dict[str, FieldSpec]
+    genes: list[str]
+    history: list[dict[str, float]]  # one metrics dict per epoch
+    data_fingerprint: str | None
+    partial: PartialEpoch | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The dict the file holds (what :func:`read_checkpoint` returns)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "epoch": self.epoch,
+            "model": self.model,
+            "averaged": self.averaged,
+            "classifier": self.classifier,
+            "optimizer": self.optimizer,
+            "classifier_optimizer": self.classifier_optimizer,
+            "settings": self.settings.model_dump(mode="json"),
+            "vocabularies": self.vocabularies.to_dict(),
+            "field_specs": [spec.to_dict() for spec in self.field_specs.values()],
+            "genes": self.genes,
+            "history": self.history,
+            "data_fingerprint": self.data_fingerprint,
+            "partial": None if self.partial is None else self.partial.to_dict(),
+        }
+
+    def write(self, path: Path) -> None:
+        """Write the checkpoint to ``path`` atomically (see :func:`save_checkpoint`)."""
+        save_checkpoint(path, self.payload())
+
+    @classmethod
+    def read(cls, path: str | Path) -> Checkpoint:
+        """Read a checkpoint file or a training folder's checkpoint.
+
+        Raises:
+            CheckpointError: see :func:`read_checkpoint`; or an entry is missing.
+            ConfigError: the saved settings do not validate.
+        """
+        payload = read_checkpoint(path)
+        try:
+            partial = payload.get("partial")
+            return cls(
+                int(payload["epoch"]),
+                payload["model"],
+                payload.get("averaged"),
+                payload["classifier"],
+                payload["optimizer"],
+                payload["classifier_optimizer"],
+                settings_from_dict(payload["settings"], str(path)),
+                Vocabularies.from_dict(payload["vocabularies"]),
+                {d["field"]: FieldSpec.from_dict(d) for d in payload["field_specs"]},
+                list(payload["genes"]),
+                list(payload.get("history", [])),
+                payload.get("data_fingerprint"),
+                None if partial is None else PartialEpoch.from_dict(partial, str(path)),
+            )
+        except KeyError as err:
+            raise CheckpointError(
+                f"{path} has no {err} entry; it is not a whole checkpoint"
+            ) from None
+
+    def inference_weights(self) -> dict[str, torch.Tensor]:
+        """The autoencoder's state dict to predict with: the moving average of its weights when
+        the checkpoint has one (``train.ema``), else the last step's weights."""
+        if self.averaged is None:
+            return self.model
+        prefix = "module."
+        return {k.removeprefix(prefix): v for k, v in self.averaged.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -190,32 +335,6 @@ class TrainedModel:
         )
 
 
-def build_networks(
-    settings: Settings, n_genes: int, sizes: dict[str, int]
-) -> tuple[CAE, ContextClassifier]:
-    """Create the autoencoder and classifier for these settings, genes and vocabulary sizes."""
-    model = CAE(
-        n_genes,
-        settings.model.latent_dim,
-        sizes,
-        settings.model.logit_scale,
-        settings.model.context_offsets,
-        settings.model.nonnegative,
-    )
-    classifier = ContextClassifier(n_genes, settings.model.classifier_hidden, sizes)
-    return model, classifier
-
-
-def inference_weights(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The autoencoder's state dict to predict with: the moving average of its weights when the
-    checkpoint has one (``train.ema``), else the last step's weights."""
-    averaged = payload.get("averaged")
-    if averaged is None:
-        return payload["model"]
-    prefix = "module."
-    return {k.removeprefix(prefix): v for k, v in averaged.items() if k.startswith(prefix)}
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Load a trained model from a checkpoint file or a training output folder.
 
@@ -228,23 +347,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
 
     Raises:
         CheckpointError: the file is missing, unreadable, or not a CAE checkpoint.
+        ConfigError: the saved settings do not validate.
     """
-    payload = read_checkpoint(path)
-    settings = settings_from_dict(payload["settings"], str(path))
-    vocabularies = Vocabularies.from_dict(payload["vocabularies"])
-    specs = {d["field"]: FieldSpec.from_dict(d) for d in payload["field_specs"]}
-    model, classifier = build_networks(settings, len(payload["genes"]), vocabularies.sizes())
-    model.load_state_dict(inference_weights(payload))
-    classifier.load_state_dict(payload["classifier"])
+    saved = Checkpoint.read(path)
+    model, classifier = build_networks(saved.settings, len(saved.genes), saved.vocabularies.sizes())
+    model.load_state_dict(saved.inference_weights())
+    classifier.load_state_dict(saved.classifier)
     model.to(device).eval()
     classifier.to(device).eval()
     return TrainedModel(
         model,
         classifier,
-        vocabularies,
-        specs,
-        settings,
-        list(payload["genes"]),
-        int(payload["epoch"]),
-        list(payload.get("history", [])),
+        saved.vocabularies,
+        saved.field_specs,
+        saved.settings,
+        saved.genes,
+        saved.epoch,
+        saved.history,
     )

@@ -12,11 +12,6 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 * parsimony (an extension, weight 0 restores the seed): the mean squared output of the field heads
   in the self pass, so that what the base head can explain stays there and each field's
   contribution measures what only that field explains;
-* shared (an extension, off by default): the mean squared output of each field head averaged over
-  the cell's source and target contexts, the part of a field's term its two values share. With
-  field heads of either sign (``model.nonnegative = "base"``) a head can carry cell identity
-  that is the same in every context of its field; this pushes that to the base head, so a field's
-  contribution measures what differs between its values;
 * context means (an extension, off by default): every cell is moved in one field
   (:func:`one_field_moves`); for every context combination the moved cells' targets take, the
   squared distance between the mean of the cells moved there (``model.counterfactual``, decoded or
@@ -56,7 +51,6 @@ class GeneratorLosses:
     target: torch.Tensor
     self_reconstruction: torch.Tensor
     parsimony: torch.Tensor
-    shared: torch.Tensor
     context_means: torch.Tensor
     cycle1: CAEOutput
     own: CAEOutput  # the cell in its own context: (x, source -> source)
@@ -70,7 +64,6 @@ class GeneratorLosses:
             "target": self.target,
             "self_reconstruction": self.self_reconstruction,
             "parsimony": self.parsimony,
-            "shared": self.shared,
             "context_means": self.context_means,
         }
 
@@ -113,33 +106,48 @@ def one_field_moves(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def context_means_loss(
-    moved: torch.Tensor, target: torch.Tensor, x: torch.Tensor, source: torch.Tensor
+    moved: torch.Tensor, target: torch.Tensor, reference: ContextMeans | BatchMeans
 ) -> torch.Tensor:
     """Distance between moved cells and real cells of the same full context combination.
 
     Args:
         moved: (B, G) cells moved to ``target``.
         target: (B, F) their target categories.
-        x: (B, G) real cells.
-        source: (B, F) their categories.
+        reference: the real cells: all training cells' means (:class:`ContextMeans`) or the
+            cells of the batch (:class:`BatchMeans`).
 
     Returns:
-        The mean over genes of ``(mean moved - mean real)^2`` per combination present on both
-        sides, averaged with the moved cells' counts as weights; 0 when no combination matches.
+        The mean over genes of ``(mean moved - mean real)^2`` per target combination that real
+        cells have, averaged with the moved cells' counts as weights; 0 when no combination
+        matches.
     """
-    keys, inverse = torch.unique(torch.cat([target, source]), dim=0, return_inverse=True)
-    n_groups, n = keys.shape[0], moved.shape[0]
-    sums = moved.new_zeros(2, n_groups, moved.shape[1])
-    counts = moved.new_zeros(2, n_groups)
-    sums[0].index_add_(0, inverse[:n], moved)
-    sums[1].index_add_(0, inverse[n:], x)
-    counts[0].index_add_(0, inverse[:n], moved.new_ones(n))
-    counts[1].index_add_(0, inverse[n:], x.new_ones(x.shape[0]))
-    both = (counts > 0).all(dim=0)  # (groups,) present on both sides
-    means = sums / counts.clamp_min(1).unsqueeze(-1)
-    distance = (means[0] - means[1]).square().mean(dim=1)  # (groups,)
-    weight = counts[0] * both
+    groups, real_means, known = reference.lookup(target)
+    n_groups = len(known)
+    counts = torch.bincount(groups, minlength=n_groups)  # (groups,) moved cells
+    sums = moved.new_zeros(n_groups, moved.shape[1]).index_add_(0, groups, moved)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    distance = (means - real_means.to(moved.dtype)).square().mean(dim=1)  # (groups,)
+    weight = counts * known
     return (distance * weight).sum() / weight.sum().clamp_min(1)
+
+
+@dataclass
+class BatchMeans:
+    """The real cells of one batch as the context-means reference
+    (``train.context_means_reference = "batch"``): the combinations both sides have."""
+
+    x: torch.Tensor  # (B, G) real cells
+    source: torch.Tensor  # (B, F) their categories
+
+    def lookup(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The combinations of ``target`` (B, F) and the real cells together: each target's
+        group (B,), every group's mean of the real cells (groups, G), and whether real cells
+        are in it (groups,)."""
+        x, n = self.x, target.shape[0]
+        keys, inverse = torch.unique(torch.cat([target, self.source]), dim=0, return_inverse=True)
+        sums = x.new_zeros(keys.shape[0], x.shape[1]).index_add_(0, inverse[n:], x)
+        counts = x.new_zeros(keys.shape[0]).index_add_(0, inverse[n:], x.new_ones(x.shape[0]))
+        return inverse[:n], sums / counts.clamp_min(1).unsqueeze(1), counts > 0
 
 
 def _combination_codes(contexts: torch.Tensor, strides: torch.Tensor) -> torch.Tensor:
@@ -201,27 +209,13 @@ class ContextMeans:
         times the genes, float32."""
         return int(torch.prod(sizes)) * n_genes * 4
 
-    def loss(self, moved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The context-means term against these means.
-
-        Args:
-            moved: (B, G) cells moved to ``target``.
-            target: (B, F) their target categories.
-
-        Returns:
-            The mean over genes of ``(mean moved - mean real)^2`` per target combination that
-            training cells have, averaged with the moved cells' counts as weights; 0 when none.
-        """
-        groups, inverse, counts = torch.unique(
-            self.code(target), return_inverse=True, return_counts=True
-        )
-        sums = moved.new_zeros(len(groups), moved.shape[1]).index_add_(0, inverse, moved)
+    def lookup(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The combinations of ``target`` (B, F): each cell's group (B,), every group's mean
+        (groups, G), and whether training cells have that combination (groups,)."""
+        groups, inverse = torch.unique(self.code(target), return_inverse=True)
         position = torch.searchsorted(self.codes, groups).clamp_max(len(self.codes) - 1)
-        known = self.codes[position] == groups  # (groups,) combinations training cells have
-        reference = self.means[position].to(moved.dtype)
-        distance = (sums / counts.unsqueeze(1) - reference).square().mean(dim=1)
-        weight = counts * known
-        return (distance * weight).sum() / weight.sum().clamp_min(1)
+        known = self.codes[position] == groups
+        return inverse, self.means[position], known
 
 
 def generator_losses(
@@ -247,8 +241,7 @@ def generator_losses(
         source: (B, F) source categories.
         target: (B, F) target categories from :func:`sample_targets`.
         weights: the loss weights.
-        residual: counterfactuals are residual (``model.counterfactual``): the context-means
-            term compares ``x + cycle 1 - self pass`` with the real cells.
+        residual: counterfactuals are residual (``model.counterfactual``; context-means term).
         terms: also compute every head's (B, G) output of the passes (contributions; slower).
         reference: the training cells' combination means for the context-means term; None
             compares with the real cells of the batch.
@@ -257,51 +250,70 @@ def generator_losses(
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
     """
     # Cycle 1 and the self pass share one encoding of x (the same numbers as two passes).
-    shared_on = weights.shared > 0
     # The context-means term's cells (each moved in one field) decode the same encoding too.
     single = one_field_moves(source, target) if weights.context_means > 0 else None
-    cycle1 = model(
-        x, source, target, and_source=True, terms=terms, shared=shared_on,
-        also=() if single is None else (single,),
-    )  # fmt: skip
+    also = () if single is None else (single,)
+    cycle1 = model(x, source, target, and_source=True, terms=terms, also=also)
     own = cycle1.own
     assert own is not None and own.squares is not None
     cycle2 = model(cycle1.output, target, source, terms=False)
     reconstruction = F.mse_loss(cycle2.output, x)
-    latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
-    latents += [F.mse_loss(cycle2.field_hidden[f], h) for f, h in cycle1.field_hidden.items()]
-    integration = torch.stack(latents).mean()
-    logits = classifier(cycle1.output)
-    target_terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]
-    target_loss = torch.stack(target_terms).mean() if target_terms else x.new_zeros(())
+    integration = _integration(cycle1, cycle2)
+    target_loss = _target_consistency(classifier(cycle1.output), target, x)
     self_reconstruction = F.mse_loss(own.output, x)
     heads = list(own.squares.values())
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
-    shared = x.new_zeros(())
-    if shared_on and own.shared:
-        shared = torch.stack(list(own.shared.values())).sum()
     context_means = x.new_zeros(())
     if single is not None:
-        moved = cycle1.also[0].output
-        if residual:
-            moved = (x + moved - own.output).clamp_min(0.0)
-        if reference is None:
-            context_means = context_means_loss(moved, single, x, source)
-        else:
-            context_means = reference.loss(moved, single)
+        context_means = _context_means_term(x, source, cycle1, single, residual, reference)
     total = (
         weights.reconstruction * reconstruction
         + weights.integration * integration
         + weights.target * target_loss
         + weights.self_reconstruction * self_reconstruction
         + weights.parsimony * parsimony
-        + weights.shared * shared
         + weights.context_means * context_means
     )
     return GeneratorLosses(
-        total, reconstruction, integration, target_loss, self_reconstruction, parsimony, shared,
+        total, reconstruction, integration, target_loss, self_reconstruction, parsimony,
         context_means, cycle1, own,
     )  # fmt: skip
+
+
+def _integration(cycle1: CAEOutput, cycle2: CAEOutput) -> torch.Tensor:
+    """The mean over heads of the squared distance between each head's latent in cycle 1 and in
+    cycle 2."""
+    latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
+    latents += [F.mse_loss(cycle2.field_hidden[f], h) for f, h in cycle1.field_hidden.items()]
+    return torch.stack(latents).mean()
+
+
+def _context_means_term(
+    x: torch.Tensor,
+    source: torch.Tensor,
+    cycle1: CAEOutput,
+    single: torch.Tensor,
+    residual: bool,
+    reference: ContextMeans | None,
+) -> torch.Tensor:
+    """The context-means term of the cells of ``x`` moved in one field each (``single``, decoded
+    in ``cycle1.also[0]``): decoded, or residual (the cell plus the change of the moved field's
+    term, clamped at 0), against ``reference`` or, when None, the real cells of the batch."""
+    moved = cycle1.also[0].output
+    if residual:
+        assert cycle1.own is not None
+        moved = (x + moved - cycle1.own.output).clamp_min(0.0)
+    real = BatchMeans(x, source) if reference is None else reference
+    return context_means_loss(moved, single, real)
+
+
+def _target_consistency(
+    logits: list[torch.Tensor], target: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """The mean over fields of the cross-entropy of the classifier's reading of cycle 1's output
+    (one (B, K_f) logits tensor per field) against the (B, F) targets; 0 without fields."""
+    terms = [F.cross_entropy(logit, target[:, i]) for i, logit in enumerate(logits)]
+    return torch.stack(terms).mean() if terms else x.new_zeros(())
 
 
 def classifier_loss(logits: list[torch.Tensor], source: torch.Tensor) -> torch.Tensor:

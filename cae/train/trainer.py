@@ -18,17 +18,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from cae import __version__
-from cae.config import Settings, settings_from_dict
+from cae.config import Settings
 from cae.data.atomic import atomic_write
 from cae.data.contexts import selection_fields
 from cae.data.loader import (
@@ -54,15 +50,10 @@ from cae.data.vocabulary import (
     save_preprocessed,
 )
 from cae.errors import CAEError, CheckpointError, ConfigError
-from cae.model.cae import CAE, contribution_l2
+from cae.model.cae import contribution_l2
 from cae.model.contributions import ContextTable, field_means
 from cae.train import distributed
-from cae.train.checkpoint import (
-    CHECKPOINT_FORMAT,
-    build_networks,
-    read_checkpoint,
-    save_checkpoint,
-)
+from cae.train.checkpoint import Checkpoint, PartialEpoch
 from cae.train.cycle import (
     ContextMeans,
     classifier_hits,
@@ -73,6 +64,7 @@ from cae.train.cycle import (
 )
 from cae.train.folder import CHECKPOINT, TrainingFolder, clean_training_leftovers
 from cae.train.host import configure_host
+from cae.train.networks import training_networks
 from cae.train.optim import build_optimizers
 
 log = logging.getLogger(__name__)
@@ -221,28 +213,85 @@ class Trainer:
     ) -> None:
         self.settings = settings
         self.folder = folder
-        cfg = settings
         self.ranks = distributed.ranks_from_environment()
         # Only rank 0 writes files and tracks; the other ranks train silently beside it.
         self.callbacks = list(callbacks) if self.ranks.is_main else []
-        configure_host(cfg.train.threads, cfg.train.keep_freed_memory)
-        self.device = resolve_device(cfg.train.device)
+        configure_host(settings.train.threads, settings.train.keep_freed_memory)
+        self.device = resolve_device(settings.train.device)
         if self.ranks.enabled:
             self.device = distributed.start(self.ranks, self.device)
-        self.out_dir = Path(cfg.output.dir or default_out_dir(cfg))
+        self.out_dir = Path(settings.output.dir or default_out_dir(settings))
         self.checkpoint_path = self.out_dir / CHECKPOINT
-        resume_payload = self._check_out_dir()
+        saved = self._check_out_dir()
+        self._open_data(saved)
+        torch.manual_seed(settings.train.seed)
+        sizes = self.vocabularies.sizes()
+        self.networks = training_networks(
+            settings, self.store.n_genes, sizes, self.device, self.ranks
+        )
+        self.optimizer, self.classifier_optimizer = build_optimizers(
+            self.networks.model,
+            self.networks.classifier,
+            settings.train.lr,
+            settings.train.classifier_lr,
+        )
+        self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
+        self.history: list[dict[str, float]] = []
+        # Each head's output on the first evaluation batch of the last epoch (for histograms).
+        self.head_samples: dict[str, torch.Tensor] = {}
+        self.start_epoch = 1
+        self.partial: PartialEpoch | None = None  # where a preempted epoch stopped
+        self.stop_signal: str | None = None
+        if saved is not None:
+            self._restore(saved)
+        self._build_loaders()
 
+    def _check_out_dir(self) -> Checkpoint | None:
+        """The checkpoint to resume (``output.resume``), or None for a new training.
+
+        Raises:
+            CheckpointError: nothing to resume, or a training that would be overwritten.
+            ConfigError: the checkpoint's model settings or fields differ from those given.
+        """
+        output = self.settings.output
+        has_checkpoint = self.checkpoint_path.is_file()
+        if output.resume:
+            if not has_checkpoint:
+                raise CheckpointError(
+                    f"cannot resume: no checkpoint at {self.checkpoint_path}; pass the --out "
+                    "folder of the training to continue"
+                )
+            saved = Checkpoint.read(self.checkpoint_path)
+            if saved.settings.model != self.settings.model:
+                raise ConfigError(
+                    f"cannot resume {self.checkpoint_path} with other model settings: saved "
+                    f"{saved.settings.model!r}, now {self.settings.model!r}"
+                )
+            if saved.settings.data.fields != self.settings.data.fields:
+                raise ConfigError(
+                    f"cannot resume with fields {self.settings.data.fields}: the checkpoint was "
+                    f"trained on {saved.settings.data.fields}"
+                )
+            return saved
+        if has_checkpoint and not output.overwrite:
+            raise CheckpointError(
+                f"{self.out_dir} already holds a training; pass --resume to continue it, "
+                "--overwrite to replace it, or --out to choose another folder"
+            )
+        return None
+
+    def _open_data(self, saved: Checkpoint | None) -> None:
+        """Open the data and take the fields' specs and vocabularies: the checkpoint's when
+        resuming, else built from the data's metadata (and the values checked when asked)."""
+        cfg = self.settings
         self.store = DataStore.open(cfg.data)
         for chunk_id in cfg.data.val_chunks:
             self.store.chunk(chunk_id)
         self.fingerprint = self.store.fingerprint()
-        if resume_payload is not None:
-            self.vocabularies = Vocabularies.from_dict(resume_payload["vocabularies"])
-            self.field_specs = {
-                d["field"]: FieldSpec.from_dict(d) for d in resume_payload["field_specs"]
-            }
-            if resume_payload.get("data_fingerprint") != self.fingerprint:
+        if saved is not None:
+            self.vocabularies = saved.vocabularies
+            self.field_specs = saved.field_specs
+            if saved.data_fingerprint != self.fingerprint:
                 log.warning("resuming on data whose fingerprint differs from the checkpoint's")
         else:
             self.field_specs = build_field_specs(
@@ -253,62 +302,60 @@ class Trainer:
         for spec in self.field_specs.values():  # only in checkpoints of older versions
             if not spec.using:
                 log.warning("field '%s' is skipped: %s", spec.field, spec.reason)
-        if cfg.data.validate_values == "full" and resume_payload is None:
+        if cfg.data.validate_values == "full" and saved is None:
             self.store.check_values(cfg.data.transform, progress=cfg.train.progress)
 
-        torch.manual_seed(cfg.train.seed)
-        sizes = self.vocabularies.sizes()
-        try:
-            self.model, self.classifier = build_networks(cfg, self.store.n_genes, sizes)
-        except (MemoryError, RuntimeError) as err:  # torch says "can't allocate memory"
-            if not isinstance(err, MemoryError) and "allocate" not in str(err):
-                raise
-            raise ConfigError(
-                f"the networks for {self.store.n_genes:,} genes do not fit in memory with "
-                f"model.latent_dim = {cfg.model.latent_dim} and model.classifier_hidden = "
-                f"{cfg.model.classifier_hidden}; lower them (--latent-dim)"
-            ) from None
-        self.model.to(self.device)
-        self.classifier.to(self.device)
-        method = cfg.train.context_maps
-        if method == "auto" and cfg.train.compile:
-            method = "gather"  # static shapes, no host sync: what the compiler wants
-        # Sparse map gradients need no reduction across ranks, which DDP does only for dense ones.
-        self.model.configure_context_maps(method, sparse_grad=not self.ranks.enabled)
-        self.optimizer, self.classifier_optimizer = build_optimizers(
-            self.model, self.classifier, cfg.train.lr, cfg.train.classifier_lr
-        )
-        # What the training steps call: the same networks, wrapped for several processes (DDP
-        # averages gradients) and compiled when asked. Evaluation calls the bare networks.
-        self.train_model: nn.Module = self.model
-        self.train_classifier: nn.Module = self.classifier
-        if self.ranks.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+    def _restore(self, saved: Checkpoint) -> None:
+        """Take the networks, optimisers, history and epoch of the checkpoint to resume.
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
-            self.train_classifier = DistributedDataParallel(self.classifier, device_ids=ids)
-        if cfg.train.compile:
-            self.train_model = torch.compile(self.train_model)
-        # The moving average of the weights (train.ema), or the weights themselves: what is
-        # evaluated and saved for inference.
-        self.averaged: AveragedModel | None = None
-        self.eval_model: CAE = self.model
-        if cfg.train.ema > 0:
-            self.averaged = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True
+        Raises:
+            ConfigError: ``train.ema`` is on but the checkpoint has no average, or the checkpoint
+                already finished ``train.epochs``.
+        """
+        networks = self.networks
+        networks.model.load_state_dict(saved.model)
+        if networks.averaged is not None:
+            if saved.averaged is None:
+                raise ConfigError(
+                    f"{self.checkpoint_path} was trained without train.ema; resume it with "
+                    "train.ema = 0, or start a new training"
+                )
+            networks.averaged.load_state_dict(saved.averaged)
+        networks.classifier.load_state_dict(saved.classifier)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.classifier_optimizer.load_state_dict(saved.classifier_optimizer)
+        # The optimisers' saved state includes their learning rates: the settings now given win.
+        for optimizer, lr in [
+            (self.optimizer, self.settings.train.lr),
+            (self.classifier_optimizer, self.settings.train.classifier_lr),
+        ]:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        self.history = saved.history
+        self.start_epoch = saved.epoch + 1
+        self.partial = saved.partial
+        if self.partial is not None:  # preempted mid-epoch: that epoch goes on
+            self.start_epoch = self.partial.epoch
+            log.info(
+                "resuming epoch %d after window %d", self.start_epoch, self.partial.windows_done
             )
-            self.eval_model = cast(CAE, self.averaged.module)
-        self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
-        self.history: list[dict[str, float]] = []
-        # Each head's output on the first evaluation batch of the last epoch (for histograms).
-        self.head_samples: dict[str, torch.Tensor] = {}
-        self.start_epoch = 1
-        self.partial: dict | None = None  # where a preempted epoch stopped (from the checkpoint)
-        self.stop_signal: str | None = None
-        if resume_payload is not None:
-            self._restore(resume_payload)
+            return
+        if self.start_epoch > self.settings.train.epochs:
+            raise ConfigError(
+                f"{self.checkpoint_path} already finished {saved.epoch} epochs; "
+                f"raise --epochs above {saved.epoch} to train longer"
+            )
+        log.info("resuming %s after epoch %d", self.out_dir, saved.epoch)
 
+    def _build_loaders(self) -> None:
+        """The training and evaluation loaders, the epoch order, the mixing watch and the
+        context-means reference.
+
+        Raises:
+            ConfigError: no training chunk, too few chunks for the processes, or an unusable
+                ``data.exclude`` or ``train.context_means_reference``.
+        """
+        cfg, ranks = self.settings, self.ranks
         dataset = ChunkDataset(
             self.store,
             self.vocabularies,
@@ -321,7 +368,6 @@ class Trainer:
         train_idx, val_idx, self.n_train_cells, self.n_val_cells = self._split_counts()
         if not train_idx:
             raise ConfigError("every chunk is a validation chunk; leave some for training")
-        ranks = self.ranks
         if ranks.enabled and min(len(train_idx), len(val_idx or train_idx)) < ranks.world_size:
             raise ConfigError(
                 f"{ranks.world_size} training processes need at least {ranks.world_size} training "
@@ -351,81 +397,6 @@ class Trainer:
         self.reference: ContextMeans | None = None
         if cfg.train.weights.context_means > 0 and cfg.train.context_means_reference == "data":
             self.reference = self._context_means(chunk_loader(dataset, train_idx, workers, 1))
-
-    def _check_out_dir(self) -> dict | None:
-        output = self.settings.output
-        has_checkpoint = self.checkpoint_path.is_file()
-        if output.resume:
-            if not has_checkpoint:
-                raise CheckpointError(
-                    f"cannot resume: no checkpoint at {self.checkpoint_path}; pass the --out "
-                    "folder of the training to continue"
-                )
-            payload = read_checkpoint(self.checkpoint_path)
-            saved = settings_from_dict(payload["settings"], str(self.checkpoint_path))
-            if saved.model != self.settings.model:
-                raise ConfigError(
-                    f"cannot resume {self.checkpoint_path} with other model settings: saved "
-                    f"{saved.model!r}, now {self.settings.model!r}"
-                )
-            if saved.data.fields != self.settings.data.fields:
-                raise ConfigError(
-                    f"cannot resume with fields {self.settings.data.fields}: the checkpoint was "
-                    f"trained on {saved.data.fields}"
-                )
-            return payload
-        if has_checkpoint and not output.overwrite:
-            raise CheckpointError(
-                f"{self.out_dir} already holds a training; pass --resume to continue it, "
-                "--overwrite to replace it, or --out to choose another folder"
-            )
-        return None
-
-    def _restore(self, payload: dict) -> None:
-        if payload["format"] != CHECKPOINT_FORMAT:
-            raise CheckpointError(
-                f"{self.checkpoint_path} was written by an older cae (checkpoint format "
-                f"{payload['format']}, plain Adam) and cannot be resumed with ContextAdam; load it "
-                "for inference (cae.train.load_checkpoint), or start a new training"
-            )
-        self.model.load_state_dict(payload["model"])
-        if self.averaged is not None:
-            if payload.get("averaged") is None:
-                raise ConfigError(
-                    f"{self.checkpoint_path} was trained without train.ema; resume it with "
-                    "train.ema = 0, or start a new training"
-                )
-            self.averaged.load_state_dict(payload["averaged"])
-        self.classifier.load_state_dict(payload["classifier"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.classifier_optimizer.load_state_dict(payload["classifier_optimizer"])
-        # The optimisers' saved state includes their learning rates: the settings now given win.
-        for optimizer, lr in [
-            (self.optimizer, self.settings.train.lr),
-            (self.classifier_optimizer, self.settings.train.classifier_lr),
-        ]:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        self.history = list(payload["history"])
-        self.start_epoch = int(payload["epoch"]) + 1
-        self.partial = payload.get("partial")
-        if self.partial is not None:  # preempted mid-epoch: that epoch goes on
-            self.start_epoch = int(self.partial["epoch"])
-            if "windows_done" not in self.partial:  # written before shuffle windows existed
-                log.warning("%s stopped mid-epoch %d under an older cae: that epoch starts "
-                            "again", self.checkpoint_path, self.start_epoch)  # fmt: skip
-                self.partial = None
-                return
-            log.info(
-                "resuming epoch %d after window %d", self.start_epoch, self.partial["windows_done"]
-            )
-            return
-        if self.start_epoch > self.settings.train.epochs:
-            raise ConfigError(
-                f"{self.checkpoint_path} already finished {payload['epoch']} epochs; "
-                f"raise --epochs above {payload['epoch']} to train longer"
-            )
-        log.info("resuming %s after epoch %d", self.out_dir, payload["epoch"])
 
     def _split_counts(self) -> tuple[list[int], list[int], int, int]:
         data, seed = self.settings.data, self.settings.train.seed
@@ -595,17 +566,19 @@ class Trainer:
         target_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, epoch, "targets"))
         means = _Means()
         skip = 0
-        if self.partial is not None and int(self.partial["epoch"]) == epoch:
-            skip = int(self.partial["windows_done"])
-            rows_gen.set_state(self.partial["rows_generator"])
-            target_gen.set_state(self.partial["target_generator"])
-            means.sums = {k: v.to(self.device) for k, v in self.partial["sums"].items()}
-            means.counts = dict(self.partial["counts"])
+        if self.partial is not None and self.partial.epoch == epoch:
+            skip = self.partial.windows_done
+            if self.partial.rows_generator is not None:
+                rows_gen.set_state(self.partial.rows_generator)
+            if self.partial.target_generator is not None:
+                target_gen.set_state(self.partial.target_generator)
+            means.sums = {k: v.to(self.device) for k, v in self.partial.sums.items()}
+            means.counts = dict(self.partial.counts)
             self.partial = None
         self.order.set_epoch(epoch, skip_windows=skip)
         self.steps_left = self._steps_per_rank(epoch)
-        self.model.train()
-        self.classifier.train()
+        self.networks.model.train()
+        self.networks.classifier.train()
         bar = tqdm(
             total=self.n_train_cells,
             desc=f"epoch {epoch}/{cfg.train.epochs}",
@@ -692,7 +665,7 @@ class Trainer:
         means: _Means,
         bar: tqdm,
     ) -> None:
-        cfg = self.settings
+        cfg, networks = self.settings, self.networks
         single = np.zeros(len(self.vocabularies.fields))  # (F,) batches with one value
         batches = 0
         for x, source, host_source in self._batches(window, "train_rows", rows_gen):
@@ -705,22 +678,22 @@ class Trainer:
             # the contexts, then copied over without waiting: no host sync in the step.
             target = to_device(sample_targets(host_source, self.sizes, target_gen), self.device)
             losses, c_loss = training_step(
-                self.model,
-                self.classifier,
+                networks.model,
+                networks.classifier,
                 self.optimizer,
                 self.classifier_optimizer,
                 x,
                 source,
                 target,
                 cfg.train.weights,
-                forward_model=self.train_model,
-                forward_classifier=self.train_classifier,
+                forward_model=networks.train_model,
+                forward_classifier=networks.train_classifier,
                 autocast=self._autocast(),
                 residual=cfg.model.counterfactual == "residual",
                 reference=self.reference,
             )
-            if self.averaged is not None:
-                self.averaged.update_parameters(self.model)
+            if networks.averaged is not None:
+                networks.averaged.update_parameters(networks.model)
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)
@@ -737,8 +710,9 @@ class Trainer:
         """Losses, classifier accuracies and contributions on the held-out cells (the training
         cells when nothing is held out), with targets drawn the same way every epoch."""
         cfg = self.settings
-        self.eval_model.eval()
-        self.classifier.eval()
+        model, classifier = self.networks.eval_model, self.networks.classifier
+        model.eval()
+        classifier.eval()
         generator = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation"))
         means = _Means()
         table = ContextTable(self.vocabularies, self.store.n_genes, self.device)
@@ -752,8 +726,8 @@ class Trainer:
             target = to_device(sample_targets(host_source, self.sizes, generator), self.device)
             with self._autocast():
                 losses = generator_losses(
-                    self.eval_model,
-                    self.classifier,
+                    model,
+                    classifier,
                     x,
                     source,
                     target,
@@ -762,10 +736,10 @@ class Trainer:
                     terms=True,
                     reference=self.reference,
                 )
-                logits = self.classifier(x)
+                logits = classifier(x)
                 c_loss = classifier_loss(logits, source)
                 correct, labelled = classifier_hits(logits, source)
-                target_logits = self.classifier(losses.cycle1.output)
+                target_logits = classifier(losses.cycle1.output)
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)
@@ -780,7 +754,14 @@ class Trainer:
             norms = contribution_l2(losses.own)
             for head, values in norms.items():
                 means.add(f"contrib_l2/{head}", values.sum(), n)
-            table.add(source, norms, self.eval_model.field_effects(losses.own))
+            table.add(source, norms, model.field_effects(losses.own))
+        return self._evaluation_metrics(means, table)
+
+    def _evaluation_metrics(
+        self, means: _Means, table: ContextTable
+    ) -> tuple[dict[str, float], pd.DataFrame]:
+        """An evaluation's metrics (losses and accuracies under ``val/`` or ``eval/``, every
+        head's contribution and share, every field's effect) and its per-context table."""
         prefix = "val/" if self.eval_rows == "val_rows" else "eval/"
         raw = means.read("")
         metrics = {f"{prefix}{k}": v for k, v in raw.items() if not k.startswith("contrib")}
@@ -831,40 +812,32 @@ class Trainer:
     ) -> None:
         """A mid-epoch checkpoint: everything needed to replay the rest of the epoch exactly (the
         windows are the epoch order's, so the ones done and the generators' states suffice)."""
-        partial = {
-            "epoch": epoch,
-            "windows_done": windows_done,
-            "rows_generator": rows_gen.get_state(),
-            "target_generator": target_gen.get_state(),
-            "sums": means.sums,
-            "counts": {k: torch.as_tensor(v) for k, v in means.counts.items()},
-        }
+        counts = {k: torch.as_tensor(v) for k, v in means.counts.items()}
+        state = rows_gen.get_state(), target_gen.get_state()
+        partial = PartialEpoch(epoch, windows_done, *state, means.sums, counts)
         self._save(epoch - 1, partial)
         log.warning("%s: checkpoint written after window %d of epoch %d", self.stop_signal,
                     windows_done, epoch)  # fmt: skip
 
-    def _save(self, epoch: int, partial: dict | None = None) -> None:
+    def _save(self, epoch: int, partial: PartialEpoch | None = None) -> None:
         if not self.ranks.is_main:
             return
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": __version__,
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            # train.ema: the average (what inference loads) and its step count, else None.
-            "averaged": None if self.averaged is None else self.averaged.state_dict(),
-            "classifier": self.classifier.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "classifier_optimizer": self.classifier_optimizer.state_dict(),
-            "settings": self.settings.model_dump(mode="json"),
-            "vocabularies": self.vocabularies.to_dict(),
-            "field_specs": [spec.to_dict() for spec in self.field_specs.values()],
-            "genes": self.store.genes,
-            "history": self.history,
-            "data_fingerprint": self.fingerprint,
-            "partial": partial,
-        }
-        save_checkpoint(self.checkpoint_path, payload)
+        networks = self.networks
+        Checkpoint(
+            epoch,
+            networks.model.state_dict(),
+            None if networks.averaged is None else networks.averaged.state_dict(),
+            networks.classifier.state_dict(),
+            self.optimizer.state_dict(),
+            self.classifier_optimizer.state_dict(),
+            self.settings,
+            self.vocabularies,
+            self.field_specs,
+            self.store.genes,
+            self.history,
+            self.fingerprint,
+            partial,
+        ).write(self.checkpoint_path)
         with atomic_write(self.out_dir / "history.json") as file:
             file.write((json.dumps(self.history, indent=1) + "\n").encode())
         if self.folder is not None:
@@ -919,7 +892,7 @@ def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:
             f"cannot resume: no checkpoint at {path}; pass the --out folder of the training to "
             "continue"
         )
-    saved = settings_from_dict(read_checkpoint(path)["settings"], str(path))
+    saved = Checkpoint.read(path).settings
     for key in given:
         section, _, name = key.partition(".")
         if section not in ("data", "model"):

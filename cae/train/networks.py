@@ -1,0 +1,98 @@
+"""The networks of a model: built for inference, or for training with the handles a training
+step and an evaluation call (several processes, compilation, the weights' moving average)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cae.config import Settings
+from cae.errors import ConfigError
+from cae.model.cae import CAE
+from cae.model.classifier import ContextClassifier
+from cae.train.distributed import Ranks
+
+
+def build_networks(
+    settings: Settings, n_genes: int, sizes: dict[str, int]
+) -> tuple[CAE, ContextClassifier]:
+    """Create the autoencoder and classifier for these settings, genes and vocabulary sizes."""
+    model = CAE(
+        n_genes,
+        settings.model.latent_dim,
+        sizes,
+        settings.model.logit_scale,
+        settings.model.context_offsets,
+        settings.model.nonnegative,
+    )
+    classifier = ContextClassifier(n_genes, settings.model.classifier_hidden, sizes)
+    return model, classifier
+
+
+@dataclass
+class Networks:
+    """One training's networks and what each part of training calls.
+
+    The optimisers update ``model`` and ``classifier``; training steps call ``train_model`` and
+    ``train_classifier`` (the same networks, wrapped for several processes and compiled when
+    asked); evaluation and checkpoints for inference use ``eval_model``.
+    """
+
+    model: CAE
+    classifier: ContextClassifier
+    train_model: nn.Module
+    train_classifier: nn.Module
+    averaged: AveragedModel | None  # the moving average of the weights (train.ema), else None
+
+    @property
+    def eval_model(self) -> CAE:
+        """The averaged weights (train.ema) or the weights themselves."""
+        return self.model if self.averaged is None else cast(CAE, self.averaged.module)
+
+
+def training_networks(
+    settings: Settings, n_genes: int, sizes: dict[str, int], device: torch.device, ranks: Ranks
+) -> Networks:
+    """Build the networks of a training on ``device``: context maps as ``train.context_maps``
+    asks, DistributedDataParallel over several ``ranks``, ``train.compile``, ``train.ema``.
+
+    Raises:
+        ConfigError: the networks do not fit in memory (the message names the settings to lower).
+    """
+    try:
+        model, classifier = build_networks(settings, n_genes, sizes)
+    except (MemoryError, RuntimeError) as err:  # torch says "can't allocate memory"
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise ConfigError(
+            f"the networks for {n_genes:,} genes do not fit in memory with model.latent_dim = "
+            f"{settings.model.latent_dim} and model.classifier_hidden = "
+            f"{settings.model.classifier_hidden}; lower them (--latent-dim)"
+        ) from None
+    model.to(device)
+    classifier.to(device)
+    train = settings.train
+    method = train.context_maps
+    if method == "auto" and train.compile:
+        method = "gather"  # static shapes, no host sync: what the compiler wants
+    # Sparse map gradients need no reduction across ranks, which DDP does only for dense ones.
+    model.configure_context_maps(method, sparse_grad=not ranks.enabled)
+    train_model: nn.Module = model
+    train_classifier: nn.Module = classifier
+    if ranks.enabled:  # DDP averages the gradients of the processes
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+        train_classifier = DistributedDataParallel(classifier, device_ids=ids)
+    if train.compile:
+        train_model = torch.compile(train_model)
+    averaged = None
+    if train.ema > 0:
+        average = get_ema_multi_avg_fn(train.ema)
+        averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    return Networks(model, classifier, train_model, train_classifier, averaged)

@@ -694,7 +694,7 @@ def _without_retired(values: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of saved settings ``values`` without the :data:`_RETIRED` settings."""
     out = copy.deepcopy(dict(values))
     for *parents, leaf in _RETIRED:
-        node = out
+        node: Any = out
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):

@@ -235,7 +235,7 @@ def _keep(item: LoadedChunk) -> LoadedChunk:
 
 def chunk_loader(
     dataset: ChunkDataset,
-    order: Sampler[int] | Sequence[int],
+    order: EpochOrder | Sequence[int],
     num_workers: int,
     prefetch_factor: int,
     window: int = 1,
@@ -262,7 +262,9 @@ def chunk_loader(
         dataset,
         batch_size=None,
         sampler=order,
-        collate_fn=_keep,
+        # With batch_size=None the loader passes each item, not a list, to collate_fn; torch's
+        # stubs type only the batched case.
+        collate_fn=_keep,  # type: ignore[arg-type]
         num_workers=workers,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=workers > 0,

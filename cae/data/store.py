@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -43,9 +43,10 @@ if TYPE_CHECKING:
 METADATA_SUFFIXES = (".pkl", ".parquet")
 # What numpy and zipfile raise for a truncated, corrupt or foreign .npz (zipfile raises
 # NotImplementedError for a version or compression it lacks, RuntimeError for an encrypted member).
-_NPZ_ERRORS = (
+# (isal's stubs declare isal_zlib.error an Exception instance; it is the exception class.)
+_NPZ_ERRORS: tuple[type[Exception], ...] = (
     OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error,
-    isal_zlib.error, NotImplementedError, RuntimeError,
+    cast(type[Exception], isal_zlib.error), NotImplementedError, RuntimeError,
 )  # fmt: skip
 _CHUNK_ID = re.compile(r"(\d+)$")
 # The arrays of each sparse format, as scipy.sparse.save_npz and AnnData name them.

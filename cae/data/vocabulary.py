@@ -158,10 +158,10 @@ def _canonicalise(
     try:
         raw_codes, raw_uniques = pd.factorize(column, use_na_sentinel=True)
     except TypeError:  # unhashable cells (lists, dicts, arrays) cannot be labels
-        example = next((v for v in column if not isinstance(v, Hashable)), None)
+        unhashable = next((v for v in column if not isinstance(v, Hashable)), None)
         raise MetadataError(
-            f"{source}: field {field!r} holds {type(example).__name__} values (e.g. "
-            f"{reprlib.repr(example)}), not labels; a field holds one label per cell (text, a "
+            f"{source}: field {field!r} holds {type(unhashable).__name__} values (e.g. "
+            f"{reprlib.repr(unhashable)}), not labels; a field holds one label per cell (text, a "
             f"number or a bool): convert the column, e.g. frame[{field!r}] = "
             f"frame[{field!r}].astype(str), or drop {field} from data.fields"
         ) from None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -155,8 +155,14 @@ class CAE(nn.Module):
         self.fields: tuple[str, ...] = tuple(field_sizes)
         self.logit_scale = logit_scale
         self.base = nn.Parameter(torch.empty(latent_dim, n_genes))  # W: (L, G), tied
-        self.heads = nn.ModuleList(
-            FieldHead(n_genes, latent_dim, size, context_offsets) for size in field_sizes.values()
+        # One FieldHead per field, in field order: an nn.ModuleList (so its parameters are the
+        # model's), typed as the read-only sequence of FieldHead the model uses it as.
+        self.heads = cast(
+            "Sequence[FieldHead]",
+            nn.ModuleList(
+                FieldHead(n_genes, latent_dim, size, context_offsets)
+                for size in field_sizes.values()
+            ),
         )
         self.reset_parameters()
 
@@ -310,7 +316,7 @@ class CAE(nn.Module):
         One ``embedding_bag`` over the fields' stacked offsets sums the F rows of every cell of
         every batch (about half the time of a gather and an add per field, backward included).
         """
-        tables = [head.offsets for head in self.heads if head.offsets is not None]
+        tables: list[torch.Tensor] = [h.offsets for h in self.heads if h.offsets is not None]
         if not tables:  # (offsets are on every head or on none: one setting)
             return [None] * len(contexts)
         sizes = torch.tensor([len(table) for table in tables], device=contexts[0].device)
@@ -400,7 +406,7 @@ class CAE(nn.Module):
             self.base.clamp_min_(0.0)
             return
         rows = rows or {}
-        dense = [p for p in self.parameters() if p not in rows]
+        dense: list[torch.Tensor] = [p for p in self.parameters() if p not in rows]
         if dense:
             torch._foreach_clamp_min_(dense, 0.0)
         for parameter, changed in rows.items():  # one pass over the changed rows, in place

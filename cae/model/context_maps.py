@@ -25,7 +25,7 @@ both against the seed's loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -298,6 +298,7 @@ def plan_tiles(
     sort = sort_by_category(index) if sort is None else sort
     size, direct, rest_size = choose_layout(sort.counts, latent_dim, n_categories)
     row = np.empty(len(sort.order), dtype=np.int64)  # (B,) padded row of each sorted cell
+    parts: list[tuple[int, np.ndarray | None, int]]  # (P, categories of the tiles, T) per size
     if direct:
         assert n_categories is not None
         parts = [(size, None, n_categories)]
@@ -386,7 +387,7 @@ class _GroupedContextMaps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # torch's FunctionCtx type lacks what forward sets on it (maps, plan, ...)
         h: torch.Tensor,
         maps: torch.Tensor,
         index: torch.Tensor,
@@ -399,6 +400,7 @@ class _GroupedContextMaps(torch.autograd.Function):
         plan = plan_maps(index, h.shape[1], maps.shape[0]) if plan is None else plan
         ctx.plan = plan
         if plan.tiles is None:  # one matmul per category over its sorted cells
+            assert plan.order is not None and plan.inverse is not None  # set when tiles is None
             ordered = h.index_select(0, plan.order)  # (several times faster than h[order])
             ctx.save_for_backward(ordered)
             chosen = [maps[c].to(h.dtype) for c in plan.sort.categories.tolist()]
@@ -410,7 +412,7 @@ class _GroupedContextMaps(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+        ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         maps: torch.Tensor = ctx.maps
         plan: MapsPlan | None = ctx.plan
@@ -432,13 +434,14 @@ class _GroupedContextMaps(torch.autograd.Function):
 
     @staticmethod
     def _segments_backward(
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+        ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The gradients of an application by one matmul per category: the maps' from this use
         alone (its rows are sorted already, and few categories make a small gradient)."""
         maps: torch.Tensor = ctx.maps
         plan: MapsPlan = ctx.plan
         (ordered,) = ctx.saved_tensors
+        assert plan.order is not None and plan.inverse is not None  # set when tiles is None
         grad_sorted = grad_out.index_select(0, plan.order)
         grad_h = grad_maps = None
         if ctx.needs_input_grad[0]:
@@ -527,6 +530,10 @@ def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:
     return int(sizes[int(np.argmin(costs))])
 
 
+# One use of a sparse-gradient map: its inputs h, output gradients g, categories and their sort.
+_Use = tuple[torch.Tensor, torch.Tensor, torch.Tensor, CategorySort | None]
+
+
 class _RowGradientCollector:
     """Collects, during one backward pass, every use's factors of a sparse-gradient map's
     gradient (the maps' inputs and output gradients, by category), and when the pass ends sets
@@ -541,7 +548,8 @@ class _RowGradientCollector:
     """
 
     def __init__(self) -> None:
-        self.pending: dict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]] = {}
+        # id(maps) -> (maps, each use's (h, g, index, sort))
+        self.pending: dict[int, tuple[torch.Tensor, list[_Use]]] = {}
 
     def add(
         self,
@@ -562,6 +570,7 @@ class _RowGradientCollector:
         with torch.no_grad():
             summed, plans = [], []
             for maps, uses in pending.values():
+                sort: CategorySort | None
                 if len(uses) == 1:  # its own rows and sort
                     h, g, index, sort = uses[0]
                 else:

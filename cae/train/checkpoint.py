@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -311,7 +311,8 @@ class TrainedModel:
             DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``.
             ValueError: ``x`` does not have the model's gene count.
         """
-        dense = x.toarray() if sp.issparse(x) else x
+        # (scipy has no types, so issparse does not narrow x for the checker)
+        dense = cast(Any, x).toarray() if sp.issparse(x) else x
         tensor = torch.as_tensor(dense, dtype=torch.float32)
         if tensor.ndim != 2 or tensor.shape[1] != len(self.genes):
             raise ValueError(f"x must be (cells, {len(self.genes)}) but is {tuple(tensor.shape)}")

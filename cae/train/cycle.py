@@ -219,7 +219,7 @@ class ContextMeans:
 
 
 def generator_losses(
-    model: CAE,
+    model: nn.Module,
     classifier: ContextClassifier,
     x: torch.Tensor,
     source: torch.Tensor,

@@ -90,7 +90,8 @@ def training_networks(
         train_model = DistributedDataParallel(model, device_ids=ids)
         train_classifier = DistributedDataParallel(classifier, device_ids=ids)
     if train.compile:
-        train_model = torch.compile(train_model)
+        # compiling a Module gives a Module (an OptimizedModule); the stubs say only Callable
+        train_model = cast(nn.Module, torch.compile(train_model))
     averaged = None
     if train.ema > 0:
         average = get_ema_multi_avg_fn(train.ema)

@@ -748,6 +748,7 @@ class Trainer:
                 hits = (target_logits[i].argmax(dim=1) == target[:, i]).sum()
                 means.add(f"target_accuracy/{name}", hits, n)
             if first_batch:
+                assert losses.own.base is not None  # computed with terms=True
                 self.head_samples = {"base": losses.own.base.float().cpu()}
                 self.head_samples.update({f: v.float().cpu() for f, v in losses.own.fields.items()})
                 first_batch = False

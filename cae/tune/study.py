@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from cae.config import Settings, TuneConfig, deep_merge, settings_from_dict
 from cae.data.atomic import check_output_path
@@ -94,7 +94,7 @@ def open_storage(tune: TuneConfig) -> Any:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def _directions(tune: TuneConfig) -> list[str]:
+def _directions(tune: TuneConfig) -> list[Literal["minimize", "maximize"]]:
     return ["minimize", "maximize"] if tune.multi_objective else ["minimize"]
 
 
@@ -280,8 +280,8 @@ def objective(trial: Any, base: Settings) -> float | tuple[float, float]:
             tags = {"cae.study": base.tune.study, "cae.trial": str(trial.number),
                     "cae.slurm_task": task}  # fmt: skip
             client = mlflow.MlflowClient()
-            for key, value in tags.items():
-                client.set_tag(run_id, key, value)
+            for key, tag in tags.items():
+                client.set_tag(run_id, key, tag)
     value = result.final[base.tune.objective]
     if base.tune.multi_objective:
         accuracies = [v for k, v in result.final.items() if k.startswith(TARGET_ACCURACY)]
@@ -374,6 +374,7 @@ def log_study_plots(tune: TuneConfig) -> list[str]:
     import matplotlib.pyplot as plt
     import mlflow
     import optuna.visualization.matplotlib as plots
+    from matplotlib.figure import Figure
     from optuna.exceptions import ExperimentalWarning
 
     from cae.tracking.callbacks import tracking_uri
@@ -403,7 +404,8 @@ def log_study_plots(tune: TuneConfig) -> list[str]:
             except (ValueError, RuntimeError) as err:  # too few trials for that plot
                 log.warning("skipping %s: %s", path, err)
                 continue
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            # optuna draws each plot on a figure of its own (never a subfigure, never none)
+            figure = cast(Figure, (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure())
             mlflow.log_figure(figure, path)
             plt.close(figure)
             written.append(path)

@@ -27,6 +27,7 @@ ui: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 # The fuzzers of hostile input (files, settings, requests) at length: at least 2,000 examples
@@ -43,9 +44,11 @@ bench: install
 	$(BIN)/python bench/loader.py $(BENCH_ARGS)
 	$(BIN)/python bench/preprocess.py $(BENCH_ARGS)
 
+# mypy type-checks cae/ (its settings: [tool.mypy] in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -25,7 +25,7 @@ both against the seed's loop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def resolve_method(method: str, device: torch.device) -> Literal["grouped", "gat
         raise ValueError(f"context map method {method!r} is not one of {CONTEXT_MAP_METHODS}")
     if method == "auto":
         return "grouped" if device.type == "cpu" else "gather"
-    return method  # type: ignore[return-value]
+    return cast(Literal["grouped", "gather"], method)  # one of the two: checked above
 
 
 def apply_context_maps(

@@ -29,7 +29,7 @@ import numbers
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -194,10 +194,11 @@ def _as_float(value: object) -> float:
     """``value`` as a float; None and integers past float64's range as NaN and infinity."""
     if value is None or value is pd.NA:
         return float("nan")
+    number = cast(numbers.Real, value)  # a number here: the callers checked _is_number
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(number)
     except OverflowError:
-        return float("inf") if value > 0 else float("-inf")  # type: ignore[operator]
+        return float("-inf") if number < 0 else float("inf")
 
 
 def _shown(value: object) -> str:

@@ -82,6 +82,7 @@ class ContextAdam(torch.optim.Adam):
         self._row_views = {}
 
     @torch.no_grad()
+    # (override: unlike Optimizer.step it takes no closure, so it returns no loss)
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         """One Adam step: the dense parameters by :class:`torch.optim.Adam`, the row parameters
         lazily (only touched rows move)."""

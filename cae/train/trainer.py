@@ -13,11 +13,13 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -851,7 +853,8 @@ class _SignalGuard:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.previous: dict[int, object] = {}
+        # each signal's handler before: as signal.signal returns it and takes it back
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -864,7 +867,7 @@ class _SignalGuard:
 
     def __exit__(self, *exc: object) -> None:
         for number, handler in self.previous.items():
-            signal.signal(number, handler)  # type: ignore[arg-type]
+            signal.signal(number, handler)
 
 
 def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:

@@ -36,7 +36,7 @@ fuzz: install
 	CAE_FUZZ=long $(BIN)/python -m pytest -m fuzz --hypothesis-show-statistics \
 		--timeout 3600 -q
 
-# Benchmarks: ratios measured side by side in one run (bench/README in each docstring);
+# Benchmarks: ratios measured side by side in one run (what each measures, and results: bench/README.md);
 # BENCH_ARGS=--quick for a smoke run. Results: bench/results/*.json.
 bench: install
 	$(BIN)/python bench/context_maps.py $(BENCH_ARGS)

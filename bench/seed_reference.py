@@ -1,9 +1,9 @@
 """The seed's design, written here as the benchmarks' reference (the platform never uses it).
 
-The seed kept one ``nn.Linear`` (L -> L) per category of a field and, for each batch, looped in
-Python over the categories present: select their cells, apply their module, reassemble the batch.
-Each category costs a few small kernels and a host sync (the mask's ``nonzero``); each module has
-its own Adam state, so a category absent from a batch has no gradient and does not move.
+The seed's design keeps one ``nn.Linear`` (L -> L) per category of a field and, for each batch,
+loops in Python over the categories present: select their cells, apply their module, reassemble
+the batch. Each category costs a few small kernels and a host sync (the mask's ``nonzero``); each
+module has its own Adam state, so a category absent from a batch has no gradient and does not move.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class SeedFieldHead(FieldHead):
         nn.Module.__init__(self)
         self.encoder, self.decoder, self.offsets = head.encoder, head.decoder, head.offsets
         self.seed_maps = SeedContextMaps(head.context_maps.detach())
-        # Only the shape is kept (field_sizes); the seed had no stacked parameter.
+        # Only the shape is kept (field_sizes); the seed's design has no stacked parameter.
         self.register_buffer("context_maps", torch.empty(head.context_maps.shape[0], 0, 0))
         self.map_method, self.sparse_grad = "gather", False
 
@@ -76,7 +76,7 @@ def seed_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The seed's inner loader over one chunk: a map-style dataset whose item densifies one row,
     collated by a ``DataLoader`` (the chunk's rows in a shuffled order). With ``num_workers`` the
-    loader starts its workers anew for this chunk, as the seed's per-chunk inner loaders did."""
+    loader starts its workers anew for this chunk, as the seed's per-chunk inner loaders do."""
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:

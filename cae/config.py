@@ -3,7 +3,7 @@
 Sources, highest precedence first: command-line flags (passed as keyword overrides), environment
 variables with the ``CAE_`` prefix (nested with ``__``: ``CAE_TRAIN__EPOCHS=5``,
 ``CAE_DATA__FIELDS=assay,sex``), a TOML file (``--config experiments/demo.toml``), then the defaults
-below. This replaces the seed's "copy template_main.py and edit EDIT_ME" step.
+below. No code is edited to configure a run.
 """
 
 from __future__ import annotations
@@ -685,7 +685,7 @@ def settings_from_dict(values: Mapping[str, Any], source: str) -> Settings:
         _READ_ENVIRONMENT.reset(token)
 
 
-# Settings this version still finds in saved settings but no longer has: dropped on reading, so
+# Settings that saved settings may carry but this version does not have: dropped on reading, so
 # that checkpoints and registered models that carry them load.
 _RETIRED = (("train", "weights", "shared"),)
 

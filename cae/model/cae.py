@@ -8,11 +8,13 @@ Expression is explained additively, one term per head::
 * one head per metadata field f: an encoder ``E_f`` (G -> L), a decoder ``D_f`` (L -> G), both
   bias-free and untied, and one L x L context map per category of f. Encoding with the source
   contexts gives ``h_f = C_f[source](E_f x)``; decoding to the target contexts gives
-  ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale.
+  ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale, plus the target
+  context's gene-space offset ``b_f[target]`` when the model has offsets.
 
-Every parameter is kept >= 0 (:meth:`CAE.project_nonnegative` after each optimiser step), as the
-seed has it; ``nonnegative="base"`` keeps only the base head so, and lets the field heads take
-either sign (a field's term can then lower genes as a function of the cell, not only by offsets).
+With ``nonnegative="all"`` (the default, the seed's design) every parameter is kept >= 0
+(:meth:`CAE.project_nonnegative` after each optimiser step); ``nonnegative="base"`` keeps only the
+base head so, and lets the field heads take either sign (a field's term can then lower genes as a
+function of the cell, not only by offsets).
 Context maps are applied to the whole batch at once, never in a Python loop over categories
 (:mod:`cae.model.context_maps`). All heads encode in one matmul; a training step's passes
 (``terms=False``) decode only the sum of the heads, in one matmul over all their latents.
@@ -122,7 +124,8 @@ class FieldHead(nn.Module):
 
 
 class CAE(nn.Module):
-    """Base head plus one :class:`FieldHead` per metadata field; all parameters non-negative.
+    """Base head plus one :class:`FieldHead` per metadata field; every parameter kept >= 0, or
+    only the base head's (``nonnegative``).
 
     Args:
         n_genes: G, genes per cell.
@@ -130,8 +133,9 @@ class CAE(nn.Module):
         field_sizes: ``{field: K_f}``, categories per field including the ``<unk>`` index 0, in the
             column order of the context tensors.
         logit_scale: s, the scale of every field head's decoder output (the seed's 0.0159).
-        context_offsets: give every context of every field a learned non-negative gene-space
-            offset added (unscaled) to its head's output: ``x_hat_f = s * D_f(...) + b_f[target]``.
+        context_offsets: give every context of every field a learned gene-space offset (zero at
+            first; kept >= 0 with ``nonnegative="all"``) added (unscaled) to its head's output:
+            ``x_hat_f = s * D_f(...) + b_f[target]``.
             An extension of the seed's design (False restores it); the output stays a sum of
             per-field gene-space terms.
         nonnegative: ``"all"`` keeps every parameter >= 0 (the seed's design); ``"base"`` only the
@@ -168,8 +172,8 @@ class CAE(nn.Module):
 
     def reset_parameters(self) -> None:
         """Uniform weights sized so that an untrained base head roughly reproduces the scale of its
-        input (U(0, a) with a = 2 / sqrt(L G)); field heads the same, or U(-a, a) when signed;
-        identity context maps."""
+        input (U(0, a) with a = 2 / sqrt(L G)); field encoders and decoders the same, or U(-a, a)
+        when signed. Context maps (identity) and offsets (zero) keep their initial values."""
         bound = 2.0 / math.sqrt(self.latent_dim * self.n_genes)
         low = 0.0 if self.nonnegative == "all" else -bound
         nn.init.uniform_(self.base, 0.0, bound)

@@ -1,8 +1,8 @@
 """Per-category context maps applied to a whole batch: ``out[b] = h[b] @ maps[index[b]]``.
 
-A field with K categories has one L x L map per category, stacked in one (K, L, L) parameter. The
-seed applied them with a Python loop over the categories present in a batch (one ``nn.Linear`` per
-category, a device sync for each); here the whole batch is one call, by one of two methods:
+A field with K categories has one L x L map per category, stacked in one (K, L, L) parameter.
+A Python loop over the categories present in a batch (one ``nn.Linear`` per category, the seed's
+design) costs a device sync per category; here the whole batch is one call, by one of two methods:
 
 * ``grouped``: sort the cells by category. With few categories present (up to
   :data:`SEGMENTS_UP_TO`), one matmul per category over its cells. Otherwise lay each category's
@@ -12,9 +12,9 @@ category, a device sync for each); here the whole batch is one call, by one of t
   of the present ones. With ``sparse_grad`` the maps' gradient is sparse in K: only the
   categories the batch used have rows (with one matmul per category, each use's own; with tiles,
   every use's rows in a backward pass summed by one grouped matmul when the pass ends), so the
-  optimiser (:class:`cae.train.optim.ContextAdam`) moves only those categories, as the seed's
-  per-category modules did, and pays nothing for absent ones. Sorting reads the categories on the
-  host: cheap on a CPU, a sync on an accelerator.
+  optimiser (:class:`cae.train.optim.ContextAdam`) moves only those categories, as it would
+  separate per-category modules, and pays nothing for absent ones. Sorting reads the categories on
+  the host: cheap on a CPU, a sync on an accelerator.
 * ``gather``: gather every cell's own map (B, L, L) and run one batched matmul. No host sync and
   static shapes (good for accelerators and ``torch.compile``); the gradient is dense in K.
 
@@ -183,8 +183,8 @@ def _candidate_sizes(largest: int) -> list[int]:
 ROW_COST = 0.1
 
 # Rows per tile of the small tiles of the direct layout at most: the backward pass's product by
-# the transposed maps costs half as much again from 6 rows per tile on, with MKL on the CPUs
-# measured here (3.2 ms at 5 rows, 4.3 at 6, 4.7 at 7, in the shapes above).
+# the transposed maps costs half as much again from 6 rows per tile on, with MKL (measurements in
+# docs/decisions.md).
 DIRECT_ROWS_UP_TO = 5
 
 

@@ -102,8 +102,8 @@ class PartialEpoch:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str) -> PartialEpoch:
-        """Read a checkpoint's ``partial`` entry; one written before shuffle windows existed
-        (no ``windows_done``) cannot be replayed: its epoch starts again."""
+        """Read a checkpoint's ``partial`` entry; one without ``windows_done`` (no shuffle
+        windows to replay) cannot be replayed: its epoch starts again."""
         epoch = int(values["epoch"])
         if "windows_done" not in values:
             log.warning("%s stopped mid-epoch %d under an older cae: that epoch starts again",

@@ -374,7 +374,8 @@ def training_step(
     reference: ContextMeans | None = None,
 ) -> tuple[GeneratorLosses, torch.Tensor]:
     """One training step: the autoencoder's update against the frozen classifier, the projection
-    to non-negative weights, then the classifier's own update on the real cells.
+    of its weights to >= 0 (``CAE.project_nonnegative``), then the classifier's own update on the
+    real cells.
 
     Nothing is read back to the host: the returned losses stay on the device.
 

@@ -1,12 +1,12 @@
-"""The folder one training writes into: one training at a time, replaced only by a better one.
+"""The folder one training writes into: one training at a time, replaced only once its
+replacement has a checkpoint.
 
 A training holds a lock on its folder (``<out>/.lock``, removed when it ends; the lock itself is
 released by the system however the process ends), so a second ``cae train`` into the same
 ``--out`` is refused instead of interleaving its files. ``--overwrite`` moves the old training
 aside and removes it only once the new training has written its first checkpoint; a new training
 that fails before that (or is killed outright: the next training into the folder sees it) gives
-the old one back. A folder a failed
-training created holds no checkpoint and is removed.
+the old one back. A folder a failed training created holds no checkpoint and is removed.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Process-wide settings of the host that make CPU training fast.
 
 * Denormal floats flushed to zero: weights clamped at zero drift into denormal numbers, which the
-  CPU handles in microcode (an earlier prototype trained about 4x faster with them flushed).
+  CPU handles in microcode, much slower than ordinary arithmetic (``docs/decisions.md``).
 * glibc keeps freed memory: by default it returns every allocation of 32 MiB or more to the system
   when freed, so each step's large temporaries (a field's context-map gradients, the gathered maps,
-  dense batches of wide gene spaces) are page-faulted in anew, which on this machine costs more
-  than the arithmetic on them. Serving them from the heap and never trimming it reuses the pages.
+  dense batches of wide gene spaces) are page-faulted in anew, which can cost more than the
+  arithmetic on them. Serving them from the heap and never trimming it reuses the pages.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The autoencoder's optimiser: Adam, with lazy per-category updates for the context maps.
 
-The seed kept one ``nn.Linear`` per category and one Adam over all of them: a category absent from
-a batch has no gradient, so Adam skips it, and each category counts its own steps. A stacked
-(K, L, L) parameter under plain Adam would instead move every category every step (momentum) and
-pay a dense K x L x L update. :class:`ContextAdam` keeps the seed's semantics on the stacked
-parameter: its rows are categories, and only the rows a step's gradient touches move, each with its
-own step count (so its bias correction is the seed's).
+With one ``nn.Linear`` per category and one Adam over all of them (the seed's design), a category
+absent from a batch has no gradient, so Adam skips it, and each category counts its own steps. A
+stacked (K, L, L) parameter under plain Adam would instead move every category every step
+(momentum) and pay a dense K x L x L update. :class:`ContextAdam` keeps the per-module semantics on
+the stacked parameter: its rows are categories, and only the rows a step's gradient touches move,
+each with its own step count (so its bias correction is a separate module's).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def build_optimizers(
 ) -> tuple[ContextAdam, torch.optim.Adam]:
     """The trainer's optimisers: :class:`ContextAdam` for the autoencoder and Adam for the
     classifier, both on torch's fused kernel where the parameters' device has one (the CPU and
-    CUDA; about 3x faster than the default per-tensor loop for a Census-like model's dense
-    parameters on the CPU).
+    CUDA; several times faster than the default per-tensor loop for a Census-like model's dense
+    parameters on the CPU: ``docs/decisions.md``).
 
     Args:
         model: the autoencoder (its context maps are the row parameters).

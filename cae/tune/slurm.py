@@ -2,7 +2,7 @@
 
 The templates live in ``experiments/slurm/`` (``tune_array.sbatch``: one Optuna worker per array
 task; ``train.sbatch``: one training). Their ``$name`` placeholders are filled from
-:class:`cae.config.SlurmConfig` and the study, instead of the seed's EDIT_ME lines.
+:class:`cae.config.SlurmConfig` and the study, so no script is edited by hand.
 """
 
 from __future__ import annotations

@@ -238,14 +238,7 @@ def make_truth(config: SynthConfig | None = None) -> dict[str, Any]:
     n_affected = round(config.affected_fraction * n_genes)
 
     base = rng.normal(0.0, 1.0, size=n_genes)
-    effects: dict[str, dict[str, list[float]]] = {}
-    for name, values in FIELD_VALUES.items():
-        raw = np.zeros((len(values), n_genes))
-        for row in raw:
-            genes = rng.choice(n_genes, size=n_affected, replace=False)
-            row[genes] = rng.normal(0.0, config.effect_sd[name], size=n_affected)
-        raw -= raw.mean(axis=0, keepdims=True)
-        effects[name] = {v: raw[i].tolist() for i, v in enumerate(values)}
+    effects = _draw_effects(rng, config, n_affected)
     programs = rng.normal(0.0, config.program_sd, size=(config.n_programs, n_genes))
 
     truth: dict[str, Any] = {
@@ -257,14 +250,7 @@ def make_truth(config: SynthConfig | None = None) -> dict[str, Any]:
         "n_programs": int(config.n_programs),
         "affected_fraction": float(config.affected_fraction),
         "genes": [f"gene_{g:04d}" for g in range(n_genes)],
-        "fields": {
-            name: {
-                "values": list(values),
-                "probabilities": list(FIELD_PROBABILITIES[name]),
-                "effect_sd": float(config.effect_sd[name]),
-            }
-            for name, values in FIELD_VALUES.items()
-        },
+        "fields": _field_specs(config),
         "base_log_rate": base.tolist(),
         "effects": effects,
         "programs": programs.tolist(),
@@ -281,6 +267,34 @@ def make_truth(config: SynthConfig | None = None) -> dict[str, Any]:
     truth["effect_size_definition"] = EFFECT_SIZE_DEFINITION
     truth["ranking"] = sorted(sizes, key=lambda f: -sizes[f])
     return truth
+
+
+def _field_specs(config: SynthConfig) -> dict[str, dict[str, Any]]:
+    """Each field's values, their probabilities and its effect size (sd), for truth.json."""
+    return {
+        name: {
+            "values": list(values),
+            "probabilities": list(FIELD_PROBABILITIES[name]),
+            "effect_sd": float(config.effect_sd[name]),
+        }
+        for name, values in FIELD_VALUES.items()
+    }
+
+
+def _draw_effects(
+    rng: np.random.Generator, config: SynthConfig, n_affected: int
+) -> dict[str, dict[str, list[float]]]:
+    """Each field value's effect on log rates: ``n_affected`` random genes get a normal effect
+    (sd ``config.effect_sd[field]``), then every gene is centred over the field's values."""
+    effects: dict[str, dict[str, list[float]]] = {}
+    for name, values in FIELD_VALUES.items():
+        raw = np.zeros((len(values), config.n_genes))
+        for row in raw:
+            genes = rng.choice(config.n_genes, size=n_affected, replace=False)
+            row[genes] = rng.normal(0.0, config.effect_sd[name], size=n_affected)
+        raw -= raw.mean(axis=0, keepdims=True)
+        effects[name] = {v: raw[i].tolist() for i, v in enumerate(values)}
+    return effects
 
 
 def _value_probabilities(truth: Mapping[str, Any], name: str) -> dict[str, float]:

@@ -77,6 +77,27 @@ def predict_frame(
             message lists the fields or the known values).
     """
     limits = limits or ServeConfig()
+    _check_request(trained, cells, limits)
+    genes, fields = trained.genes, list(trained.vocabularies.fields)
+    x = expression_values(cells[genes], limits.max_value, trained.settings.data.transform)
+    out = trained.counterfactual(x, cells[fields].astype(str), targets)
+    frame = pd.DataFrame(out.output.cpu().numpy(), columns=genes, index=cells.index)
+    if contributions:
+        for head, norms in contribution_l2(out).items():
+            frame[f"contrib_l2/{head}"] = norms.cpu().numpy()
+    finite = np.isfinite(frame.to_numpy()).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise DataError(
+            f"the model's answer for row {row} is not finite; its input lies far outside what "
+            "the model was trained on, or the model's weights are broken (retrain it)"
+        )
+    return frame
+
+
+def _check_request(trained: TrainedModel, cells: object, limits: ServeConfig) -> None:
+    """Refuse a request that is not a table of the model's genes and fields within ``limits``
+    (:func:`predict_frame` says what); warn about columns the model does not use."""
     if not isinstance(cells, pd.DataFrame):
         raise DataError(
             f"the input is a {type(cells).__name__}, not a table; send a DataFrame "
@@ -116,22 +137,8 @@ def predict_frame(
         warnings.warn(
             f"ignoring {len(extra)} input column(s) the model does not use, e.g. "
             f"{', '.join(sorted(map(str, extra))[:5])}",
-            stacklevel=2,
+            stacklevel=3,  # the caller of predict_frame,
         )
-    x = expression_values(cells[genes], limits.max_value, trained.settings.data.transform)
-    out = trained.counterfactual(x, cells[fields].astype(str), targets)
-    frame = pd.DataFrame(out.output.cpu().numpy(), columns=genes, index=cells.index)
-    if contributions:
-        for head, norms in contribution_l2(out).items():
-            frame[f"contrib_l2/{head}"] = norms.cpu().numpy()
-    finite = np.isfinite(frame.to_numpy()).all(axis=1)
-    if not finite.all():
-        row = int(np.argmin(finite))
-        raise DataError(
-            f"the model's answer for row {row} is not finite; its input lies far outside what "
-            "the model was trained on, or the model's weights are broken (retrain it)"
-        )
-    return frame
 
 
 def expression_values(genes: pd.DataFrame, max_value: float, transform: str) -> np.ndarray:

@@ -867,7 +867,9 @@ class _SignalGuard:
 
     def __exit__(self, *exc: object) -> None:
         for number, handler in self.previous.items():
-            signal.signal(number, handler)
+            # None: the handler was not set from Python (an embedded interpreter); the default
+            # is the nearest one signal.signal takes back
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:

@@ -120,14 +120,28 @@ def generate(
         MetadataError: an unknown field or context value (the message lists the known ones).
     """
     import anndata
-    import h5py
-    from tqdm.auto import tqdm
 
     out = check_output_path(Path(out), "--out", folder=False)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose --out")
     store = open_input(input_path, model.settings.data, obs_filter)
     columns = _gene_columns(store, model.genes)
+    sources = _read_sources(model, store, targets)
+    obs = pd.concat(sources, ignore_index=True).add_prefix("source_")
+    for field in model.vocabularies.fields:
+        obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]
+    obs.index = [f"{c.chunk_id}_{i}" for c in store.chunks for i in range(c.n_cells)]
+    with atomic_file(out, overwrite=overwrite) as tmp:
+        # The skeleton (obs, var) first, then .X filled chunk by chunk: one chunk in memory.
+        anndata.AnnData(obs=obs, var=pd.DataFrame(index=model.genes)).write_h5ad(tmp)
+        _fill_expression(tmp, model, store, columns, sources, targets, progress=progress)
+    return out
+
+
+def _read_sources(
+    model: TrainedModel, store: DataStore, targets: Mapping[str, str]
+) -> list[pd.DataFrame]:
+    """Each chunk's values of the model's fields as text, checked to encode (targets too)."""
     fields = list(model.vocabularies.fields)
     model.encode_targets(torch.ones((1, len(fields)), dtype=torch.long), targets)  # fail early
     sources = [store.read_metadata(c, fields) for c in store.chunks]
@@ -135,28 +149,37 @@ def generate(
         model.vocabularies.encode(
             source, model.settings.data.null_values, source=chunk.metadata_name
         )
-    sources = [source.astype(str) for source in sources]
-    obs = pd.concat(sources, ignore_index=True).add_prefix("source_")
-    for field in fields:
-        obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]
-    obs.index = [f"{c.chunk_id}_{i}" for c in store.chunks for i in range(c.n_cells)]
-    with atomic_file(out, overwrite=overwrite) as tmp:
-        # The skeleton (obs, var) first, then .X filled chunk by chunk: one chunk in memory.
-        anndata.AnnData(obs=obs, var=pd.DataFrame(index=model.genes)).write_h5ad(tmp)
-        with h5py.File(tmp, "r+") as file:
-            x = file.create_dataset(
-                "X", shape=(len(obs), len(model.genes)), dtype="float32",
-                chunks=(min(len(obs), 1024), len(model.genes)),
-            )  # fmt: skip
-            x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-            start = 0
-            shown = None if progress else True  # None: a bar only on a terminal
-            for chunk, source in tqdm(
-                list(zip(store.chunks, sources, strict=True)), desc="generating", unit="chunk",
-                disable=shown,
-            ):  # fmt: skip
-                expression = store.read_expression(chunk)[:, columns]
-                moved = model.counterfactual(expression, source.reset_index(drop=True), targets)
-                x[start : start + chunk.n_cells] = moved.output.cpu().numpy()
-                start += chunk.n_cells
-    return out
+    return [source.astype(str) for source in sources]
+
+
+def _fill_expression(
+    tmp: Path,
+    model: TrainedModel,
+    store: DataStore,
+    columns: np.ndarray,
+    sources: list[pd.DataFrame],
+    targets: Mapping[str, str],
+    *,
+    progress: bool,
+) -> None:
+    """Write the counterfactuals of every chunk into ``.X`` of the skeleton .h5ad ``tmp``."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    n_cells = sum(len(source) for source in sources)
+    with h5py.File(tmp, "r+") as file:
+        x = file.create_dataset(
+            "X", shape=(n_cells, len(model.genes)), dtype="float32",
+            chunks=(min(n_cells, 1024), len(model.genes)),
+        )  # fmt: skip
+        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        start = 0
+        shown = None if progress else True  # None: a bar only on a terminal
+        for chunk, source in tqdm(
+            list(zip(store.chunks, sources, strict=True)), desc="generating", unit="chunk",
+            disable=shown,
+        ):  # fmt: skip
+            expression = store.read_expression(chunk)[:, columns]
+            moved = model.counterfactual(expression, source.reset_index(drop=True), targets)
+            x[start : start + chunk.n_cells] = moved.output.cpu().numpy()
+            start += chunk.n_cells

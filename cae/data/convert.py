@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from cae.config import DataConfig
 from cae.data.atomic import atomic_folder
-from cae.data.store import DataStore
+from cae.data.store import Chunk, DataStore
 from cae.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,26 @@ def convert_to_parquet(data: DataConfig, out: Path, *, overwrite: bool = False) 
             as parquet (the message names the file and the column).
     """
     source = Path(data.path)
+    out = Path(out)
+    store = _open_chunk_folder(data, source, out)
+    written: list[Path] = []
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        for chunk in store.chunks:
+            written.append(out / _copy_chunk(store, chunk, tmp).name)
+        genes = source / "genes.txt"
+        if genes.is_file():
+            shutil.copy2(genes, tmp / genes.name)
+    log.info("wrote %d parquet metadata chunks to %s", len(written), out)
+    return written
+
+
+def _open_chunk_folder(data: DataConfig, source: Path, out: Path) -> DataStore:
+    """The store over the chunk folder ``source``; refuses a file, SOMA or ``out == source``."""
     if source.is_file():
         raise DataError(
             f"{source} is a file; cae convert reads a folder of chunks with .pkl metadata "
             "(an .h5ad needs no conversion)"
         )
-    out = Path(out)
     if out.resolve() == source.resolve():
         raise DataError(
             f"--out {out} is the input folder; choose another folder (the input stays as it is)"
@@ -58,27 +72,24 @@ def convert_to_parquet(data: DataConfig, out: Path, *, overwrite: bool = False) 
             f"{data.path} is a TileDB-SOMA experiment; cae convert reads a folder of chunks with "
             ".pkl metadata (a SOMA experiment needs no conversion)"
         )
-    written: list[Path] = []
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        for chunk in store.chunks:
-            assert chunk.metadata is not None  # a folder store always pairs a metadata file
-            shutil.copy2(chunk.expression, tmp / chunk.expression.name)
-            target = tmp / f"{chunk.metadata.stem}.parquet"
-            if chunk.metadata.suffix == ".parquet":
-                shutil.copy2(chunk.metadata, target)
-            else:
-                frame = store.read_metadata(chunk)
-                try:
-                    frame.to_parquet(target)
-                except pa.ArrowException as err:
-                    raise DataError(
-                        f"cannot store {chunk.metadata.name} as parquet: {err}; convert that "
-                        "column to strings (frame[column].astype(str)) or drop it, then run "
-                        "cae convert again"
-                    ) from None
-            written.append(out / target.name)
-        genes = source / "genes.txt"
-        if genes.is_file():
-            shutil.copy2(genes, tmp / genes.name)
-    log.info("wrote %d parquet metadata chunks to %s", len(written), out)
-    return written
+    return store
+
+
+def _copy_chunk(store: DataStore, chunk: Chunk, tmp: Path) -> Path:
+    """Copy one chunk into ``tmp``, its metadata as parquet; returns the metadata file."""
+    assert chunk.metadata is not None  # a folder store always pairs a metadata file
+    shutil.copy2(chunk.expression, tmp / chunk.expression.name)
+    target = tmp / f"{chunk.metadata.stem}.parquet"
+    if chunk.metadata.suffix == ".parquet":
+        shutil.copy2(chunk.metadata, target)
+        return target
+    frame = store.read_metadata(chunk)
+    try:
+        frame.to_parquet(target)
+    except pa.ArrowException as err:
+        raise DataError(
+            f"cannot store {chunk.metadata.name} as parquet: {err}; convert that "
+            "column to strings (frame[column].astype(str)) or drop it, then run "
+            "cae convert again"
+        ) from None
+    return target

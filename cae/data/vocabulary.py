@@ -146,15 +146,13 @@ class _Canonical:
     example: Any  # one non-null original value, for messages
 
 
-def _canonicalise(
-    column: pd.Series, null_values: Iterable[str] | str, *, source: str, field: str
-) -> _Canonical:
+def _factorise(column: pd.Series, *, source: str, field: str) -> tuple[np.ndarray, pd.Index]:
+    """Int64 codes (-1 for NaN) and uniques of a column; refuses non-Series, unhashable cells."""
     if not isinstance(column, pd.Series):
         raise MetadataError(
             f"{source}: field {field!r} is a {type(column).__name__}, not a single column "
             "(is the column name repeated in the file?). Give every metadata column a unique name."
         )
-    nulls = _null_set(null_values)
     try:
         raw_codes, raw_uniques = pd.factorize(column, use_na_sentinel=True)
     except TypeError:  # unhashable cells (lists, dicts, arrays) cannot be labels
@@ -165,7 +163,33 @@ def _canonicalise(
             f"number or a bool): convert the column, e.g. frame[{field!r}] = "
             f"frame[{field!r}].astype(str), or drop {field} from data.fields"
         ) from None
-    raw_codes = np.asarray(raw_codes, dtype=np.int64)
+    return np.asarray(raw_codes, dtype=np.int64), raw_uniques
+
+
+def _check_label(text: str, *, source: str, field: str) -> None:
+    """Raise if a label is not UTF-8 text or holds a control character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MetadataError(
+            f"{source}: field {field!r} holds the value {text!r}, which is not UTF-8 text (a "
+            "lone surrogate); read the file with the right encoding and write it again"
+        ) from None
+    if _CONTROL.search(text):
+        raise MetadataError(
+            f"{source}: field {field!r} holds the value {text!r}, with a control character "
+            "(a line break, NUL...); a label is one line of text that tables and MLflow can "
+            "hold: remove line breaks and other control characters from the column and write "
+            "the file again"
+        )
+
+
+def _canonicalise(
+    column: pd.Series, null_values: Iterable[str] | str, *, source: str, field: str
+) -> _Canonical:
+    """The canonical values of one column (see :func:`canonical_values`) with their type family."""
+    nulls = _null_set(null_values)
+    raw_codes, raw_uniques = _factorise(column, source=source, field=field)
 
     # Python work happens per unique value only; the rows are remapped with one lookup table whose
     # last entry (-1) is what the null code -1 indexes.
@@ -180,20 +204,7 @@ def _canonicalise(
         text = str(value)
         if text.strip().lower() in nulls:
             continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise MetadataError(
-                f"{source}: field {field!r} holds the value {text!r}, which is not UTF-8 text (a "
-                "lone surrogate); read the file with the right encoding and write it again"
-            ) from None
-        if _CONTROL.search(text):
-            raise MetadataError(
-                f"{source}: field {field!r} holds the value {text!r}, with a control character "
-                "(a line break, NUL...); a label is one line of text that tables and MLflow can "
-                "hold: remove line breaks and other control characters from the column and write "
-                "the file again"
-            )
+        _check_label(text, source=source, field=field)
         value_family = _family_of_type(type(value))
         if family is None:
             family, example = value_family, value

@@ -227,9 +227,6 @@ def collect_cells(
     """
     columns = list(dict.fromkeys([*fields, *holdout.held_out.fields]))
     context_fields = holdout.context.fields
-    moved = list(holdout.targets)
-    source_key = np.asarray([holdout.source_values[f] for f in moved], dtype=object)
-    target_key = np.asarray([holdout.targets[f] for f in moved], dtype=object)
     rng = np.random.default_rng([config.seed, 11])
     sample_rate = min(1.0, 2 * config.max_cells / max(store.n_cells, 1))
     sums = _Sums(store.n_genes)
@@ -241,9 +238,7 @@ def collect_cells(
         in_source = holdout.source.mask(meta)
         in_real = holdout.held_out.mask(meta)
         in_context = holdout.context.mask(meta)
-        values = text[moved].to_numpy(dtype=object)
-        is_source = np.all(values == source_key, axis=1) & ~in_context
-        is_target = np.all(values == target_key, axis=1) & ~in_context
+        is_source, is_target = _side_masks(text, holdout, in_context)
         sampled = ~in_context & (rng.random(len(meta)) < sample_rate)
         wanted = in_source | in_real | is_source | is_target | sampled
         if not wanted.any():
@@ -262,6 +257,32 @@ def collect_cells(
         if sampled.any():
             parts["sample"].append(matrix[np.flatnonzero(sampled)])
             parts["sample_meta"].append(meta[sampled])
+    return _assemble(store, transform, holdout, config, parts, sums, rng)
+
+
+def _side_masks(
+    text: pd.DataFrame, holdout: Holdout, in_context: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows outside the held-out context whose moved fields hold their source / target values."""
+    moved = list(holdout.targets)
+    source_key = np.asarray([holdout.source_values[f] for f in moved], dtype=object)
+    target_key = np.asarray([holdout.targets[f] for f in moved], dtype=object)
+    values = text[moved].to_numpy(dtype=object)
+    is_source = np.all(values == source_key, axis=1) & ~in_context
+    is_target = np.all(values == target_key, axis=1) & ~in_context
+    return is_source, is_target
+
+
+def _assemble(
+    store: DataStore,
+    transform: str,
+    holdout: Holdout,
+    config: EvaluateConfig,
+    parts: Mapping[str, list[Any]],
+    sums: _Sums,
+    rng: np.random.Generator,
+) -> EvalCells:
+    """The :class:`EvalCells` from the collected parts, the classifier's sample cut to size."""
     for name, what in (("source", holdout.source), ("real", holdout.held_out)):
         if not parts[name]:
             raise DataError(f"no cell of {store.path} matches {what}; check the fields and values")
@@ -382,15 +403,28 @@ def score_holdout(
             row[f"delta_pearson_top{k}"] = delta_pearson(x, cells.source, cells.real, top[k])
         sample = _subsample(x, config.max_cells, rng)
         row["energy_distance"] = energy_distance(pca.transform(sample), real_pcs)
-        row["classifier_accuracy"] = float(
-            np.mean([c.accuracy(x, holdout.targets[f]) for f, c in classifiers.items()])
-        )
+        row["classifier_accuracy"] = _accuracy(classifiers, x, holdout)
         if true_mean is not None:
             row["truth_r2_mean"] = r2_mean(x, true_mean[None, :])
         rows.append(row)
-    reference = float(
-        np.mean([c.accuracy(cells.real, holdout.targets[f]) for f, c in classifiers.items()])
-    )
+    return _scores_frame(rows, cells, holdout, classifiers)
+
+
+def _accuracy(
+    classifiers: Mapping[str, LogisticClassifier], x: np.ndarray, holdout: Holdout
+) -> float:
+    """How often, on average over the moved fields, the classifiers call ``x`` held-out."""
+    return float(np.mean([c.accuracy(x, holdout.targets[f]) for f, c in classifiers.items()]))
+
+
+def _scores_frame(
+    rows: list[dict[str, Any]],
+    cells: EvalCells,
+    holdout: Holdout,
+    classifiers: Mapping[str, LogisticClassifier],
+) -> pd.DataFrame:
+    """The rows as a frame, with the real cells' classifier accuracy and cell counts as attrs."""
+    reference = _accuracy(classifiers, cells.real, holdout)
     log.info(
         "%s: the classifier calls %.0f%% of the real held-out cells right",
         holdout.held_out, 100 * reference,

@@ -125,24 +125,8 @@ def write_report(
     try:
         metric = headline_metric(scores)
         summary = summarise(scores)
-        figures: dict[str, Figure] = {"figures/methods.png": methods_figure(scores, metric)}
-        mean_over_folds = (
-            per_context.groupby(["field", "value"], as_index=False, sort=False)[
-                ["n_cells", "contrib_l2", "effect_l2"]
-            ].mean()
-            if "fold" in per_context.columns
-            else per_context
-        )
         fields = list(dict.fromkeys(per_context["field"]))
-        for name in fields:
-            figures[f"figures/contributions_{name}.png"] = context_contributions_figure(
-                mean_over_folds, name
-            )
-            figures[f"figures/top_genes_{name}.png"] = top_genes_figure(top_genes, name)
-        (staging / "figures").mkdir()
-        for path, figure in figures.items():
-            figure.savefig(staging / path, dpi=110)
-            plt.close(figure)
+        _write_figures(staging, scores, metric, per_context, top_genes, fields)
         scores.to_csv(staging / "scores.csv", index=False)
         summary.to_csv(staging / "summary.csv")
         per_context.to_csv(staging / "contributions.csv", index=False)
@@ -150,14 +134,47 @@ def write_report(
         (staging / "evaluation.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
         page = _page(title, notes, metric, scores, summary, per_context, top_genes, fields, facts)
         (staging / "report.html").write_text(page, encoding="utf-8")
-        for item in staging.iterdir():
-            target = out_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        _move_into(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / "report.html"
+
+
+def _write_figures(
+    staging: Path,
+    scores: pd.DataFrame,
+    metric: str,
+    per_context: pd.DataFrame,
+    top_genes: pd.DataFrame,
+    fields: Sequence[str],
+) -> None:
+    """Draw the methods figure and each field's contribution and top-gene figures as PNGs."""
+    figures: dict[str, Figure] = {"figures/methods.png": methods_figure(scores, metric)}
+    mean_over_folds = (
+        per_context.groupby(["field", "value"], as_index=False, sort=False)[
+            ["n_cells", "contrib_l2", "effect_l2"]
+        ].mean()
+        if "fold" in per_context.columns
+        else per_context
+    )
+    for name in fields:
+        figures[f"figures/contributions_{name}.png"] = context_contributions_figure(
+            mean_over_folds, name
+        )
+        figures[f"figures/top_genes_{name}.png"] = top_genes_figure(top_genes, name)
+    (staging / "figures").mkdir()
+    for path, figure in figures.items():
+        figure.savefig(staging / path, dpi=110)
+        plt.close(figure)
+
+
+def _move_into(staging: Path, out_dir: Path) -> None:
+    """Move every entry of ``staging`` into ``out_dir``, replacing entries of the same name."""
+    for item in staging.iterdir():
+        target = out_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
 
 
 def _page(

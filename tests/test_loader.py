@@ -211,6 +211,13 @@ def test_chunk_loader_caps_workers_at_chunks(dataset: ChunkDataset) -> None:
     assert chunk_loader(dataset, [1], num_workers=4, prefetch_factor=2).num_workers == 1
 
 
+def test_chunk_loader_reads_no_further_ahead_than_there_are_chunks(dataset: ChunkDataset) -> None:
+    # a window of 2**31 chunks would ask torch to queue 2**31 reads: minutes of spinning
+    loader = chunk_loader(dataset, [2, 0, 1], num_workers=1, prefetch_factor=2, window=2**31)
+    assert loader.prefetch_factor == 3
+    assert [chunk.chunk_id for chunk in loader] == ["2", "0", "1"]
+
+
 # --------------------------------------------------------------------------------------------------
 # mini-batches
 

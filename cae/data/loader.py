@@ -254,8 +254,8 @@ def chunk_loader(
         A ``DataLoader`` yielding :class:`LoadedChunk` objects.
     """
     workers = min(num_workers, len(order))
-    if workers > 0:
-        prefetch_factor = max(prefetch_factor, -(-window // workers))
+    if workers > 0:  # never more ahead than there are chunks (a huge window would spin)
+        prefetch_factor = min(max(prefetch_factor, -(-window // workers)), len(order))
     # TileDB's threads do not survive fork(): a forked worker hangs on its first SOMA read.
     context = "spawn" if workers > 0 and dataset.store.kind == "soma" else None
     return DataLoader(

@@ -131,7 +131,7 @@ def generate(
     for field in model.vocabularies.fields:
         obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]
     obs.index = [f"{c.chunk_id}_{i}" for c in store.chunks for i in range(c.n_cells)]
-    with atomic_file(out, overwrite=overwrite) as tmp:
+    with atomic_file(out) as tmp:
         # The skeleton (obs, var) first, then .X filled chunk by chunk: one chunk in memory.
         anndata.AnnData(obs=obs, var=pd.DataFrame(index=model.genes)).write_h5ad(tmp)
         _fill_expression(tmp, model, store, columns, sources, targets, progress=progress)

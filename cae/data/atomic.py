@@ -115,6 +115,17 @@ def check_output_path(path: Path, what: str, *, folder: bool) -> Path:
     return path
 
 
+def _temporary_file(path: Path) -> tuple[int, str]:
+    """Create an empty hidden sibling file of ``path`` (its folder made if needed, named after
+    this process, following the umask; leftovers of killed writers removed first). Returns its
+    open descriptor and its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path)
+    handle, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
+    os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp makes it private
+    return handle, tmp
+
+
 @contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for binary writing; on success fsync it and rename it
@@ -126,11 +137,8 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     Yields:
         The open temporary file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(path)
-    handle, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
+    handle, tmp = _temporary_file(path)
     try:
-        os.fchmod(handle, 0o666 & ~current_umask())  # mkstemp makes it private
         with os.fdopen(handle, "wb") as file:
             yield file
             file.flush()
@@ -142,21 +150,12 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
 
 
 @contextmanager
-def atomic_file(path: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_file(path: Path) -> Iterator[Path]:
     """Yield the path of a temporary sibling file to write (by a library that opens it by name);
     on success it becomes ``path``; on any error it is removed, with the folders made for it, and
-    ``path`` is left as it was.
-
-    Raises:
-        DataError: ``path`` exists and ``overwrite`` is False.
-    """
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; pass --overwrite to replace it or choose --out")
+    ``path`` is left as it was."""
     created = [p for p in reversed(path.parents) if not p.exists()]  # outermost first
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(path)
-    handle, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp"), dir=path.parent)
-    os.fchmod(handle, 0o666 & ~current_umask())
+    handle, tmp = _temporary_file(path)
     os.close(handle)
     try:
         yield Path(tmp)

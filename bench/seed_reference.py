@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cae.model.cae import CAE, FieldHead
-from cae.model.context_maps import MapsPlan
+from cae.model.context_maps import MapsGradient, MapsPlan
 
 
 class SeedContextMaps(nn.Module):
@@ -55,7 +55,11 @@ class SeedFieldHead(FieldHead):
         self.map_method, self.sparse_grad = "gather", False
 
     def apply_maps(
-        self, h: torch.Tensor, index: torch.Tensor, plan: MapsPlan | None = None
+        self,
+        h: torch.Tensor,
+        index: torch.Tensor,
+        plan: MapsPlan | None = None,
+        gradient: MapsGradient | None = None,
     ) -> torch.Tensor:
         return self.seed_maps(h, index)
 

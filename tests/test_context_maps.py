@@ -182,9 +182,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_context_adam_equals_adam_over_one_module_per_category(fused, monkeypatch):
-    if not fused:
-        monkeypatch.setattr(optim, "_FUSED_ADAM", None)
+def test_context_adam_equals_adam_over_one_module_per_category(fused):
     """Several steps on batches that miss some categories: every category's map follows the
     seed's per-category Adam exactly (absent categories do not move; step counts per category),
     from sparse and from dense gradients, by the fused kernel and by the fallback."""
@@ -194,7 +192,7 @@ def test_context_adam_equals_adam_over_one_module_per_category(fused, monkeypatc
     linears = linears_like(start)
     seed_optimizer = torch.optim.Adam(linears.parameters(), lr=lr)
     ours = {sparse: nn.Parameter(start.clone()) for sparse in (True, False)}
-    optimizers = {s: ContextAdam([p], [p], lr=lr) for s, p in ours.items()}
+    optimizers = {s: ContextAdam([p], [p], lr=lr, fused=fused) for s, p in ours.items()}
     for step in range(6):
         h = torch.rand(batch, latent, generator=generator)
         index = torch.randint(0, 4 if step < 3 else n_categories, (batch,), generator=generator)

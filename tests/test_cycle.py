@@ -15,9 +15,11 @@ from cae.train.cycle import (
     classifier_loss,
     context_means_loss,
     generator_losses,
+    moved_contexts,
     one_field_moves,
     sample_targets,
 )
+from cae.train.passes import FusedPasses
 
 SIZES = torch.tensor([5, 3, 4])  # <unk> + 4, <unk> + 2, <unk> + 3 known values
 
@@ -66,7 +68,8 @@ def test_total_is_the_weighted_sum_of_the_terms(weights):
     x = torch.rand(16, 10) * 3
     source = torch.ones(16, 3, dtype=torch.long)
     target = sample_targets(source, SIZES, torch.Generator().manual_seed(0))
-    losses = generator_losses(model, classifier, x, source, target, weights)
+    passes = FusedPasses(model)(x, source, target, moved_contexts(source, target, weights))
+    losses = generator_losses(passes, classifier, x, source, target, weights)
     expected = (
         weights.reconstruction * losses.reconstruction
         + weights.integration * losses.integration

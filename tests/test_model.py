@@ -9,6 +9,7 @@ from cae.data.vocabulary import FieldVocabulary, Vocabularies
 from cae.model.cae import CAE, apply_context_maps, contribution_l2
 from cae.model.classifier import ContextClassifier
 from cae.model.contributions import ContextTable, field_means
+from cae.train.passes import CyclePasses, FusedPasses, reference_passes
 
 SIZES = {"cell_type": 6, "assay": 4, "sex": 3}
 
@@ -156,21 +157,6 @@ def test_contribution_l2_is_the_gene_wise_norm_of_each_head():
     torch.testing.assert_close(norms["sex"], out.fields["sex"].pow(2).sum(dim=1).sqrt())
 
 
-@pytest.mark.parametrize("terms", [True, False])
-@pytest.mark.parametrize("and_source", [True, False])
-def test_also_decodes_the_same_encoding_as_a_call_of_its_own(terms, and_source):
-    model = make_model()
-    x, source = torch.rand(7, 12), contexts(7)
-    target, other = contexts(7, seed=2), contexts(7, seed=3)
-    out = model(x, source, target, and_source=and_source, terms=terms, also=[other])
-    alone = model(x, source, target, and_source=and_source, terms=terms)
-    torch.testing.assert_close(out.output, alone.output)
-    if and_source:
-        torch.testing.assert_close(out.own.output, alone.own.output)
-    (moved,) = out.also
-    torch.testing.assert_close(moved.output, model(x, source, other, terms=terms).output)
-
-
 @pytest.mark.parametrize("offsets", [True, False])
 def test_field_effects_are_each_term_minus_its_mean_over_the_known_target_values(offsets):
     model = make_model(offsets)
@@ -196,8 +182,6 @@ def test_field_effects_are_each_term_minus_its_mean_over_the_known_target_values
     torch.testing.assert_close(
         model.field_effects(out)["cell_type"], torch.zeros(5, 12), atol=1e-6, rtol=0
     )
-    with pytest.raises(ValueError, match="terms=True"):
-        model.field_effects(model(x, source, terms=False))
 
 
 def test_context_table_effect_is_the_norm_of_each_values_mean_effect():
@@ -216,48 +200,62 @@ def test_context_table_effect_is_the_norm_of_each_values_mean_effect():
     assert means == {"sex": pytest.approx((2 * 1.0 + 5.0) / 3)}
 
 
+def passes_loss(passes: CyclePasses) -> torch.Tensor:
+    """A loss that reads every output of the passes, each weighed differently."""
+    total = passes.cycle1.square().sum() + 2 * passes.own.sum() + 3 * passes.cycle2.sum()
+    if passes.moved is not None:
+        total = total + 4 * passes.moved.sum()
+    latents = passes.latents1 + passes.latents2
+    total = total + sum((i + 1) * h.sum() for i, h in enumerate(latents))
+    return total + sum(passes.squares.values())
+
+
 @pytest.mark.parametrize("offsets", [True, False])
-@pytest.mark.parametrize("batch", [4, 9])  # fewer and more cells than a field's categories
-def test_the_summed_pass_equals_the_sum_of_the_heads_terms(offsets, batch):
-    """terms=False (training's one-matmul decoding, squares from the latents) gives the same
-    outputs, parsimony squares, and gradients as the per-head terms."""
+@pytest.mark.parametrize("batch", [4, 9, 40])  # fewer and more cells than a field's categories
+@pytest.mark.parametrize("moved", [True, False])
+@pytest.mark.parametrize(
+    ("method", "sparse"), [("grouped", True), ("grouped", False), ("gather", False)]
+)
+def test_the_fused_passes_equal_the_models_forward(offsets, batch, moved, method, sparse):
+    """The training step's fused passes give the outputs, latents, parsimony squares and
+    gradients of the passes as calls of the model's forward (the contract between them)."""
     model = make_model(offsets)
     x, source, target = torch.rand(batch, 12), contexts(batch), contexts(batch, seed=2)
+    moves = contexts(batch, seed=3) if moved else None
     results = []
-    for terms in (True, False):
-        model.zero_grad()
-        out = model(x, source, target, and_source=True, terms=terms)
-        own = out.own
-        assert own is not None and own.squares is not None
-        loss = out.output.square().sum() + own.output.sum() + sum(own.squares.values())
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        results.append((out.output, own.output, own.squares, grads))
-        assert (out.base is None) == (not terms) and bool(out.fields) == terms
-    (output, own, squares, grads) = results[0]
-    (output_sum, own_sum, squares_sum, grads_sum) = results[1]
-    torch.testing.assert_close(output_sum, output)
-    torch.testing.assert_close(own_sum, own)
-    torch.testing.assert_close(squares_sum, squares)
-    for a, b in zip(grads_sum, grads, strict=True):
+    for fused in (False, True):
+        model.configure_context_maps(method, sparse_grad=sparse)
+        model.zero_grad(set_to_none=True)
+        if fused:
+            passes = FusedPasses(model)(x, source, target, moves)
+        else:
+            passes, _ = reference_passes(model, x, source, target, moves)
+        passes_loss(passes).backward()
+        grads = [p.grad.to_dense() for p in model.parameters()]
+        results.append((passes, grads))
+        if sparse:  # only the categories the batch used have gradient rows
+            assert all(head.context_maps.grad.is_sparse for head in model.heads)
+    (reference, reference_grads), (fused, fused_grads) = results
+    for name in ("cycle1", "own", "cycle2", "moved", "latents1", "latents2", "squares"):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), msg=name)
+    for a, b in zip(fused_grads, reference_grads, strict=True):
         torch.testing.assert_close(a, b)
-    alone = model(x, source, target, terms=False)
-    assert alone.own is None
-    torch.testing.assert_close(alone.output, output)
+
+
+def test_the_fused_passes_gradient_equals_autograd_grad():
+    """The maps' gradient summed over a pass's applications is ordinary autograd output:
+    ``torch.autograd.grad`` sees the same as ``backward()``."""
+    model = make_model()
+    model.configure_context_maps("grouped", sparse_grad=False)
+    x, source, target = torch.rand(30, 12), contexts(30), contexts(30, seed=2)
+    maps = [head.context_maps for head in model.heads]
+    grads = torch.autograd.grad(passes_loss(FusedPasses(model)(x, source, target)), maps)
+    passes_loss(FusedPasses(model)(x, source, target)).backward()
+    for grad, parameter in zip(grads, maps, strict=True):
+        torch.testing.assert_close(grad, parameter.grad)
 
 
 def test_classifier_has_one_head_per_field():
     classifier = ContextClassifier(n_genes=12, hidden=8, field_sizes=SIZES)
     logits = classifier(torch.rand(3, 12))
     assert [tuple(t.shape) for t in logits] == [(3, k) for k in SIZES.values()]
-
-
-def test_and_source_decodes_the_same_encoding_in_the_source_contexts():
-    model = make_model()
-    x, source, target = torch.rand(6, 12), contexts(6), contexts(6, seed=2)
-    out = model(x, source, target, and_source=True)
-    alone = model(x, source)
-    assert out.own is not None and model(x, source, target).own is None
-    torch.testing.assert_close(out.own.output, alone.output)
-    torch.testing.assert_close(out.output, model(x, source, target).output)
-    assert out.own.field_hidden["sex"] is out.field_hidden["sex"]  # one encoding, shared

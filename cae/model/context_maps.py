@@ -10,16 +10,16 @@ design) costs a device sync per category; here the whole batch is one call, by o
   matmul apply every tile's map: the stacked maps as they are when most categories are present
   (small tiles, and the few cells past them in a second batched matmul), else the gathered maps
   of the present ones. With ``sparse_grad`` the maps' gradient is sparse in K: only the
-  categories the batch used have rows (with one matmul per category, each use's own; with tiles,
-  every use's rows in a backward pass summed by one grouped matmul when the pass ends), so the
-  optimiser (:class:`cae.train.optim.ContextAdam`) moves only those categories, as it would
-  separate per-category modules, and pays nothing for absent ones. Sorting reads the categories on
+  categories the batch used have rows (a training pass's applications of the maps share one
+  :class:`MapsGradient`, which sums them all in one grouped matmul), so the optimiser
+  (:class:`cae.train.optim.ContextAdam`) moves only those categories, as it would separate
+  per-category modules, and pays nothing for absent ones. Sorting reads the categories on
   the host: cheap on a CPU, a sync on an accelerator.
 * ``gather``: gather every cell's own map (B, L, L) and run one batched matmul. No host sync and
   static shapes (good for accelerators and ``torch.compile``); the gradient is dense in K.
 
 ``auto`` picks ``grouped`` on the CPU and ``gather`` elsewhere (``bench/context_maps.py`` measures
-both against the seed's loop).
+both against the seed's loop). Every path uses public torch APIs only.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ import numpy as np
 import torch
 
 from cae.types import ContextMapMethod
-
-# Say so explicitly (the default) so that sparse gradients do not warn on every run.
-torch.sparse.check_sparse_tensor_invariants.disable()
 
 CONTEXT_MAP_METHODS: tuple[str, ...] = get_args(ContextMapMethod)
 
@@ -58,6 +55,7 @@ def apply_context_maps(
     method: ContextMapMethod = "gather",
     sparse_grad: bool = False,
     plan: MapsPlan | None = None,
+    gradient: MapsGradient | None = None,
 ) -> torch.Tensor:
     """Multiply every cell's latent vector by its own context's map, for the whole batch at once.
 
@@ -69,13 +67,16 @@ def apply_context_maps(
         sparse_grad: with ``grouped``, give ``maps`` a sparse COO gradient holding only the
             categories present in ``index`` (dense otherwise; ``gather`` is always dense).
         plan: with ``grouped``, ``plan_maps(index, L, K)`` made beforehand (made here if None).
+        gradient: with ``grouped``, the :class:`MapsGradient` of ``maps`` in this pass: the maps'
+            gradient of every application registered with it is summed at once, when the
+            backward pass reaches the first application (None: each application's own).
 
     Returns:
         (B, L) with row b equal to ``h[b] @ maps[index[b]]``.
     """
     if resolve_method(method, h.device) == "gather":
         return torch.bmm(h.unsqueeze(1), maps[index]).squeeze(1)  # (B, 1, L) @ (B, L, L)
-    return _GroupedContextMaps.apply(h, maps, index, sparse_grad, plan)
+    return _GroupedContextMaps.apply(h, maps, index, sparse_grad, plan, gradient)
 
 
 @dataclass
@@ -393,8 +394,10 @@ class _GroupedContextMaps(torch.autograd.Function):
         index: torch.Tensor,
         sparse_grad: bool,
         plan: MapsPlan | None,
+        gradient: MapsGradient | None,
     ) -> torch.Tensor:
-        ctx.maps, ctx.sparse_grad, ctx.plan = maps, sparse_grad, None
+        ctx.maps, ctx.sparse_grad, ctx.plan, ctx.gradient = maps, sparse_grad, None, gradient
+        ctx.first = gradient is not None and gradient.register()
         if h.shape[0] == 0:
             return h.new_empty(0, maps.shape[2])
         plan = plan_maps(index, h.shape[1], maps.shape[0]) if plan is None else plan
@@ -402,7 +405,7 @@ class _GroupedContextMaps(torch.autograd.Function):
         if plan.tiles is None:  # one matmul per category over its sorted cells
             assert plan.order is not None and plan.inverse is not None  # set when tiles is None
             ordered = h.index_select(0, plan.order)  # (several times faster than h[order])
-            ctx.save_for_backward(ordered)
+            ctx.save_for_backward(ordered, index)
             chosen = [maps[c].to(h.dtype) for c in plan.sort.categories.tolist()]
             return _segment_matmul(ordered, plan.sort, chosen).index_select(0, plan.inverse)
         part_maps = [m.to(h.dtype) for m in plan.tiles.part_maps(maps)]  # (T, L, L) each
@@ -413,45 +416,51 @@ class _GroupedContextMaps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: Any, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         maps: torch.Tensor = ctx.maps
         plan: MapsPlan | None = ctx.plan
-        if plan is None:
-            return grad_out.new_zeros(0, maps.shape[1]), None, None, None, None
-        if plan.tiles is None:
-            return (*_GroupedContextMaps._segments_backward(ctx, grad_out), None, None, None)
-        h, index, *part_maps = ctx.saved_tensors
-        grad_h = grad_maps = None
-        if ctx.needs_input_grad[0]:
-            grad_h = plan.tiles.matmul(grad_out, [m.transpose(1, 2) for m in part_maps])
-        if ctx.needs_input_grad[1] and ctx.sparse_grad:  # summed over every use at the end
-            _ROW_GRADIENTS.add(maps, h, grad_out, index, plan.sort)
-        elif ctx.needs_input_grad[1]:
-            outer = plan_outer_sum(index, h.shape[1], plan.sort)  # the forward's sort again
-            rows, values = grouped_outer_sum(h, grad_out, index, outer)
-            grad_maps = _rows_gradient(rows, values.to(maps.dtype), maps.shape, sparse=False)
-        return grad_h, grad_maps, None, None, None
+        gradient: MapsGradient | None = ctx.gradient
+        grad_h: torch.Tensor | None = None
+        if plan is None:  # no cells
+            grad_h = grad_out.new_zeros(0, maps.shape[1])
+        elif plan.tiles is None:
+            grad_h = _GroupedContextMaps._segments_backward(ctx, grad_out)
+        else:
+            h, index, *part_maps = ctx.saved_tensors
+            if ctx.needs_input_grad[0]:
+                grad_h = plan.tiles.matmul(grad_out, [m.transpose(1, 2) for m in part_maps])
+            if ctx.needs_input_grad[1]:
+                _use(ctx).add(h, grad_out, index, plan.sort)
+        grad_maps = None
+        if ctx.needs_input_grad[1] and (gradient is None or ctx.first):
+            grad_maps = _use(ctx).total(maps)
+        return grad_h, grad_maps, None, None, None, None
 
     @staticmethod
-    def _segments_backward(
-        ctx: Any, grad_out: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The gradients of an application by one matmul per category: the maps' from this use
-        alone (its rows are sorted already, and few categories make a small gradient)."""
+    def _segments_backward(ctx: Any, grad_out: torch.Tensor) -> torch.Tensor | None:
+        """The inputs' gradient of an application by one matmul per category (the maps' factors
+        go to the application's :class:`MapsGradient`)."""
         maps: torch.Tensor = ctx.maps
         plan: MapsPlan = ctx.plan
-        (ordered,) = ctx.saved_tensors
+        ordered, index = ctx.saved_tensors
         assert plan.order is not None and plan.inverse is not None  # set when tiles is None
         grad_sorted = grad_out.index_select(0, plan.order)
-        grad_h = grad_maps = None
+        grad_h = None
         if ctx.needs_input_grad[0]:
             chosen = [maps[c].T.to(grad_out.dtype) for c in plan.sort.categories.tolist()]
             grad_h = _segment_matmul(grad_sorted, plan.sort, chosen).index_select(0, plan.inverse)
         if ctx.needs_input_grad[1]:
-            rows = torch.from_numpy(plan.sort.categories).to(maps.device)
-            values = _segment_outer_sum(ordered, grad_sorted, plan.sort).to(maps.dtype)
-            grad_maps = _rows_gradient(rows, values, maps.shape, ctx.sparse_grad)
-        return grad_h, grad_maps
+            _use(ctx).add(ordered, grad_sorted, index.index_select(0, plan.order))
+        return grad_h
+
+
+def _use(ctx: Any) -> MapsGradient:
+    """The :class:`MapsGradient` an application's backward adds its factors to: the pass's, or
+    (without one) the application's own, made on first use."""
+    if ctx.gradient is None:
+        ctx.gradient = MapsGradient(ctx.sparse_grad)
+    gradient: MapsGradient = ctx.gradient
+    return gradient
 
 
 @dataclass
@@ -530,62 +539,73 @@ def _outer_tile_size(counts: np.ndarray, latent_dim: int) -> int:
     return int(sizes[int(np.argmin(costs))])
 
 
-# One use of a sparse-gradient map: its inputs h, output gradients g, categories and their sort.
+# One application's factors of its maps' gradient: the maps' inputs h, their output gradients g,
+# the categories, and their sort when known.
 _Use = tuple[torch.Tensor, torch.Tensor, torch.Tensor, CategorySort | None]
 
 
-class _RowGradientCollector:
-    """Collects, during one backward pass, every use's factors of a sparse-gradient map's
-    gradient (the maps' inputs and output gradients, by category), and when the pass ends sets
-    their sum on the parameter as one sparse COO ``.grad`` holding only the categories used.
+class MapsGradient:
+    """The gradient of one field's context maps over every application of one pass, summed at
+    once.
 
-    A training step applies each field's maps four times (encoding and decoding, in both
-    cycles; the first decoding covers the self pass too); summing the outer products of all uses
-    in one grouped matmul writes each touched category's L x L gradient once, instead of once per
-    use plus the sums of sparse tensors autograd makes.
-    The gradient therefore appears on ``.grad`` when ``backward()`` returns (use ``backward()``,
-    not ``torch.autograd.grad``, for these maps).
+    A training step applies each field's maps four times (encoding and decoding, in both cycles).
+    Each application registers with the pass's :class:`MapsGradient` in the forward pass; in the
+    backward pass each adds its factors (the maps' inputs and output gradients, by category), and
+    the first application, whose backward runs last (every other application depends on its
+    output), returns their sum as the maps' gradient: one grouped matmul writes each touched
+    category's L x L gradient once, instead of once per application plus autograd's sums. The
+    gradient is ordinary autograd output (``backward()`` and ``torch.autograd.grad`` both see it).
+
+    Args:
+        sparse: give the gradient as sparse COO in K (the categories used only), else dense.
     """
 
-    def __init__(self) -> None:
-        # id(maps) -> (maps, each use's (h, g, index, sort))
-        self.pending: dict[int, tuple[torch.Tensor, list[_Use]]] = {}
+    def __init__(self, sparse: bool) -> None:
+        self.sparse = sparse
+        self.uses: list[_Use] = []
+        self.registered = 0
+        self.summed = False
+
+    def register(self) -> bool:
+        """Count one application in the forward pass; True for the first (it returns the sum)."""
+        self.registered += 1
+        return self.registered == 1
 
     def add(
         self,
-        maps: torch.Tensor,
         h: torch.Tensor,
         g: torch.Tensor,
         index: torch.Tensor,
         sort: CategorySort | None = None,
     ) -> None:
-        """Keep one use's factors (and its rows' sort by category, when known); the first flush
-        queued on this backward pass sums them all."""
-        torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-        self.pending.setdefault(id(maps), (maps, []))[1].append((h, g, index, sort))
+        """Keep one application's factors (and its rows' sort by category, when known).
 
-    def flush(self) -> None:
-        """Set the summed gradient of every pending parameter (a no-op when nothing is left)."""
-        pending, self.pending = self.pending, {}
+        Raises:
+            RuntimeError: the sum was taken already: an application whose backward runs after the
+                first application's cannot share its gradient (register it with a pass of its own).
+        """
+        if self.summed:
+            raise RuntimeError(
+                "a context-map application reached its backward after the pass's first one: its "
+                "gradient would be lost; give it a MapsGradient of its own"
+            )
+        self.uses.append((h, g, index, sort))
+
+    def total(self, maps: torch.Tensor) -> torch.Tensor | None:
+        """The maps' gradient: every kept application's summed (None when none was kept)."""
+        self.summed = True
+        uses, self.uses = self.uses, []
+        if not uses:
+            return None
         with torch.no_grad():
-            summed, plans = [], []
-            for maps, uses in pending.values():
-                sort: CategorySort | None
-                if len(uses) == 1:  # its own rows and sort
-                    h, g, index, sort = uses[0]
-                else:
-                    h, g, index = (torch.cat(parts) for parts in list(zip(*uses, strict=True))[:3])
-                    sort = None
-                summed.append((maps, h, g, index))
-                # Every layout first, one after another on the host (see plan_maps), then sums.
-                plans.append(plan_outer_sum(index, h.shape[1], sort))
-            for (maps, h, g, index), plan in zip(summed, plans, strict=True):
-                rows, values = grouped_outer_sum(h, g, index, plan)
-                grad = _sparse_rows(rows, values.to(maps.dtype), maps.shape)
-                maps.grad = grad if maps.grad is None else maps.grad + grad
-
-
-_ROW_GRADIENTS = _RowGradientCollector()
+            if len(uses) == 1:  # its own rows and sort
+                h, g, index, sort = uses[0]
+            else:
+                h, g, index = (torch.cat(parts) for parts in list(zip(*uses, strict=True))[:3])
+                sort = None
+            plan = plan_outer_sum(index, h.shape[1], sort)
+            rows, values = grouped_outer_sum(h, g, index, plan)
+            return _rows_gradient(rows, values.to(maps.dtype), maps.shape, self.sparse)
 
 
 def _sparse_rows(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""One cycle-training step's pieces: target sampling and the loss terms.
+"""One cycle-training step's pieces: target sampling, the loss terms, and the step itself (the
+passes they read: :mod:`cae.train.passes`).
 
 For each mini-batch every enabled field of every cell gets a target category, drawn uniformly from
 the field's other known categories (``<unk>`` is never a target). Cycle 1 maps ``(x, source ->
@@ -20,8 +21,8 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
   training cells (``"data"``: :class:`ContextMeans`, computed once before training; exact, where a
   batch has a few cells per combination). It ties the size of a counterfactual shift to real cells
   of the target context (the cycle and classifier terms only ask for its direction). Costs one
-  more decoding of cycle 1's encoding (``CAE.forward(..., also=...)``) and one host sync
-  (``torch.unique``) per step when on;
+  more pass (decoding cycle 1's encoding once more, in :class:`~cae.train.passes.FusedPasses`)
+  and one host sync (``torch.unique``) per step when on;
 * the classifier's own supervised loss on real cells (a separate optimiser).
 """
 
@@ -37,8 +38,9 @@ from torch import nn
 
 from cae.config import LossWeights
 from cae.data.vocabulary import UNK_INDEX
-from cae.model.cae import CAE, CAEOutput
+from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
+from cae.train.passes import CyclePasses, FusedPasses
 
 
 @dataclass
@@ -52,8 +54,7 @@ class GeneratorLosses:
     self_reconstruction: torch.Tensor
     parsimony: torch.Tensor
     context_means: torch.Tensor
-    cycle1: CAEOutput
-    own: CAEOutput  # the cell in its own context: (x, source -> source)
+    passes: CyclePasses  # the outputs behind them
 
     def terms(self) -> dict[str, torch.Tensor]:
         """The named terms, for logging."""
@@ -218,54 +219,59 @@ class ContextMeans:
         return inverse, self.means[position], known
 
 
+def moved_contexts(
+    source: torch.Tensor, target: torch.Tensor, weights: LossWeights
+) -> torch.Tensor | None:
+    """The targets of the context-means term's moved pass (:func:`one_field_moves`), or None when
+    the term is off."""
+    return one_field_moves(source, target) if weights.context_means > 0 else None
+
+
 def generator_losses(
-    model: nn.Module,
-    classifier: ContextClassifier,
+    passes: CyclePasses,
+    classifier: nn.Module,
     x: torch.Tensor,
     source: torch.Tensor,
     target: torch.Tensor,
     weights: LossWeights,
     residual: bool = False,
-    terms: bool = False,
     reference: ContextMeans | None = None,
 ) -> GeneratorLosses:
-    """Run both cycles (and the self pass) and weigh the autoencoder's loss terms.
+    """Weigh the autoencoder's loss terms of one batch's passes.
 
     The classifier's parameters must be frozen by the caller (``requires_grad_(False)``): its
     output steers the autoencoder but it does not learn from generated cells.
 
     Args:
-        model: the autoencoder (or a wrapper that calls it: DistributedDataParallel, compiled).
-        classifier: the (frozen) context classifier.
+        passes: the batch's :class:`~cae.train.passes.CyclePasses`, with the moved pass of
+            :func:`moved_contexts` when ``weights.context_means`` > 0.
+        classifier: the (frozen) context classifier, or a wrapper that calls it.
         x: (B, G) model-space expression.
         source: (B, F) source categories.
         target: (B, F) target categories from :func:`sample_targets`.
         weights: the loss weights.
         residual: counterfactuals are residual (``model.counterfactual``; context-means term).
-        terms: also compute every head's (B, G) output of the passes (contributions; slower).
         reference: the training cells' combination means for the context-means term; None
             compares with the real cells of the batch.
 
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
     """
-    # Cycle 1 and the self pass share one encoding of x (the same numbers as two passes).
-    # The context-means term's cells (each moved in one field) decode the same encoding too.
-    single = one_field_moves(source, target) if weights.context_means > 0 else None
-    also = () if single is None else (single,)
-    cycle1 = model(x, source, target, and_source=True, terms=terms, also=also)
-    own = cycle1.own
-    assert own is not None and own.squares is not None
-    cycle2 = model(cycle1.output, target, source, terms=False)
-    reconstruction = F.mse_loss(cycle2.output, x)
-    integration = _integration(cycle1, cycle2)
-    target_loss = _target_consistency(classifier(cycle1.output), target, x)
-    self_reconstruction = F.mse_loss(own.output, x)
-    heads = list(own.squares.values())
+    reconstruction = F.mse_loss(passes.cycle2, x)
+    integration = torch.stack(
+        [F.mse_loss(h2, h1) for h1, h2 in zip(passes.latents1, passes.latents2, strict=True)]
+    ).mean()  # every head's latent in cycle 1 vs cycle 2
+    target_loss = _target_consistency(classifier(passes.cycle1), target, x)
+    self_reconstruction = F.mse_loss(passes.own, x)
+    heads = list(passes.squares.values())
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
     context_means = x.new_zeros(())
-    if single is not None:
-        context_means = _context_means_term(x, source, cycle1, single, residual, reference)
+    if passes.moved is not None:
+        moved = passes.moved
+        if residual:  # the cell plus the change of the moved field's term, clamped at 0
+            moved = (x + moved - passes.own).clamp_min(0.0)
+        real = BatchMeans(x, source) if reference is None else reference
+        context_means = context_means_loss(moved, one_field_moves(source, target), real)
     total = (
         weights.reconstruction * reconstruction
         + weights.integration * integration
@@ -276,35 +282,8 @@ def generator_losses(
     )
     return GeneratorLosses(
         total, reconstruction, integration, target_loss, self_reconstruction, parsimony,
-        context_means, cycle1, own,
+        context_means, passes,
     )  # fmt: skip
-
-
-def _integration(cycle1: CAEOutput, cycle2: CAEOutput) -> torch.Tensor:
-    """The mean over heads of the squared distance between each head's latent in cycle 1 and in
-    cycle 2."""
-    latents = [F.mse_loss(cycle2.base_hidden, cycle1.base_hidden)]
-    latents += [F.mse_loss(cycle2.field_hidden[f], h) for f, h in cycle1.field_hidden.items()]
-    return torch.stack(latents).mean()
-
-
-def _context_means_term(
-    x: torch.Tensor,
-    source: torch.Tensor,
-    cycle1: CAEOutput,
-    single: torch.Tensor,
-    residual: bool,
-    reference: ContextMeans | None,
-) -> torch.Tensor:
-    """The context-means term of the cells of ``x`` moved in one field each (``single``, decoded
-    in ``cycle1.also[0]``): decoded, or residual (the cell plus the change of the moved field's
-    term, clamped at 0), against ``reference`` or, when None, the real cells of the batch."""
-    moved = cycle1.also[0].output
-    if residual:
-        assert cycle1.own is not None
-        moved = (x + moved - cycle1.own.output).clamp_min(0.0)
-    real = BatchMeans(x, source) if reference is None else reference
-    return context_means_loss(moved, single, real)
 
 
 def _target_consistency(
@@ -367,7 +346,7 @@ def training_step(
     target: torch.Tensor,
     weights: LossWeights,
     *,
-    forward_model: nn.Module | None = None,
+    passes: nn.Module | None = None,
     forward_classifier: nn.Module | None = None,
     autocast: AbstractContextManager | None = None,
     residual: bool = False,
@@ -387,8 +366,8 @@ def training_step(
         x: (B, G) model-space expression.
         source, target: (B, F) categories; targets from :func:`sample_targets`.
         weights: the loss weights.
-        forward_model, forward_classifier: what to call for the forward passes when not the bare
-            networks (DistributedDataParallel wrappers, a compiled model).
+        passes: what computes the step's passes: ``FusedPasses(model)`` (default) or it wrapped.
+        forward_classifier: the classifier wrapped (DistributedDataParallel), or None.
         autocast: the autocast context of the forward passes (none by default).
         residual: counterfactuals are residual (see :func:`generator_losses`).
         reference: the context-means term's reference (see :func:`generator_losses`).
@@ -397,14 +376,14 @@ def training_step(
         ``(losses, classifier_loss)``.
     """
     autocast = autocast or nullcontext()
-    forward_model = model if forward_model is None else forward_model
+    passes = FusedPasses(model) if passes is None else passes
     forward_classifier = classifier if forward_classifier is None else forward_classifier
     classifier.requires_grad_(False)
     with autocast:
+        outputs = passes(x, source, target, moved_contexts(source, target, weights))
         losses = generator_losses(
-            forward_model, classifier, x, source, target, weights, residual=residual,
-            reference=reference,
-        )  # fmt: skip
+            outputs, classifier, x, source, target, weights, residual, reference
+        )
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()
     optimizer.step()

@@ -1,4 +1,4 @@
-"""Process-wide settings of the host that make CPU training fast.
+"""Settings of the host that make CPU training fast, for the length of a training.
 
 * Denormal floats flushed to zero: weights clamped at zero drift into denormal numbers, which the
   CPU handles in microcode, much slower than ordinary arithmetic (``docs/decisions.md``).
@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -25,18 +26,31 @@ _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 
 
-def configure_host(threads: int | None, keep_freed_memory: bool) -> None:
+def configure_host(threads: int | None, keep_freed_memory: bool) -> Callable[[], None]:
     """Set torch's CPU threads (when given), flush denormals, and optionally keep freed memory.
 
     Args:
         threads: CPU threads for torch (None leaves torch's choice).
-        keep_freed_memory: call :func:`keep_freed_memory_for_reuse`.
+        keep_freed_memory: call :func:`keep_freed_memory_for_reuse` (process-wide, for good:
+            glibc's settings are not read back).
+
+    Returns:
+        A function that puts torch's threads back and stops flushing denormals (torch's default;
+        torch cannot say whether they were flushed before), for a caller that trains in a
+        process that goes on to other work.
     """
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     if keep_freed_memory:
         keep_freed_memory_for_reuse()
+
+    def restore() -> None:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(previous_threads)
+
+    return restore
 
 
 def keep_freed_memory_for_reuse() -> bool:

@@ -15,6 +15,7 @@ from cae.errors import ConfigError
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
 from cae.train.distributed import Ranks
+from cae.train.passes import FusedPasses
 
 
 def build_networks(
@@ -37,14 +38,15 @@ def build_networks(
 class Networks:
     """One training's networks and what each part of training calls.
 
-    The optimisers update ``model`` and ``classifier``; training steps call ``train_model`` and
-    ``train_classifier`` (the same networks, wrapped for several processes and compiled when
-    asked); evaluation and checkpoints for inference use ``eval_model``.
+    The optimisers update ``model`` and ``classifier``; training steps call ``train_passes`` (the
+    model's :class:`~cae.train.passes.FusedPasses`) and ``train_classifier``, wrapped for several
+    processes and compiled when asked; evaluation and checkpoints for inference use
+    ``eval_model``.
     """
 
     model: CAE
     classifier: ContextClassifier
-    train_model: nn.Module
+    train_passes: nn.Module
     train_classifier: nn.Module
     averaged: AveragedModel | None  # the moving average of the weights (train.ema), else None
 
@@ -81,19 +83,19 @@ def training_networks(
         method = "gather"  # static shapes, no host sync: what the compiler wants
     # Sparse map gradients need no reduction across ranks, which DDP does only for dense ones.
     model.configure_context_maps(method, sparse_grad=not ranks.enabled)
-    train_model: nn.Module = model
+    train_passes: nn.Module = FusedPasses(model)
     train_classifier: nn.Module = classifier
     if ranks.enabled:  # DDP averages the gradients of the processes
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
+        train_passes = DistributedDataParallel(train_passes, device_ids=ids)
         train_classifier = DistributedDataParallel(classifier, device_ids=ids)
     if train.compile:
         # compiling a Module gives a Module (an OptimizedModule); the stubs say only Callable
-        train_model = cast(nn.Module, torch.compile(train_model))
+        train_passes = cast(nn.Module, torch.compile(train_passes))
     averaged = None
     if train.ema > 0:
         average = get_ema_multi_avg_fn(train.ema)
         averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
-    return Networks(model, classifier, train_model, train_classifier, averaged)
+    return Networks(model, classifier, train_passes, train_classifier, averaged)

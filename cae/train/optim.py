@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 from cae.model.cae import CAE
 
@@ -54,7 +55,8 @@ class ContextAdam(torch.optim.Adam):
         params: every parameter of the model (the row parameters among them).
         row_parameters: the per-category parameters, a subset of ``params``.
         lr, betas, eps: as :class:`torch.optim.Adam`.
-        fused: Adam's fused implementation for the dense parameters (None: torch's default).
+        fused: Adam's fused implementation, for the dense parameters and (per row) the row
+            parameters; None: torch's default for the dense ones, gathered rows for the others.
 
     After :meth:`step`, :attr:`updated_rows` maps each row parameter updated from a sparse
     gradient to the (sorted) rows it changed, for ``CAE.project_nonnegative(rows)``.
@@ -162,22 +164,33 @@ def _adam_on_rows(
 ) -> None:
     """Adam on some rows of ``param`` in place, each row with its own step count.
 
-    Every row is handed to torch's fused Adam kernel as a tensor of its own (a view, nothing is
-    copied; ``views`` holds the row views of ``param``, ``exp_avg``, ``exp_avg_sq`` and ``step``),
-    with its own step: one pass over the touched rows, the seed's per-module arithmetic. Without
-    that kernel (older torch, other devices) the rows are gathered and updated by
-    :func:`_adam_math`.
+    With ``fused`` (the group's setting) on the CPU and CUDA every row is handed to torch's fused
+    Adam (``torch.optim.adam.adam``,
+    ``fused=True``) as a tensor of its own (a view, nothing is copied; ``views`` holds the row
+    views of ``param``, ``exp_avg``, ``exp_avg_sq`` and ``step``), with its own step: one pass
+    over the touched rows, the seed's per-module arithmetic. Otherwise the rows are gathered and
+    updated by :func:`_adam_math`.
     """
     beta1, beta2 = group["betas"]
-    if _FUSED_ADAM is not None and param.device.type in ("cpu", "cuda"):
+    if group["fused"] and param.device.type in ("cpu", "cuda"):
         chosen = rows.tolist()
         params, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in chosen] for t in views)
-        state["step"][rows] += 1.0  # the step views see it
-        _FUSED_ADAM(
-            params, list(values.unbind(0)), exp_avgs, exp_avg_sqs, [], steps,
-            lr=float(group["lr"]), beta1=beta1, beta2=beta2, weight_decay=0.0,
-            eps=group["eps"], amsgrad=False, maximize=False,
-        )  # fmt: skip
+        adam(
+            params,
+            list(values.unbind(0)),
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            fused=True,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )  # fmt: skip  (adds 1 to every row's step through its view)
         return
     steps = state["step"][rows] + 1
     state["step"][rows] = steps
@@ -189,24 +202,14 @@ def _adam_on_rows(
     state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
 
 
-_FUSED_ADAM = getattr(torch, "_fused_adam_", None)
-
-
 def _summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted distinct rows of a sparse COO gradient and their summed values.
+    """Sorted distinct rows of a sparse COO gradient (K first) and their summed values.
 
-    Autograd marks a sparse gradient uncoalesced even when its rows are sorted and distinct (one
-    use per step), and concatenates the gradients of several uses; one ``index_add_`` over rows
-    sums them (``coalesce`` scatters element by element, several times slower here).
+    The training pass's gradient arrives coalesced (one sum over every application); a sum of
+    several applications' own gradients does not, and is coalesced first.
     """
-    if grad.is_coalesced():
-        return grad.indices()[0], grad.values()
-    rows, values = grad._indices()[0], grad._values()
-    if rows.numel() <= 1 or bool((rows[1:] > rows[:-1]).all()):
-        return rows, values
-    distinct, position = torch.unique(rows, sorted=True, return_inverse=True)
-    summed = values.new_zeros(len(distinct), *values.shape[1:])
-    return distinct, summed.index_add_(0, position, values)
+    grad = grad if grad.is_coalesced() else grad.coalesce()
+    return grad.indices()[0], grad.values()
 
 
 def _adam_math(

@@ -61,6 +61,7 @@ from cae.train.cycle import (
     classifier_hits,
     classifier_loss,
     generator_losses,
+    moved_contexts,
     sample_targets,
     training_step,
 )
@@ -68,6 +69,7 @@ from cae.train.folder import CHECKPOINT, TrainingFolder, clean_training_leftover
 from cae.train.host import configure_host
 from cae.train.networks import training_networks
 from cae.train.optim import build_optimizers
+from cae.train.passes import FusedPasses
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,6 @@ class Trainer:
         self.ranks = distributed.ranks_from_environment()
         # Only rank 0 writes files and tracks; the other ranks train silently beside it.
         self.callbacks = list(callbacks) if self.ranks.is_main else []
-        configure_host(settings.train.threads, settings.train.keep_freed_memory)
         self.device = resolve_device(settings.train.device)
         if self.ranks.enabled:
             self.device = distributed.start(self.ranks, self.device)
@@ -479,10 +480,16 @@ class Trainer:
         Raises:
             TrainingError: a loss became non-finite (the last good checkpoint is kept).
         """
-        if self.ranks.enabled:  # a mid-epoch stop would need every rank to agree where
-            return self._fit()
-        with _SignalGuard(self):
-            return self._fit()
+        restore_host = configure_host(
+            self.settings.train.threads, self.settings.train.keep_freed_memory
+        )
+        try:
+            if self.ranks.enabled:  # a mid-epoch stop would need every rank to agree where
+                return self._fit()
+            with _SignalGuard(self):
+                return self._fit()
+        finally:
+            restore_host()
 
     def _fit(self) -> TrainResult:
         cfg = self.settings
@@ -688,7 +695,7 @@ class Trainer:
                 source,
                 target,
                 cfg.train.weights,
-                forward_model=networks.train_model,
+                passes=networks.train_passes,
                 forward_classifier=networks.train_classifier,
                 autocast=self._autocast(),
                 residual=cfg.model.counterfactual == "residual",
@@ -726,22 +733,20 @@ class Trainer:
         for x, source, host_source in batches:
             n = x.shape[0]
             target = to_device(sample_targets(host_source, self.sizes, generator), self.device)
+            weights = cfg.train.weights
             with self._autocast():
-                losses = generator_losses(
-                    model,
-                    classifier,
-                    x,
-                    source,
-                    target,
-                    cfg.train.weights,
-                    residual=cfg.model.counterfactual == "residual",
-                    terms=True,
-                    reference=self.reference,
+                passes = FusedPasses(model)(
+                    x, source, target, moved_contexts(source, target, weights)
                 )
+                residual = cfg.model.counterfactual == "residual"
+                losses = generator_losses(
+                    passes, classifier, x, source, target, weights, residual, self.reference
+                )
+                own = model(x, source)  # every head's term: contributions and effects
                 logits = classifier(x)
                 c_loss = classifier_loss(logits, source)
                 correct, labelled = classifier_hits(logits, source)
-                target_logits = classifier(losses.cycle1.output)
+                target_logits = classifier(passes.cycle1)
             for name, value in losses.terms().items():
                 means.add(name, value * n, n)
             means.add("classifier", c_loss * n, n)
@@ -750,14 +755,13 @@ class Trainer:
                 hits = (target_logits[i].argmax(dim=1) == target[:, i]).sum()
                 means.add(f"target_accuracy/{name}", hits, n)
             if first_batch:
-                assert losses.own.base is not None  # computed with terms=True
-                self.head_samples = {"base": losses.own.base.float().cpu()}
-                self.head_samples.update({f: v.float().cpu() for f, v in losses.own.fields.items()})
+                self.head_samples = {"base": own.base.float().cpu()}
+                self.head_samples.update({f: v.float().cpu() for f, v in own.fields.items()})
                 first_batch = False
-            norms = contribution_l2(losses.own)
+            norms = contribution_l2(own)
             for head, values in norms.items():
                 means.add(f"contrib_l2/{head}", values.sum(), n)
-            table.add(source, norms, model.field_effects(losses.own))
+            table.add(source, norms, model.field_effects(own))
         return self._evaluation_metrics(means, table)
 
     def _evaluation_metrics(

@@ -30,7 +30,13 @@ import numpy as np
 from cae.data.atomic import atomic_write, check_output_path
 from cae.data.store import DataStore, check_cell_names, select_fields
 from cae.errors import CheckpointError, ConfigError
-from cae.generate import generated_anndata, load_any_model, plan_generation
+from cae.generate import (
+    INPUT_LAYER,
+    RECONSTRUCTION_LAYER,
+    generated_anndata,
+    load_any_model,
+    plan_generation,
+)
 
 if TYPE_CHECKING:
     import anndata
@@ -83,7 +89,8 @@ class CAE:
 
         Args:
             adata: the cells, in memory; ``.obs`` holds the fields.
-            fields: the ``.obs`` columns that condition the model, e.g. ``["cell_type", "sex"]``.
+            fields: the ``.obs`` columns that condition the model, e.g. ``["cell_type", "sex"]``
+                (or one comma-separated string).
             layer: the layer holding raw counts (for the default ``log1p_cp10k`` transform);
                 None reads ``.X``.
             genes: the genes to train on, in this order; None for every gene.
@@ -199,8 +206,8 @@ class CAE:
         """
         trained = self._require_trained()
         store = self._store(adata, layer, batch_size)
-        layers = [name for name, asked in [("cae_input", add_input),
-                  ("cae_reconstruction", add_reconstruction)] if asked]  # fmt: skip
+        wanted = {INPUT_LAYER: add_input, RECONSTRUCTION_LAYER: add_reconstruction}
+        layers = [name for name, asked in wanted.items() if asked]
         plan = plan_generation(trained, store, dict(targets or {}), layers)
         return generated_anndata(plan)
 

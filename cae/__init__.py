@@ -2,12 +2,14 @@
 
 The public API, for people who want Python rather than the ``cae`` command::
 
-    from cae import load_settings
-    from cae.train import load_checkpoint, train
+    import cae
 
-    result = train(load_settings(overrides={"data.fields": "cell_type,sex"}))
-    trained = load_checkpoint(result.checkpoint)
-    cf = trained.counterfactual(x, source={"sex": ["male"] * len(x)}, targets={"sex": "female"})
+    cae.CAE.setup_anndata(adata, fields=["cell_type", "sex"], layer="counts")
+    model = cae.CAE(adata)
+    model.train(epochs=15)
+    moved = model.counterfactual(targets={"sex": "female"})  # an AnnData (cae.api)
+
+Over files: ``cae.load_settings`` and ``train``/``load_checkpoint`` from ``cae.train``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 # ``train`` itself lives in ``cae.train`` (the subpackage's name would shadow it here).
 _API = {
+    "CAE": "cae.api",
     "Settings": "cae.config",
     "load_settings": "cae.config",
     "load_model": "cae.tracking.pyfunc",
@@ -30,7 +33,7 @@ __all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str) -> object:
-    """Import the settings API lazily, so that ``cae --version`` stays fast."""
+    """Import the API lazily, so that ``cae --version`` stays fast."""
     if name in _API:
         from importlib import import_module
 

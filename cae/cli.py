@@ -43,6 +43,7 @@ _DATA_FLAGS = [
     Flag("--expression-glob", "data.expression_glob", str, "pattern of expression chunks"),
     Flag("--metadata-glob", "data.metadata_glob", str, "pattern of metadata chunks"),
     Flag("--null-values", "data.null_values", str, "comma-separated spellings of a missing value"),
+    Flag("--layer", "data.h5ad_layer", str, "the .h5ad layer to read instead of .X"),
     Flag("--soma-measurement", "data.soma_measurement", str, "SOMA measurement (default RNA)"),
     Flag("--soma-layer", "data.soma_layer", str, "SOMA X layer (default raw, or the only one)"),
     Flag("--obs-filter", "data.soma_obs_filter", str, "SOMA obs filter, e.g. \"sex == 'female'\""),
@@ -277,10 +278,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     with tracked(settings) as callbacks:
         result = train(settings, callbacks)
     if name:
-        from cae.tracking.callbacks import MLflowCallback
+        from cae.tracking.callbacks import run_id_of
         from cae.tracking.pyfunc import register
 
-        run_id = next(c.run_id for c in callbacks if isinstance(c, MLflowCallback))
+        run_id = run_id_of(callbacks)
         assert run_id is not None  # the callback started the run
         version = register(run_id, name, settings.tracking.alias, settings.tracking.uri)
         print(f"registered {name} version {version} as @{settings.tracking.alias}")
@@ -396,16 +397,23 @@ def _add_register(commands: _Commands) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Write counterfactuals of every input cell to an .h5ad."""
     from cae.data.contexts import parse_targets
-    from cae.generate import generate, load_any_model
+    from cae.generate import INPUT_LAYER, RECONSTRUCTION_LAYER, generate, load_any_model
 
     targets = parse_targets(";".join(args.set or []))
     if not targets:
-        raise ConfigError("name at least one target with --set field=value, e.g. --set sex=female")
+        log.info("no --set given: .X will be the reconstruction of every cell")
     model = load_any_model(args.model)
+    wanted = {INPUT_LAYER: args.with_input, RECONSTRUCTION_LAYER: args.with_reconstruction}
     out = generate(
-        model, args.input, targets, args.out, overwrite=args.overwrite, obs_filter=args.obs_filter
-    )
-    print(f"wrote counterfactuals ({', '.join(f'{k}={v}' for k, v in targets.items())}) to {out}")
+        model, args.input, targets, args.out, overwrite=args.overwrite,
+        obs_filter=args.obs_filter, layer=args.layer,
+        layers=[name for name, asked in wanted.items() if asked],
+    )  # fmt: skip
+    if targets:
+        moved = ", ".join(f"{k}={v}" for k, v in targets.items())
+        print(f"wrote counterfactuals ({moved}) to {out}")
+    else:
+        print(f"wrote reconstructions (no --set) to {out}")
 
 
 def _add_generate(commands: _Commands) -> None:
@@ -413,7 +421,9 @@ def _add_generate(commands: _Commands) -> None:
         "generate",
         help="write counterfactuals of many cells to an .h5ad",
         description="Move every cell of the input to other contexts and write an .h5ad whose .X "
-        "is the counterfactual expression and whose .obs holds source_<field> and target_<field>.",
+        "is the counterfactual expression (without --set: the reconstruction) in model space, "
+        "whose cells, .obs and .var are the input's (with source_<field> and target_<field> "
+        "added to .obs), and whose .uns['cae'] says what .X holds.",
     )
     generate.add_argument(
         "--model", required=True, help="models:/NAME@alias, a checkpoint or a training folder"
@@ -426,8 +436,20 @@ def _add_generate(commands: _Commands) -> None:
         "--obs-filter", help="the cells of a SOMA --input to move, e.g. \"sex == 'female'\""
     )
     generate.add_argument(
-        "--set", action="append", metavar="FIELD=VALUE", help="a target context (repeatable)"
+        "--set", action="append", metavar="FIELD=VALUE",
+        help="a target context (repeatable); none: reconstruct the cells",
+    )  # fmt: skip
+    generate.add_argument(
+        "--layer", help="the input's .h5ad layer (X for .X) or SOMA X layer to read "
+        "(default: the one the model was trained on)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--with-input", action="store_true", help="add the input in model space as layer cae_input"
     )
+    generate.add_argument(
+        "--with-reconstruction", action="store_true",
+        help="add the reconstruction as layer cae_reconstruction",
+    )  # fmt: skip
     generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     generate.set_defaults(func=cmd_generate)

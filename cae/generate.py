@@ -1,28 +1,56 @@
-"""``cae generate``: counterfactuals for a whole data set, streamed chunk by chunk into an .h5ad.
+"""Counterfactuals (or reconstructions) of every cell of an input, as an AnnData that keeps the
+input's cells: ``cae generate`` streams it chunk by chunk into an .h5ad, the Python API
+(:mod:`cae.api`) returns it in memory.
 
-The output AnnData holds the counterfactual expression in ``.X`` (model space: log1p counts per
-10,000 for the default transform), the model's genes as ``var_names``, and in ``.obs`` both the
-source context (``source_<field>``) and the target context (``target_<field>``) of every cell.
+The output AnnData:
+
+* ``.X``: the counterfactual expression, or without targets the reconstruction (the cells
+  decoded in their own contexts), in model space: log1p counts per 10,000 for the default
+  transform ``log1p_cp10k``;
+* ``obs_names`` and ``.obs``: the input's cell names and obs columns (chunk files name their
+  cells ``<chunk id>_<row>``, a SOMA experiment by ``soma_joinid``), with ``source_<field>`` and
+  ``target_<field>`` added for every field of the model;
+* ``var_names`` and ``.var``: the model's genes in the model's order, with the input's var rows
+  of those genes (matched by name);
+* ``.uns["cae"]``: the model, targets, what ``.X`` holds and in which units; ``.uns["log1p"]``
+  (``{"base": None}``, scanpy's mark of log1p data) under ``log1p_cp10k``;
+* optionally the layers ``cae_input`` (the input in model space) and ``cae_reconstruction``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from cae import __version__
 from cae.config import DataConfig
 from cae.data.atomic import atomic_file, check_output_path
 from cae.data.soma import is_soma_uri
-from cae.data.store import DataStore
-from cae.errors import CheckpointError, ConfigError, DataError
+from cae.data.store import (
+    CountsDoubt,
+    DataStore,
+    check_cell_names,
+    gene_positions,
+    select_fields,
+)
+from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
 from cae.train.checkpoint import TrainedModel, load_checkpoint
 
+if TYPE_CHECKING:
+    import anndata
+
 log = logging.getLogger(__name__)
+
+INPUT_LAYER = "cae_input"  # the input in model space
+RECONSTRUCTION_LAYER = "cae_reconstruction"  # the cells decoded in their own contexts
+UNITS = {"log1p_cp10k": "log1p counts per 10,000", "none": "as the input (transform none)"}
 
 
 def load_any_model(model: str) -> TrainedModel:
@@ -40,7 +68,9 @@ def load_any_model(model: str) -> TrainedModel:
     )
 
 
-def open_input(path: str | Path, data: DataConfig, obs_filter: str | None = None) -> DataStore:
+def open_input(
+    path: str | Path, data: DataConfig, obs_filter: str | None = None, layer: str | None = None
+) -> DataStore:
     """A store over an .h5ad, a folder of chunks, one ``*_counts_N.npz`` chunk (with its
     metadata ``*_metadata_N.pkl|.parquet`` beside it) or a TileDB-SOMA experiment.
 
@@ -49,19 +79,28 @@ def open_input(path: str | Path, data: DataConfig, obs_filter: str | None = None
         data: the model's data settings (globs, .h5ad layer, SOMA measurement and layer).
         obs_filter: for a SOMA experiment, the cells to read (every cell when None); its genes
             are all read and matched to the model's by name.
+        layer: the .h5ad layer (``X`` for ``.X``) or SOMA X layer to read instead of the one
+            the model was trained on.
 
     Raises:
-        DataError: the input does not exist or does not open.
+        DataError: the input does not exist or does not open, or has no such layer.
+        ConfigError: ``obs_filter`` or ``layer`` for an input that has none.
     """
     # The training's cell and gene filters chose what it learnt from, not what is moved now.
     data = data.model_copy(update={"soma_obs_filter": None, "soma_var_filter": None})
     if is_soma_uri(str(path)):
         update = {"path": str(path), "soma_obs_filter": obs_filter}
+        if layer is not None:
+            update["soma_layer"] = layer
         return DataStore.open(data.model_copy(update=update))
     if obs_filter is not None:
         raise ConfigError(f"--obs-filter selects cells of a SOMA experiment; {path} is not one")
     data = data.model_copy(update={"soma_layer": None})
     path = Path(path)
+    if layer is not None:
+        if path.suffix != ".h5ad":
+            raise ConfigError(f"--layer names a layer of an .h5ad or SOMA input; {path} is neither")
+        data = data.model_copy(update={"h5ad_layer": None if layer == "X" else layer})
     if path.suffix == ".npz":
         if not path.is_file():
             raise DataError(f"input {path} does not exist")
@@ -74,20 +113,153 @@ def open_input(path: str | Path, data: DataConfig, obs_filter: str | None = None
     return DataStore.open(data.model_copy(update={"path": str(path)}))
 
 
-def _gene_columns(store: DataStore, genes: list[str]) -> np.ndarray:
-    """Positions of the model's genes among the input's, in the model's order."""
-    where = {gene: i for i, gene in enumerate(store.genes)}
-    missing = [g for g in genes if g not in where]
-    if missing:
-        raise DataError(
-            f"{store.path} lacks {len(missing):,} of the model's {len(genes):,} genes, e.g. "
-            f"{', '.join(missing[:5])}; give an input with every gene the model was trained on "
-            "(its genes.txt or var_names must name them; trained.genes lists them)"
+@dataclass
+class Generation:
+    """One input's output, planned and checked before any cell is moved: its obs, var and uns,
+    and what each chunk needs (the model's gene columns, each chunk's source contexts)."""
+
+    model: TrainedModel
+    store: DataStore
+    targets: dict[str, str]
+    layers: tuple[str, ...]  # of INPUT_LAYER, RECONSTRUCTION_LAYER
+    columns: np.ndarray  # (G,) the model's genes among the input's
+    sources: list[pd.DataFrame]  # per chunk, the model's fields as text
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    uns: dict[str, Any]
+
+
+def plan_generation(
+    model: TrainedModel,
+    store: DataStore,
+    targets: Mapping[str, str],
+    layers: Sequence[str] = (),
+) -> Generation:
+    """Check an input against the model and build the output's obs, var and uns.
+
+    Args:
+        model: the trained model.
+        store: the input's cells.
+        targets: ``{field: value}`` for the fields to change; empty for reconstructions.
+        layers: which of :data:`INPUT_LAYER` and :data:`RECONSTRUCTION_LAYER` to add.
+
+    Raises:
+        DataError: missing genes, cell names that repeat.
+        MetadataError: an unknown field or value (in the input or the targets), or an obs
+            column the output would add (``source_<field>``, ``target_<field>``).
+    """
+    columns = gene_positions(store.genes, model.genes, str(store.path), "the model's")
+    if len(store.genes) > len(model.genes):
+        log.warning("ignoring %d input genes the model does not use", store.n_genes - len(columns))
+    fields = list(model.vocabularies.fields)
+    model.encode_targets(torch.ones((1, len(fields)), dtype=torch.long), targets)  # fail early
+    frames = [store.read_metadata(c) for c in store.chunks]
+    sources = []
+    for chunk, frame in zip(store.chunks, frames, strict=True):  # fail early, naming the chunk
+        source = select_fields(frame, fields, chunk.metadata_name)
+        model.vocabularies.encode(
+            source, model.settings.data.null_values, source=chunk.metadata_name
         )
-    extra = len(store.genes) - len(genes)
-    if extra:
-        log.warning("ignoring %d input genes the model does not use", extra)
-    return np.array([where[g] for g in genes])
+        sources.append(source.astype(str).reset_index(drop=True))
+    obs = _output_obs(store, frames, sources, targets, fields)
+    var = store.var.iloc[columns].set_axis(pd.Index(model.genes))
+    uns = _output_uns(model, targets, layers)
+    return Generation(model, store, dict(targets), tuple(layers), columns, sources, obs, var, uns)
+
+
+def _output_obs(
+    store: DataStore,
+    frames: list[pd.DataFrame],
+    sources: list[pd.DataFrame],
+    targets: Mapping[str, str],
+    fields: list[str],
+) -> pd.DataFrame:
+    """The input's obs, named by its cells, with ``source_<field>`` and ``target_<field>``."""
+    names = pd.Index(np.concatenate([store.cell_names(c) for c in store.chunks]))
+    check_cell_names(names, str(store.path))
+    obs = pd.concat(frames, ignore_index=True).set_axis(names)
+    added = pd.concat(sources, ignore_index=True).set_axis(names)
+    for field in fields:
+        for column in (f"source_{field}", f"target_{field}"):
+            if column in obs.columns:
+                raise MetadataError(
+                    f"{store.path}: obs already has a column '{column}' (the output of an "
+                    "earlier cae generate?); the output adds its own: rename or drop it"
+                )
+        obs[f"source_{field}"] = added[field]
+        obs[f"target_{field}"] = targets[field] if field in targets else added[field]
+    return obs
+
+
+def _output_uns(
+    model: TrainedModel, targets: Mapping[str, str], layers: Sequence[str]
+) -> dict[str, Any]:
+    """What the output's X and layers hold (``uns["cae"]``), and scanpy's ``uns["log1p"]``."""
+    transform = model.settings.data.transform
+    units = UNITS[transform]
+    what = {
+        INPUT_LAYER: f"the input, in model space ({units})",
+        RECONSTRUCTION_LAYER: f"the cells decoded in their own contexts ({units})",
+    }
+    x = "counterfactual: the cells moved to the targets" if targets else what[RECONSTRUCTION_LAYER]
+    uns: dict[str, Any] = {
+        "cae": {
+            "model": model.origin or "",
+            "mode": "counterfactual" if targets else "reconstruction",
+            "targets": dict(targets),
+            "X": x,
+            "units": units,
+            "transform": transform,
+            "counterfactual": model.settings.model.counterfactual,
+            "layers": {layer: what[layer] for layer in layers},
+            "version": __version__,
+        }
+    }
+    if transform == "log1p_cp10k":
+        uns["log1p"] = {"base": None}  # natural log, as sc.pp.log1p marks its output
+    return uns
+
+
+def generated_blocks(plan: Generation, progress: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Move every chunk of the planned input, in order.
+
+    Yields:
+        Per chunk ``{"X": (n, G) output, <layer>: (n, G), ...}``, float32, for the planned layers.
+
+    Raises:
+        DataError: a chunk's values are unreadable, negative, not finite or above
+            ``serve.max_value``.
+    """
+    from tqdm.auto import tqdm
+
+    model, store = plan.model, plan.store
+    doubts = CountsDoubt(str(store.path), model.settings.data.transform)
+    shown = None if progress else True  # None: a bar only on a terminal
+    pairs = list(zip(store.chunks, plan.sources, strict=True))
+    for chunk, source in tqdm(pairs, desc="generating", unit="chunk", disable=shown):
+        expression = store.read_expression(chunk)[:, plan.columns]
+        doubts.check(expression)
+        x_model, source_index = model.prepare(expression, source)
+        block: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if not plan.targets or RECONSTRUCTION_LAYER in plan.layers:
+                own = model.model(x_model, source_index.to(x_model.device)).output
+                block[RECONSTRUCTION_LAYER] = block["X"] = own
+            if plan.targets:
+                block["X"] = model.move(x_model, source_index, plan.targets).output
+        block[INPUT_LAYER] = x_model
+        yield {key: block[key].cpu().numpy() for key in ("X", *plan.layers)}
+    doubts.finish()
+
+
+def generated_anndata(plan: Generation, progress: bool = False) -> anndata.AnnData:
+    """The planned output in memory (see the module's docstring)."""
+    import anndata
+
+    blocks = list(generated_blocks(plan, progress))
+    layers = {key: np.concatenate([b[key] for b in blocks]) for key in plan.layers}
+    x = np.concatenate([b["X"] for b in blocks])
+    return anndata.AnnData(x, obs=plan.obs, var=plan.var, uns=plan.uns, layers=layers)
 
 
 def generate(
@@ -99,87 +271,63 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     obs_filter: str | None = None,
+    layer: str | None = None,
+    layers: Sequence[str] = (),
 ) -> Path:
-    """Write the counterfactuals of every cell of ``input_path`` to the .h5ad ``out``.
+    """Write the counterfactuals of every cell of ``input_path`` to the .h5ad ``out``, one chunk
+    in memory at a time.
 
     Args:
         model: the trained model.
         input_path: an .h5ad, a folder of chunks, one expression chunk or a SOMA experiment, in
             the units the model was trained on.
         targets: ``{field: value}`` for the fields to change; others keep their source value.
+            Empty: ``.X`` is the reconstruction.
         out: the .h5ad to write (atomically: it appears only when complete).
         overwrite: replace an existing ``out``.
         progress: show a progress bar over chunks.
         obs_filter: the cells of a SOMA experiment to move (every cell when None).
+        layer: the input's layer to read (see :func:`open_input`).
+        layers: which of :data:`INPUT_LAYER` and :data:`RECONSTRUCTION_LAYER` to add.
 
     Returns:
         ``out``.
 
     Raises:
-        DataError: unreadable input, missing genes, or ``out`` exists without ``overwrite``.
+        DataError: unreadable input, missing genes, repeated cell names, or ``out`` exists
+            without ``overwrite``.
         MetadataError: an unknown field or context value (the message lists the known ones).
     """
-    import anndata
-
     out = check_output_path(Path(out), "--out", folder=False)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose --out")
-    store = open_input(input_path, model.settings.data, obs_filter)
-    columns = _gene_columns(store, model.genes)
-    sources = _read_sources(model, store, targets)
-    obs = pd.concat(sources, ignore_index=True).add_prefix("source_")
-    for field in model.vocabularies.fields:
-        obs[f"target_{field}"] = targets[field] if field in targets else obs[f"source_{field}"]
-    obs.index = [f"{c.chunk_id}_{i}" for c in store.chunks for i in range(c.n_cells)]
+    store = open_input(input_path, model.settings.data, obs_filter, layer)
+    plan = plan_generation(model, store, targets, layers)
     with atomic_file(out) as tmp:
-        # The skeleton (obs, var) first, then .X filled chunk by chunk: one chunk in memory.
-        anndata.AnnData(obs=obs, var=pd.DataFrame(index=model.genes)).write_h5ad(tmp)
-        _fill_expression(tmp, model, store, columns, sources, targets, progress=progress)
+        _write_streamed(tmp, plan, progress)
     return out
 
 
-def _read_sources(
-    model: TrainedModel, store: DataStore, targets: Mapping[str, str]
-) -> list[pd.DataFrame]:
-    """Each chunk's values of the model's fields as text, checked to encode (targets too)."""
-    fields = list(model.vocabularies.fields)
-    model.encode_targets(torch.ones((1, len(fields)), dtype=torch.long), targets)  # fail early
-    sources = [store.read_metadata(c, fields) for c in store.chunks]
-    for chunk, source in zip(store.chunks, sources, strict=True):  # fail early, naming the file
-        model.vocabularies.encode(
-            source, model.settings.data.null_values, source=chunk.metadata_name
-        )
-    return [source.astype(str) for source in sources]
-
-
-def _fill_expression(
-    tmp: Path,
-    model: TrainedModel,
-    store: DataStore,
-    columns: np.ndarray,
-    sources: list[pd.DataFrame],
-    targets: Mapping[str, str],
-    *,
-    progress: bool,
-) -> None:
-    """Write the counterfactuals of every chunk into ``.X`` of the skeleton .h5ad ``tmp``."""
+def _write_streamed(path: Path, plan: Generation, progress: bool) -> None:
+    """Write the planned output to the .h5ad ``path`` with anndata's writer: the skeleton (obs,
+    var, uns) first, then X and the layers, written by anndata for the first chunk and grown
+    by every later one (one chunk in memory)."""
+    import anndata
     import h5py
-    from tqdm.auto import tqdm
+    from anndata.io import write_elem
 
-    n_cells = sum(len(source) for source in sources)
-    with h5py.File(tmp, "r+") as file:
-        x = file.create_dataset(
-            "X", shape=(n_cells, len(model.genes)), dtype="float32",
-            chunks=(min(n_cells, 1024), len(model.genes)),
-        )  # fmt: skip
-        x.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    n_cells, n_genes = plan.store.n_cells, len(plan.model.genes)
+    shape = {"maxshape": (n_cells, n_genes), "chunks": (min(n_cells, 1024), n_genes)}
+    anndata.AnnData(obs=plan.obs, var=plan.var, uns=plan.uns).write_h5ad(path)
+    with h5py.File(path, "r+") as file:
         start = 0
-        shown = None if progress else True  # None: a bar only on a terminal
-        for chunk, source in tqdm(
-            list(zip(store.chunks, sources, strict=True)), desc="generating", unit="chunk",
-            disable=shown,
-        ):  # fmt: skip
-            expression = store.read_expression(chunk)[:, columns]
-            moved = model.counterfactual(expression, source.reset_index(drop=True), targets)
-            x[start : start + chunk.n_cells] = moved.output.cpu().numpy()
-            start += chunk.n_cells
+        for block in generated_blocks(plan, progress):
+            stop = start + len(block["X"])
+            for key, values in block.items():
+                group, name = (file, key) if key == "X" else (file["layers"], key)
+                if start == 0:
+                    write_elem(group, name, values, dataset_kwargs=shape)
+                else:
+                    group[name].resize(stop, axis=0)
+                    group[name][start:stop] = values
+            start = stop

@@ -79,6 +79,25 @@ def load_cells(data: Path | str) -> tuple[np.ndarray, pd.DataFrame]:
     return store_cells(DataStore.open(DataConfig(path=str(data))))
 
 
+def scverse_cells(data: Path) -> Any:
+    """The cells of ``data`` as an AnnData a scverse user holds: named cells (``cell-<i>``),
+    log1p counts per 10,000 in ``.X``, the counts in layer ``counts``, and an obs (``donor``)
+    and a var (``symbol``) column the model does not use."""
+    import anndata
+    import torch
+
+    from cae.data.loader import apply_transform
+
+    x, meta = load_cells(data)
+    genes = (data / "genes.txt").read_text().split()
+    obs = meta.astype("category").set_axis([f"cell-{i}" for i in range(len(meta))])
+    obs["donor"] = [f"d{i % 4}" for i in range(len(obs))]
+    var = pd.DataFrame({"symbol": [g.upper() for g in genes]}, index=genes)
+    normalised = apply_transform(torch.from_numpy(x.astype(np.float32)), "log1p_cp10k").numpy()
+    layers = {"counts": sp.csr_matrix(x, dtype=np.float32)}
+    return anndata.AnnData(normalised, obs=obs, var=var, layers=layers)
+
+
 @pytest.fixture(scope="session")
 def soma_experiment(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``small_data`` as a TileDB-SOMA experiment (measurement RNA, X layer "counts"), written by

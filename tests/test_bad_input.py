@@ -159,6 +159,16 @@ def _repeat_gene(adata: anndata.AnnData) -> anndata.AnnData:
     return adata
 
 
+def _repeat_cell_name(adata: anndata.AnnData) -> anndata.AnnData:
+    adata.obs_names = ["0", *adata.obs_names[:-1]]  # "0" twice
+    return adata
+
+
+def _with_target_column(adata: anndata.AnnData) -> anndata.AnnData:
+    adata.obs["target_sex"] = "female"
+    return adata
+
+
 def _without_x(adata: anndata.AnnData) -> anndata.AnnData:
     adata.X = None
     return adata
@@ -520,7 +530,7 @@ CASES = {
         DataError,
         (
             "{data} lacks 2 of the model's 12 genes, e.g. gene_0000, gene_0001",
-            "give an input with every gene the model was trained on",
+            "give an input with every one of these genes",
         ),
         (*GENERATE, "--set", "sex=female"),
     ),
@@ -531,6 +541,30 @@ CASES = {
             "cells.h5ad var_names names genes more than once: gene_0000 (2 times)",
             "give every gene one name",
         ),
+        (*GENERATE_H5AD, "--set", "sex=female"),
+    ),
+    "a layer the input h5ad lacks at generation": Case(
+        _h5ad(lambda adata: adata),
+        DataError,
+        ("cells.h5ad has no layer 'counts'", "its layers: none"),
+        (*GENERATE_H5AD, "--layer", "counts", "--set", "sex=female"),
+    ),
+    "a layer of an input that has none at generation": Case(
+        _nothing,
+        ConfigError,
+        ("--layer names a layer of an .h5ad or SOMA input", "{data} is neither"),
+        (*GENERATE, "--layer", "counts", "--set", "sex=female"),
+    ),
+    "input h5ad naming two cells alike at generation": Case(
+        _h5ad(_repeat_cell_name),
+        DataError,
+        ("cells.h5ad names 1 cells more than once (e.g. '0')", "adata.obs_names_make_unique()"),
+        (*GENERATE_H5AD, "--set", "sex=female"),
+    ),
+    "input h5ad whose obs has a column generation adds": Case(
+        _h5ad(_with_target_column),
+        MetadataError,
+        ("obs already has a column 'target_sex'", "rename or drop it"),
         (*GENERATE_H5AD, "--set", "sex=female"),
     ),
     # sharing

@@ -410,6 +410,75 @@ def test_h5ad_missing_layer(h5ad_file: tuple[Path, sp.csr_matrix, pd.DataFrame])
     check_error(info.value, DataError, str(path), "no layer 'raw_counts'", "layers: doubled")
 
 
+def test_anndata_in_memory_is_served_as_the_h5ad_is(
+    h5ad_file: tuple[Path, sp.csr_matrix, pd.DataFrame],
+) -> None:
+    path, x, _ = h5ad_file
+    adata = anndata.read_h5ad(path)
+    from_file = open_store(path, h5ad_chunk_size=10, h5ad_layer="doubled")
+    in_memory = DataStore.from_anndata(adata, "doubled", chunk_size=10)
+    assert in_memory.kind == "anndata" and in_memory.chunks[1].name == "AnnData[10:20]"
+    assert [c.rows for c in in_memory.chunks] == [c.rows for c in from_file.chunks]
+    np.testing.assert_array_equal(read_all(in_memory).toarray(), read_all(from_file).toarray())
+    for chunk in in_memory.chunks:
+        assert in_memory.read_metadata(chunk).equals(from_file.read_metadata(chunk))
+        assert list(in_memory.cell_names(chunk)) == list(from_file.cell_names(chunk))
+    in_memory.check_values("log1p_cp10k")
+    # Dense X, a subset of the genes in another order: those columns, named.
+    adata.X = x.toarray()
+    subset = DataStore.from_anndata(adata, genes=["g3", "g0"], chunk_size=10)
+    assert subset.genes == ["g3", "g0"] and list(subset.var.index) == ["g3", "g0"]
+    np.testing.assert_array_equal(read_all(subset).toarray(), x.toarray()[:, [3, 0]])
+    assert subset.fingerprint() != in_memory.fingerprint()
+    assert subset.fingerprint() == DataStore.from_anndata(adata, genes=["g3", "g0"]).fingerprint()
+
+
+def test_anndata_in_memory_refuses_as_the_h5ad_does(
+    h5ad_file: tuple[Path, sp.csr_matrix, pd.DataFrame],
+) -> None:
+    path, x, _ = h5ad_file
+    adata = anndata.read_h5ad(path)
+    with pytest.raises(DataError) as info:
+        DataStore.from_anndata(adata, "raw")
+    check_error(info.value, DataError, "adata has no layer 'raw'", "its layers: doubled")
+    adata.var_names = ["g0", *adata.var_names[:-1]]
+    with pytest.raises(DataError) as info:
+        DataStore.from_anndata(adata)
+    check_error(info.value, DataError, "adata.var_names names genes more than once: g0 (2 times)")
+    adata = anndata.read_h5ad(path)
+    adata.X = x.toarray()
+    adata.X[3, 1] = -1.0
+    store = DataStore.from_anndata(adata, chunk_size=10)
+    with pytest.raises(DataError) as info:
+        store.check_values("none")
+    check_error(info.value, DataError, "AnnData[0:10] holds 1 negative values")
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        with pytest.raises(DataError) as info:
+            DataStore.from_anndata(backed)
+    finally:
+        backed.file.close()
+    check_error(info.value, DataError, f"adata is backed by {path}", "adata.to_memory()")
+
+
+def test_values_that_are_not_counts_are_warned_about_once(
+    h5ad_file: tuple[Path, sp.csr_matrix, pd.DataFrame], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, x, _ = h5ad_file
+    adata = anndata.read_h5ad(path)
+    store = DataStore.from_anndata(adata, chunk_size=10)
+    store.check_values("log1p_cp10k")  # integer counts, but none above 20 (at most 5 here)
+    assert caplog.text.count("has no value above 20 (the largest is 5)") == 1
+    caplog.clear()
+    adata.X = x.multiply(1.5).tocsr()
+    DataStore.from_anndata(adata, chunk_size=10).check_values("log1p_cp10k")
+    assert caplog.text.count("holds values that are not whole numbers (e.g. ") == 1
+    assert "normalised twice" in caplog.text
+    caplog.clear()
+    DataStore.from_anndata(adata, chunk_size=10).check_values("none")
+    assert caplog.text == ""
+
+
 def test_h5ad_bad_values_name_the_rows(tmp_path: Path) -> None:
     path = tmp_path / "bad.h5ad"
     anndata.AnnData(X=_with_value(-2.0)).write_h5ad(path)

@@ -16,6 +16,7 @@ transform runs per batch on the training device.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -254,10 +255,14 @@ def chunk_loader(
         A ``DataLoader`` yielding :class:`LoadedChunk` objects.
     """
     workers = min(num_workers, len(order))
+    kind = dataset.store.kind
+    if kind == "anndata" and "fork" not in multiprocessing.get_all_start_methods():
+        workers = 0  # an AnnData in memory reaches workers only by fork
     if workers > 0:  # never more ahead than there are chunks (a huge window would spin)
         prefetch_factor = min(max(prefetch_factor, -(-window // workers)), len(order))
-    # TileDB's threads do not survive fork(): a forked worker hangs on its first SOMA read.
-    context = "spawn" if workers > 0 and dataset.store.kind == "soma" else None
+    # TileDB's threads do not survive fork(): a forked worker hangs on its first SOMA read. An
+    # AnnData in memory is inherited by a forked worker; a spawned one would be sent a copy.
+    context = {"soma": "spawn", "anndata": "fork"}.get(kind) if workers > 0 else None
     return DataLoader(
         dataset,
         batch_size=None,

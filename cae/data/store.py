@@ -8,7 +8,10 @@ Two layouts are accepted:
   id ``N``, never by sorted position. An optional ``genes.txt`` (one name per line) names the genes.
 * one ``.h5ad`` file (AnnData): its rows are read in chunks of ``h5ad_chunk_size`` cells;
 * a TileDB-SOMA experiment (a local folder or a URI, :mod:`cae.data.soma`): the cells an obs
-  filter selects, in chunks of ``h5ad_chunk_size`` cells.
+  filter selects, in chunks of ``h5ad_chunk_size`` cells;
+* an AnnData object in memory (:meth:`DataStore.from_anndata`, for the Python API): row ranges of
+  its ``X`` (or a layer), metadata from its ``.obs``, checked as an .h5ad is. Loader workers
+  reach it by ``fork`` (a spawned worker could not re-open it).
 
 ``.pkl`` metadata is unpickled, which can run code: read pickles only from sources you trust, and
 share metadata as ``.parquet``.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import re
 import zipfile
@@ -27,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -37,7 +41,11 @@ from isal import isal_zlib
 from cae.data.soma import SomaQuery, is_soma_uri
 from cae.errors import CAEError, DataError, MetadataError
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    import anndata
+
     from cae.config import DataConfig
 
 METADATA_SUFFIXES = (".pkl", ".parquet")
@@ -58,6 +66,9 @@ _SPARSE_ARRAYS = {
 # More genes than any expression matrix holds: a header declaring more is corrupt (and naming them
 # gene_0 ... would exhaust memory).
 MAX_GENES = 10_000_000
+# Under log1p_cp10k, an input whose largest value is below this is taken for normalised values
+# (log1p of counts per 10,000 stays below about 9.2; raw counts of thousands of cells exceed it).
+COUNTS_AT_LEAST = 20.0
 # Gene names that mean a name is missing (compared stripped and in lower case).
 _MISSING_NAMES = frozenset({"", "nan", "none", "null", "<na>"})
 
@@ -68,7 +79,7 @@ class Chunk:
 
     chunk_id: str
     expression: Path
-    metadata: Path | None  # None for .h5ad and SOMA chunks, whose metadata is the obs
+    metadata: Path | None  # None for .h5ad, SOMA and AnnData chunks, whose metadata is the obs
     n_cells: int
     n_genes: int
     rows: tuple[int, int] | None = None  # row range inside an .h5ad or a SOMA query
@@ -94,19 +105,26 @@ class DataStore:
         path: Path | str,
         chunks: Sequence[Chunk],
         genes: Sequence[str],
-        kind: Literal["chunks", "h5ad", "soma"],
+        kind: Literal["chunks", "h5ad", "soma", "anndata"],
         *,
         obs: pd.DataFrame | None = None,
+        var: pd.DataFrame | None = None,
         h5ad_layer: str | None = None,
         soma: SomaQuery | None = None,
+        matrix: Any = None,
+        columns: np.ndarray | None = None,
     ) -> None:
         self.path = path  # a SOMA URI stays a string (a Path would fold its "//")
         self.chunks = list(chunks)
         self.genes = list(genes)
         self.kind = kind
-        self._obs = obs
-        self._h5ad_layer = h5ad_layer
+        self.layer = h5ad_layer  # the .h5ad or AnnData layer read (None: X)
+        # Per gene (in ``genes`` order) the input's var row: .h5ad and AnnData only.
+        self.var = var if var is not None else pd.DataFrame(index=pd.Index(self.genes))
+        self._obs = obs  # .h5ad and AnnData: the obs, its index the cell names
         self._soma = soma
+        self._matrix = matrix  # AnnData: its X or layer, in memory
+        self._columns = columns  # AnnData: the columns of ``genes`` (None: every column)
 
     @property
     def n_genes(self) -> int:
@@ -226,16 +244,73 @@ class DataStore:
                 raise DataError(f"{path} holds no genes (its var is empty); give one with genes")
             fix = "give every gene one name in var_names and write the .h5ad again"
             genes = _gene_names(list(adata.var_names), f"{path} var_names", fix)
-            obs = _check_columns(adata.obs.reset_index(drop=True), f"{path.name}.obs")
+            obs = _check_columns(adata.obs, f"{path.name}.obs")
             _check_h5ad_matrix(path, layer, (adata.n_obs, adata.n_vars), list(adata.layers))
             chunks = _row_chunks(path, adata.n_obs, len(genes), chunk_size)
+            var = adata.var.set_axis(genes)
         except CAEError:
             raise
         except Exception as err:  # a broken element that anndata opened lazily
             raise _unreadable_h5ad(path, err) from None
         finally:
             adata.file.close()
-        return cls(path, chunks, genes, "h5ad", obs=obs, h5ad_layer=layer)
+        return cls(path, chunks, genes, "h5ad", obs=obs, var=var, h5ad_layer=layer)
+
+    @classmethod
+    def from_anndata(
+        cls,
+        adata: anndata.AnnData,
+        layer: str | None = None,
+        genes: Sequence[str] | None = None,
+        chunk_size: int = 20_000,
+    ) -> DataStore:
+        """A store over an AnnData object in memory: nothing is written or copied.
+
+        Args:
+            adata: the cells; its ``.obs`` holds the fields, its ``var_names`` the genes.
+            layer: the layer to read instead of ``X``.
+            genes: the genes to read, in this order (None: every gene, in ``var_names`` order).
+            chunk_size: rows per chunk.
+
+        Returns:
+            The store (kind ``anndata``); its chunks' names read ``AnnData[start:stop]``.
+
+        Raises:
+            DataError: ``adata`` is a view or backed by a file, has no cells or genes, no such
+                layer (or no X), a matrix of other than numbers, gene names that are missing or
+                repeat, or lacks one of ``genes``. Values are checked as chunks are read.
+            MetadataError: ``.obs`` columns that repeat or are not named by strings.
+        """
+        if adata.is_view:  # every read of a view's X would copy the whole subset
+            raise DataError("adata is a view of another AnnData; pass adata.copy()")
+        if adata.isbacked:  # a file handle does not survive the loader's fork
+            raise DataError(
+                f"adata is backed by {adata.filename}; give that file as data.path (it is "
+                "streamed from disk), or load it with adata.to_memory()"
+            )
+        if layer is not None and layer not in adata.layers:
+            raise DataError(
+                f"adata has no layer '{layer}'; its layers: {', '.join(adata.layers) or 'none'} "
+                "(leave layer out to read .X)"
+            )
+        matrix = adata.X if layer is None else adata.layers[layer]
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise DataError(f"adata holds {adata.n_obs} cells x {adata.n_vars} genes; give cells")
+        if matrix is None:
+            raise DataError("adata has no X; put the expression into .X, or name its layer")
+        _check_dtype(np.dtype(matrix.dtype), "biuf", "adata's expression matrix")
+        fix = "give every gene one name, e.g. adata.var_names_make_unique()"
+        names = _gene_names(list(adata.var_names), "adata.var_names", fix)
+        columns = None if genes is None else gene_positions(names, genes, "adata")
+        chosen = names if columns is None else [names[i] for i in columns]
+        obs = _check_columns(adata.obs, "adata.obs")
+        var = adata.var if columns is None else adata.var.iloc[columns]
+        name = Path("AnnData")  # chunks read AnnData[start:stop] in messages
+        chunks = _row_chunks(name, adata.n_obs, len(chosen), chunk_size)
+        return cls(
+            "AnnData", chunks, chosen, "anndata", obs=obs, var=var, h5ad_layer=layer,
+            matrix=matrix, columns=columns,
+        )  # fmt: skip
 
     @classmethod
     def _open_soma(cls, config: DataConfig) -> DataStore:
@@ -274,6 +349,11 @@ class DataStore:
         if self._soma is not None:
             assert chunk.rows is not None
             matrix = self._soma.read_rows(*chunk.rows)
+        elif self._matrix is not None:
+            assert chunk.rows is not None
+            block = self._matrix[chunk.rows[0] : chunk.rows[1]]
+            block = block if self._columns is None else block[:, self._columns]
+            matrix = block if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
         elif chunk.rows is not None:
             matrix = self._read_h5ad_rows(chunk)
         else:
@@ -299,7 +379,7 @@ class DataStore:
         try:
             adata = anndata.read_h5ad(chunk.expression, backed="r")
             try:
-                source = adata.X if self._h5ad_layer is None else adata.layers[self._h5ad_layer]
+                source = adata.X if self.layer is None else adata.layers[self.layer]
                 block = source[start:stop]
             finally:
                 adata.file.close()
@@ -325,17 +405,18 @@ class DataStore:
             frame = self._obs.iloc[chunk.rows[0] : chunk.rows[1]].reset_index(drop=True)
         else:
             frame = _read_metadata_file(chunk.metadata, columns)
-        if columns is not None:
-            missing = [c for c in columns if c not in frame.columns]
-            if missing:
-                shown = ", ".join(map(str, frame.columns[:20])) or "(none)"
-                more = f" and {len(frame.columns) - 20} more" if len(frame.columns) > 20 else ""
-                raise MetadataError(
-                    f"{chunk.metadata_name}: metadata has no field '{missing[0]}'. Its columns "
-                    f"are: {shown}{more}. Fix the field name in the settings or add the column."
-                )
-            frame = frame[list(columns)]
-        return frame
+        return frame if columns is None else select_fields(frame, columns, chunk.metadata_name)
+
+    def cell_names(self, chunk: Chunk) -> pd.Index:
+        """The names of one chunk's cells: the obs names of an .h5ad or AnnData, the
+        ``soma_joinid`` of a SOMA experiment's cells, ``<chunk id>_<row>`` for chunk files (whose
+        metadata names no cells)."""
+        assert chunk.rows is not None or self._obs is None
+        if self._obs is not None and chunk.rows is not None:
+            return self._obs.index[chunk.rows[0] : chunk.rows[1]].astype(str)
+        if self._soma is not None and chunk.rows is not None:
+            return pd.Index(self._soma.obs_ids[chunk.rows[0] : chunk.rows[1]].astype(str))
+        return pd.Index([f"{chunk.chunk_id}_{i}" for i in range(chunk.n_cells)])
 
     def iter_metadata(self, columns: Sequence[str]) -> Iterator[tuple[str, pd.DataFrame]]:
         """Yield ``(metadata file name, DataFrame)`` for every chunk, in chunk order."""
@@ -346,7 +427,8 @@ class DataStore:
         """Read every chunk once and check its values before training starts.
 
         Args:
-            transform: the input transform; ``log1p_cp10k`` also rejects cells with zero counts.
+            transform: the input transform; ``log1p_cp10k`` also rejects cells with zero counts
+                and warns when the values do not look like counts (:class:`CountsDoubt`).
             progress: show a progress bar.
 
         Raises:
@@ -356,8 +438,10 @@ class DataStore:
         from tqdm.auto import tqdm
 
         shown = None if progress else True  # None: a bar only on a terminal
+        doubts = CountsDoubt(str(self.path), transform)
         for chunk in tqdm(self.chunks, desc="checking chunks", unit="chunk", disable=shown):
             matrix = self.read_expression(chunk)
+            doubts.check(matrix)
             if transform == "log1p_cp10k":
                 totals = np.asarray(matrix.sum(axis=1)).ravel()
                 empty = np.flatnonzero(totals <= 0)
@@ -367,6 +451,7 @@ class DataStore:
                         f"{empty[0]}); transform log1p_cp10k cannot normalise them: drop those "
                         "cells, or set data.transform=none if the values are already normalised"
                     )
+        doubts.finish()
 
     def fingerprint(self) -> str:
         """A short hash identifying the data set: file names, sizes and shapes of every chunk
@@ -374,6 +459,12 @@ class DataStore:
         digest = hashlib.sha256()
         if self._soma is not None:
             digest.update(self._soma.identity().encode())
+            digest.update("\n".join(self.genes).encode())
+            return digest.hexdigest()[:16]
+        if self._matrix is not None:  # in memory: its shape, layer, cells and genes
+            assert self._obs is not None
+            digest.update(f"anndata:{self.n_cells}x{self.n_genes}:{self.layer};".encode())
+            digest.update("\n".join(map(str, self._obs.index)).encode())
             digest.update("\n".join(self.genes).encode())
             return digest.hexdigest()[:16]
         for chunk in self.chunks:
@@ -385,6 +476,105 @@ class DataStore:
             )
         digest.update("\n".join(self.genes).encode())
         return digest.hexdigest()[:16]
+
+
+def check_cell_names(names: pd.Index, source: str) -> None:
+    """Refuse cell names that repeat: outputs keep the input's names, and a name must find one
+    cell.
+
+    Raises:
+        DataError: naming ``source``, how many repeat and one of them.
+    """
+    repeated = names[names.duplicated()]
+    if len(repeated):
+        raise DataError(
+            f"{source} names {len(repeated):,} cells more than once (e.g. {repeated[0]!r}); give "
+            "every cell its own name: adata.obs_names_make_unique() (and, for a file, write it "
+            "again)"
+        )
+
+
+def select_fields(frame: pd.DataFrame, fields: Sequence[str], source: str) -> pd.DataFrame:
+    """The ``fields`` columns of a metadata frame, in that order.
+
+    Raises:
+        MetadataError: a field is not a column (the message names ``source`` and its columns).
+    """
+    missing = [c for c in fields if c not in frame.columns]
+    if missing:
+        shown = ", ".join(map(str, frame.columns[:20])) or "(none)"
+        more = f" and {len(frame.columns) - 20} more" if len(frame.columns) > 20 else ""
+        raise MetadataError(
+            f"{source}: metadata has no field '{missing[0]}'. Its columns are: {shown}{more}. "
+            "Fix the field name in the settings or add the column."
+        )
+    return frame[list(fields)]
+
+
+class CountsDoubt:
+    """Warns, once, when values read under the ``log1p_cp10k`` transform do not look like raw
+    counts: values that are not whole numbers, or none above :data:`COUNTS_AT_LEAST` by the
+    end (log-normalised values, which the transform would normalise a second time).
+
+    Args:
+        source: the input, for the message.
+        transform: the transform the values go through; any other than ``log1p_cp10k`` is not
+            checked.
+    """
+
+    def __init__(self, source: str, transform: str) -> None:
+        self.source = source
+        self.active = transform == "log1p_cp10k"
+        self.largest = 0.0
+
+    def check(self, matrix: sp.csr_matrix) -> None:
+        """Look at one chunk's values (a CSR matrix); warn at the first that are not counts."""
+        if not self.active or matrix.nnz == 0:
+            return
+        self.largest = max(self.largest, float(matrix.data.max()))
+        fractional = matrix.data[matrix.data != np.round(matrix.data)]
+        if fractional.size:
+            self._warn(f"holds values that are not whole numbers (e.g. {fractional[0]:g})")
+
+    def finish(self) -> None:
+        """After the last chunk: warn when no value reached :data:`COUNTS_AT_LEAST`."""
+        if self.active and self.largest < COUNTS_AT_LEAST:
+            self._warn(f"has no value above {COUNTS_AT_LEAST:g} (the largest is {self.largest:g})")
+
+    def _warn(self, what: str) -> None:
+        log.warning(
+            "%s %s: transform log1p_cp10k expects raw counts, and already log-normalised "
+            "values would be normalised twice; read the counts (a layer: --layer / layer=) or "
+            "use data.transform=none for normalised values",
+            self.source,
+            what,
+        )
+        self.active = False
+
+
+def gene_positions(
+    available: Sequence[str], wanted: Sequence[str], source: str, whose: str = "the"
+) -> np.ndarray:
+    """Positions of ``wanted`` genes among ``available`` ones, in ``wanted``'s order.
+
+    Args:
+        available: the input's gene names.
+        wanted: the genes to read.
+        source: the input, for the message.
+        whose: whose genes ``wanted`` are, for the message (``the model's``).
+
+    Raises:
+        DataError: some of ``wanted`` are not in ``available`` (the message names a few).
+    """
+    where = {gene: i for i, gene in enumerate(available)}
+    missing = [g for g in wanted if g not in where]
+    if missing:
+        raise DataError(
+            f"{source} lacks {len(missing):,} of {whose} {len(wanted):,} genes, e.g. "
+            f"{', '.join(missing[:5])}; give an input with every one of these genes (its "
+            "var_names or genes.txt must name them)"
+        )
+    return np.array([where[g] for g in wanted], dtype=np.int64)
 
 
 def _row_chunks(source: Path, n_rows: int, n_genes: int, size: int) -> list[Chunk]:

@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -314,6 +314,11 @@ def start_run(settings: Settings) -> str:
         run = mlflow.start_run(run_name=settings.tracking.run_name)
     log.info("MLflow run %s in %s", run.info.run_id, uri)
     return run.info.run_id
+
+
+def run_id_of(callbacks: Sequence[Callback]) -> str | None:
+    """The MLflow run that the callbacks of :func:`tracked` record into (None untracked)."""
+    return next((c.run_id for c in callbacks if isinstance(c, MLflowCallback)), None)
 
 
 @contextmanager

@@ -436,4 +436,6 @@ def load_model(model_uri: str) -> TrainedModel:
     checkpoints = sorted(local.glob("artifacts/*.pt"))
     if not checkpoints:
         raise CheckpointError(f"{model_uri} is not a CAE model (no checkpoint among its artifacts)")
-    return load_checkpoint(checkpoints[0])
+    trained = load_checkpoint(checkpoints[0])
+    trained.origin = model_uri
+    return trained

@@ -28,6 +28,7 @@ from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
+from cae.train.folder import CHECKPOINT
 from cae.train.networks import build_networks
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     renamed over the old one, so an interrupted write never corrupts the previous checkpoint."""
     with atomic_write(path) as file:
         torch.save(dict(payload), file)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint file ``path`` names: itself, or a training folder's checkpoints/last.pt."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -55,9 +62,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         CheckpointError: the file is missing, unreadable, not a CAE checkpoint, or of a format
             this version does not read.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give a .pt file or a training folder")
     try:
@@ -217,6 +222,8 @@ class TrainedModel:
     genes: list[str]
     epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the file it was loaded from
+    origin: str | None = None  # what it was loaded by: a path, or a models:/ URI
 
     def encode_contexts(
         self, contexts: pd.DataFrame | Mapping[str, Sequence[str] | str], n_cells: int
@@ -311,6 +318,58 @@ class TrainedModel:
             DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``.
             ValueError: ``x`` does not have the model's gene count.
         """
+        return self.move(*self.prepare(x, source), targets)
+
+    @torch.no_grad()
+    def move(
+        self,
+        x_model: torch.Tensor,
+        source_index: torch.Tensor,
+        targets: Mapping[str, str | Sequence[str]],
+    ) -> CAEOutput:
+        """:meth:`counterfactual` of cells already through :meth:`prepare`."""
+        target_index = self.encode_targets(source_index, targets)
+        residual = self.settings.model.counterfactual == "residual"
+        return self.model.counterfactual(
+            x_model, source_index.to(x_model.device), target_index.to(x_model.device), residual
+        )
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        x: np.ndarray | sp.spmatrix | torch.Tensor,
+        source: pd.DataFrame | Mapping[str, Sequence[str] | str],
+    ) -> CAEOutput:
+        """Pass cells through the model in their own contexts.
+
+        Args:
+            x: as for :meth:`counterfactual`.
+            source: as for :meth:`counterfactual`.
+
+        Returns:
+            The :class:`CAEOutput` decoded in the source contexts: ``output`` the reconstruction
+            (model space), ``base_hidden`` and ``field_hidden`` every head's latent.
+
+        Raises:
+            As :meth:`counterfactual`.
+        """
+        x_model, source_index = self.prepare(x, source)
+        return self.model(x_model, source_index.to(x_model.device))
+
+    def prepare(
+        self,
+        x: np.ndarray | sp.spmatrix | torch.Tensor,
+        source: pd.DataFrame | Mapping[str, Sequence[str] | str],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check cells and turn them into what the networks take.
+
+        Returns:
+            ``(x_model, source_index)``: (n, G) model-space expression on the model's device,
+            and the (n, F) source categories on the host.
+
+        Raises:
+            As :meth:`counterfactual`.
+        """
         # (scipy has no types, so issparse does not narrow x for the checker)
         dense = cast(Any, x).toarray() if sp.issparse(x) else x
         tensor = torch.as_tensor(dense, dtype=torch.float32)
@@ -327,13 +386,8 @@ class TrainedModel:
             )
         device = next(self.model.parameters()).device
         source_index = self.encode_contexts(source, tensor.shape[0])
-        target_index = self.encode_targets(source_index, targets)
-        x_model = apply_transform(tensor.to(device), self.settings.data.transform)
         self.model.eval()
-        residual = self.settings.model.counterfactual == "residual"
-        return self.model.counterfactual(
-            x_model, source_index.to(device), target_index.to(device), residual
-        )
+        return apply_transform(tensor.to(device), self.settings.data.transform), source_index
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
@@ -365,4 +419,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
         saved.genes,
         saved.epoch,
         saved.history,
+        checkpoint=checkpoint_file(path),
+        origin=str(checkpoint_file(path).resolve()),
     )

@@ -204,6 +204,7 @@ class Trainer:
         callbacks: receivers of training events.
         folder: the locked output folder (:class:`TrainingFolder`; None: the caller does not
             write, like every process but the first under torchrun).
+        store: the cells, already open (an AnnData in memory); None opens ``data.path``.
 
     Raises:
         CAEError: bad data, settings, or an output folder that would be overwritten.
@@ -214,6 +215,7 @@ class Trainer:
         settings: Settings,
         callbacks: Sequence[Callback] = (),
         folder: TrainingFolder | None = None,
+        store: DataStore | None = None,
     ) -> None:
         self.settings = settings
         self.folder = folder
@@ -226,7 +228,7 @@ class Trainer:
         self.out_dir = Path(settings.output.dir or default_out_dir(settings))
         self.checkpoint_path = self.out_dir / CHECKPOINT
         saved = self._check_out_dir()
-        self._open_data(saved)
+        self._open_data(saved, store)
         torch.manual_seed(settings.train.seed)
         sizes = self.vocabularies.sizes()
         self.networks = training_networks(
@@ -283,11 +285,12 @@ class Trainer:
             )
         return None
 
-    def _open_data(self, saved: Checkpoint | None) -> None:
-        """Open the data and take the fields' specs and vocabularies: the checkpoint's when
-        resuming, else built from the data's metadata (and the values checked when asked)."""
+    def _open_data(self, saved: Checkpoint | None, store: DataStore | None) -> None:
+        """Open the data (unless ``store`` is given) and take the fields' specs and
+        vocabularies: the checkpoint's when resuming, else built from the data's metadata (and
+        the values checked when asked)."""
         cfg = self.settings
-        self.store = DataStore.open(cfg.data)
+        self.store = store if store is not None else DataStore.open(cfg.data)
         for chunk_id in cfg.data.val_chunks:
             self.store.chunk(chunk_id)
         self.fingerprint = self.store.fingerprint()
@@ -923,12 +926,17 @@ def _same_place(a: str, b: str) -> bool:
     return a == b or (not is_soma_uri(a) and Path(a).resolve() == Path(b).resolve())
 
 
-def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    """Train a CAE: the one training path shared by the CLI, MLproject and tuning.
+def train(
+    settings: Settings, callbacks: Sequence[Callback] = (), store: DataStore | None = None
+) -> TrainResult:
+    """Train a CAE: the one training path shared by the CLI, MLproject, tuning and the Python
+    API.
 
     Args:
         settings: every setting (see :mod:`cae.config`).
         callbacks: receivers of training events (tracking, progress, pruning).
+        store: the cells, already open (:meth:`DataStore.from_anndata`); None opens
+            ``data.path``.
 
     Returns:
         The :class:`TrainResult` (output folder, checkpoint, per-epoch history, contributions).
@@ -944,9 +952,9 @@ def train(settings: Settings, callbacks: Sequence[Callback] = ()) -> TrainResult
     assert settings.output.dir is not None
     try:
         if not ranks.is_main:  # the first process writes; the others train beside it
-            return Trainer(settings, callbacks).fit()
+            return Trainer(settings, callbacks, store=store).fit()
         with TrainingFolder(settings.output.dir, overwrite=settings.output.overwrite) as folder:
-            return Trainer(settings, callbacks, folder).fit()
+            return Trainer(settings, callbacks, folder, store).fit()
     finally:
         if ranks.enabled:
             distributed.stop()

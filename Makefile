@@ -36,8 +36,8 @@ test: install
 # the tests that check every fast path against its reference, plus one short `cae train` end to end
 # (with a checkpoint and a resume). .ci/run runs it at both ends of pyproject's range. This list is
 # the one place that names the torch-contract tests.
-TORCH_CONTRACT_TESTS := tests/test_context_maps.py tests/test_model.py tests/test_cycle.py \
-	tests/test_speed_settings.py \
+TORCH_CONTRACT_TESTS := tests/test_context_maps.py tests/test_optim.py tests/test_model.py \
+	tests/test_cycle.py tests/test_speed_settings.py \
 	tests/test_cli.py::test_resume_without_data_goes_on_with_the_checkpoints_data
 TORCH_VENV = .venv-torch-$(TORCH_VERSION)
 

@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned here (not in pyproject) so that pip takes the CPU wheel this machine keeps on disk;
-# users elsewhere get whatever torch>=2.3 their platform offers.
+# users elsewhere get whatever torch their platform offers within pyproject's range (torch>=2.4.1,
+# whose ends `make test-torch` checks).
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo ui test fuzz lint format bench clean docker-lint
+.PHONY: install demo ui test test-torch fuzz lint format bench clean docker-lint
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,34 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
+
+# The torch contract at one torch release: `make test-torch TORCH_VERSION=2.4.1` builds
+# .venv-torch-2.4.1 (kept and reused, like .venv) with torch==2.4.1 and the dev extras, and runs
+# the tests that check every fast path against its reference, plus one short `cae train` end to end
+# (with a checkpoint and a resume). .ci/run runs it at both ends of pyproject's range. This list is
+# the one place that names the torch-contract tests.
+TORCH_CONTRACT_TESTS := tests/test_context_maps.py tests/test_optim.py tests/test_model.py \
+	tests/test_cycle.py tests/test_speed_settings.py \
+	tests/test_cli.py::test_resume_without_data_goes_on_with_the_checkpoints_data
+TORCH_VENV = .venv-torch-$(TORCH_VERSION)
+
+ifneq ($(filter test-torch,$(MAKECMDGOALS)),)
+ifeq ($(strip $(TORCH_VERSION)),)
+$(error make test-torch needs a torch release: make test-torch TORCH_VERSION=2.4.1)
+endif
+endif
+
+test-torch: $(TORCH_VENV)/.installed
+	$(TORCH_VENV)/bin/python -c 'import torch; print("torch", torch.__version__)'
+	$(TORCH_VENV)/bin/python -m pytest -q $(TORCH_CONTRACT_TESTS)
+
+# torch and the project in one pip call, so that the rest (numpy, ...) is resolved against that
+# torch. An older torch comes from PyPI as its CUDA build with the nvidia-* wheels (about 3 GB; it
+# runs on the CPU too).
+.venv-torch-%/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-torch-$*
+	.venv-torch-$*/bin/python -m pip install --quiet "torch==$*" -e ".[dev]"
+	touch $@
 
 # The fuzzers of hostile input (files, settings, requests) at length: at least 2,000 examples
 # each, with hypothesis' statistics (examples tried per fuzzer). `make test` runs them short.

@@ -10,6 +10,7 @@ A model never needs the data or preprocessing folder it was trained from.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,14 @@ import scipy.sparse as sp
 import torch
 
 from cae import __version__
-from cae.config import Settings, settings_from_dict
+from cae.config import CheckpointChoice, Settings, settings_from_dict
 from cae.data.atomic import atomic_write
 from cae.data.loader import apply_transform
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
+from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT
 from cae.train.networks import build_networks
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,18 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
     renamed over the old one, so an interrupted write never corrupts the previous checkpoint."""
     with atomic_write(path) as file:
         torch.save(dict(payload), file)
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy the checkpoint file ``source`` to ``target`` atomically (``best.pt`` from ``last.pt``):
+    a reader of ``target`` sees the previous copy or the new one, never half of either."""
+    with source.open("rb") as original, atomic_write(target) as copy:
+        shutil.copyfileobj(original, copy, length=16 << 20)
+
+
+def checkpoint_in(folder: Path, which: CheckpointChoice = "last") -> Path:
+    """The path of a training folder's ``last`` or ``best`` checkpoint (which may not exist)."""
+    return folder / (BEST_CHECKPOINT if which == "best" else CHECKPOINT)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -57,7 +71,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = checkpoint_in(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give a .pt file or a training folder")
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -34,6 +34,32 @@ def contribution_shares_figure(history: Sequence[dict[str, float]], heads: Seque
     axis.set_yscale("log")
     axis.set_title("Contribution of each head")
     axis.legend()
+    return figure
+
+
+def field_effects_figure(final: Mapping[str, float], fields: Sequence[str]) -> Figure:
+    """Bar chart of every field's effect (``effect_l2``, what fields are ranked by) beside its
+    contribution (``contrib_l2``) at the end of a training, largest effect first.
+
+    Args:
+        final: the last epoch's metrics (``effect_l2/<field>``, ``contrib_l2/<field>``).
+        fields: the fields to draw.
+
+    Returns:
+        The matplotlib figure.
+    """
+    ranked = sorted(fields, key=lambda f: final.get(f"effect_l2/{f}", 0.0), reverse=True)
+    figure, axis = plt.subplots(figsize=(6, 0.8 + 0.6 * max(len(ranked), 1)), layout="constrained")
+    where = np.arange(len(ranked))
+    effects = [final.get(f"effect_l2/{f}", float("nan")) for f in ranked]
+    terms = [final.get(f"contrib_l2/{f}", float("nan")) for f in ranked]
+    axis.barh(where - 0.2, effects, height=0.4, label="effect_l2 (rank by this)")
+    axis.barh(where + 0.2, terms, height=0.4, label="contrib_l2 (mean L2 of the term per cell)")
+    axis.set_yticks(where, ranked)
+    axis.invert_yaxis()
+    axis.set_xlabel("L2 norm over genes")
+    axis.legend(loc="lower right", fontsize="small")
+    axis.set_title(f"Field effects after epoch {int(final.get('epoch', 0))}")
     return figure
 
 

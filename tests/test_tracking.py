@@ -4,6 +4,7 @@ TensorBoard events and `cae runs compare`. Real sqlite stores and a real `mlflow
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -305,3 +306,24 @@ def test_register_takes_the_best_or_the_last_checkpoint_with_pinned_requirements
     register = ["register", "--run-id", plain.info.run_id, "--name", "m", "--checkpoint", "best"]
     assert main([*register, "--tracking-uri", uri]) == 2
     assert "holds no checkpoints/best.pt" in capsys.readouterr().err
+
+
+def test_experiment_gets_a_saved_view_with_the_effects_first(tiny: Path, tmp_path: Path):
+    """MLflow's UI sorts chart sections by name (contrib_* before effect_l2); cae adds a saved
+    view (an experiment tag the UI's Views menu reads) whose sections start with effect_l2, and
+    leaves a view the user changed as it is."""
+    from cae.tracking.views import VIEW_NAME, VIEW_TAG
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    argv = ["train", "--data", str(tiny), "--epochs", "1", *SMALL_MODEL, "--tracking-uri", uri]
+    assert main([*argv, "--out", "a"]) == 0
+    client, run = only_run(uri, "Default")
+    view = json.loads(client.get_experiment(run.info.experiment_id).tags[VIEW_TAG])
+    assert view["name"] == VIEW_NAME and isinstance(view["createdAt"], int)
+    state = json.loads(view["state"])
+    assert state["isAccordionReordered"] is True
+    assert state["compareRunSections"][0]["name"] == "effect_l2"
+
+    client.set_experiment_tag(run.info.experiment_id, VIEW_TAG, "changed by the user")
+    assert main([*argv, "--out", "b"]) == 0
+    assert client.get_experiment(run.info.experiment_id).tags[VIEW_TAG] == "changed by the user"

@@ -42,6 +42,7 @@ from cae.tracking.plots import (
     contribution_shares_figure,
     field_effects_figure,
 )
+from cae.tracking.views import add_effects_view
 from cae.train.trainer import Callback, Preempted, StopTraining, Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class MLflowCallback(Callback):
         uri = tracking_uri(self.settings.tracking.uri)
         try:
             previous = close_abandoned_run(trainer.out_dir)
-            self.run_id = start_run(trainer.settings)
+            self.run_id, experiment_id = start_run(trainer.settings)
         except TRACKING_ERRORS as err:
             status = err.get_http_status_code() if isinstance(err, MlflowException) else 0
             refused = access_refused(status)
@@ -176,7 +177,9 @@ class MLflowCallback(Callback):
         self.record = trainer.out_dir / PENDING_DIR / RUN_RECORD
         write_run_record(self.record, self.run_id, uri, ended=False)
         retry = self.settings.tracking.retry_seconds
-        self.outbox = Outbox(MlflowClient(uri), self.run_id, trainer.out_dir, retry)
+        client = MlflowClient(uri)
+        self.outbox = Outbox(client, self.run_id, trainer.out_dir, retry)
+        add_effects_view(client, experiment_id)
         tags = {
             "cae.version": __version__,
             "cae.data_fingerprint": trainer.fingerprint,
@@ -302,12 +305,15 @@ def close_abandoned_run(out_dir: Path) -> str | None:
     return run_id
 
 
-def start_run(settings: Settings) -> str:
+def start_run(settings: Settings) -> tuple[str, str]:
     """Start the training's MLflow run: nested under ``tracking.parent_run_id`` in the parent's
     experiment (a tuning trial), else inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) join that
     run, otherwise start one in ``tracking.experiment`` (by default MLflow's own default,
-    where a plain ``mlflow run .`` records too) at the tracking URI in force. Returns the run's
-    id."""
+    where a plain ``mlflow run .`` records too) at the tracking URI in force.
+
+    Returns:
+        The run's id and its experiment's id.
+    """
     import mlflow
 
     uri = tracking_uri(settings.tracking.uri)
@@ -326,7 +332,7 @@ def start_run(settings: Settings) -> str:
         mlflow.set_experiment(settings.tracking.experiment)
         run = mlflow.start_run(run_name=settings.tracking.run_name)
     log.info("MLflow run %s in %s", run.info.run_id, uri)
-    return run.info.run_id
+    return run.info.run_id, run.info.experiment_id
 
 
 @contextmanager

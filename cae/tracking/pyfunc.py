@@ -29,7 +29,7 @@ import numbers
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,9 @@ from cae.data.contexts import parse_targets
 from cae.errors import CAEError, CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import TrainedModel, load_checkpoint
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MODEL_NAME_IN_RUN = "counterfactual_model"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -414,16 +417,23 @@ def register(
         finally:  # a refused registration does not change how the training ended
             mlflow.end_run(ended)
     version = str(info.registered_model_version)
-    run = client.get_run(run_id)
-    for key in ("cae.data_fingerprint", "cae.fields", "cae.version"):
-        if key in run.data.tags:
-            client.set_model_version_tag(name, version, key, run.data.tags[key])
-    client.set_model_version_tag(name, version, "cae.run_id", run_id)
-    client.set_model_version_tag(name, version, "cae.checkpoint", checkpoint)
-    client.set_model_version_tag(name, version, "cae.epoch", str(trained.epoch))
+    about = {"cae.checkpoint": checkpoint, "cae.epoch": str(trained.epoch)}
+    _tag_version(client, name, version, run_id, about)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def _tag_version(
+    client: MlflowClient, name: str, version: str, run_id: str, about: dict[str, str]
+) -> None:
+    """Tag a registered version with its run (id, data fingerprint, fields, cae version) and
+    ``about`` (which checkpoint, of which epoch)."""
+    run_tags = client.get_run(run_id).data.tags
+    tags = {k: run_tags[k] for k in ("cae.data_fingerprint", "cae.fields", "cae.version")
+            if k in run_tags}  # fmt: skip
+    for key, value in (tags | {"cae.run_id": run_id} | about).items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def _signature(output: pd.DataFrame) -> Any:

@@ -17,10 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Trains through the MLproject (tracked in ./mlflow.db, experiment "cae"); the first run writes the
-# synthetic demo data to data/demo. Then: `cae runs compare`, or `make ui` and open the MLflow UI.
+# Trains through the MLproject (tracked in ./mlflow.db, in MLflow's Default experiment, where
+# `cae train` records too); the first run writes the synthetic demo data to data/demo. Then:
+# `cae runs compare`, or `make ui` and open the MLflow UI.
 demo: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name cae
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

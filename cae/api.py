@@ -140,7 +140,8 @@ class CAE:
             out_dir: the training folder (None: ``runs/<time>-<fields>``).
             tracking: record an MLflow run (``tracking.*`` settings).
             tracking_uri: where (None: ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``).
-            experiment: the MLflow experiment (None: ``cae``).
+            experiment: the MLflow experiment (None: ``tracking.experiment``, by default
+                ``MLFLOW_EXPERIMENT_NAME``, else ``Default``).
             progress: progress bars, and the epoch lines when logging is not set up.
             overwrite: replace a training already in ``out_dir``.
 

@@ -69,6 +69,7 @@ _TRAIN_FLAGS = [
     Flag("--out", "output.dir", Path, "output folder (default runs/<time>-<fields>)"),
     Flag("--resume", "output.resume", None, "continue the training in --out", "store_true"),
     Flag("--overwrite", "output.overwrite", None, "replace a training in --out", "store_true"),
+    Flag("--best-by", "output.best_by", str, "loss term that picks best.pt (loss; none: no best)"),
     Flag("--no-progress", "train.progress", None, "hide progress bars", "store_false"),
     Flag("--no-tracking", "tracking.enabled", None, "do not record an MLflow run", "store_false"),
     Flag("--tracking-uri", "tracking.uri", str, "MLflow tracking URI (default ./mlflow.db)"),
@@ -76,6 +77,7 @@ _TRAIN_FLAGS = [
     Flag("--run-name", "tracking.run_name", str, "MLflow run name"),
     Flag("--register", "tracking.register_as", str, "register the model under this name"),
     Flag("--alias", "tracking.alias", str, "alias of the registered version (default champion)"),
+    Flag("--register-checkpoint", "tracking.register_checkpoint", str, "last (default) or best"),
 ]
 
 
@@ -94,22 +96,26 @@ _TUNE_FLAGS = [
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    """Add ``flags`` to ``parser``; each valued ``--two-words`` flag is also taken as
+    ``--two_words`` (unlisted in --help): ``mlflow run . -P latent_dim=8`` passes an MLproject
+    parameter it does not declare as ``--latent_dim 8``."""
     parser.add_argument("--config", type=Path, help="TOML file of settings (see experiments/)")
     for flag in flags:
         if flag.action:
             parser.add_argument(
                 flag.flag, dest=flag.setting, action=flag.action, default=None, help=flag.help
             )
-        else:
-            parser.add_argument(
-                flag.flag, dest=flag.setting, type=_unless_empty(flag.type), help=flag.help,
-                metavar="X",
-            )  # fmt: skip
+            continue
+        parse = _unless_empty(flag.type)
+        parser.add_argument(flag.flag, dest=flag.setting, type=parse, help=flag.help, metavar="X")
+        if "-" in flag.flag[2:]:
+            underscored = "--" + flag.flag[2:].replace("-", "_")
+            parser.add_argument(underscored, dest=flag.setting, type=parse, help=argparse.SUPPRESS)
 
 
 def _unless_empty(convert: Callable[[str], Any] | None) -> Callable[[str], Any]:
-    """An empty value means "not given" (MLproject parameters default to "" to defer to the
-    config file), so it converts to None instead of failing."""
+    """An empty value means "not given" (``-P epochs=`` in ``mlflow run``, an empty variable in
+    a script), so it converts to None and the config file or default decides."""
 
     def parse(text: str) -> Any:
         if text == "":
@@ -283,8 +289,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         run_id = run_id_of(callbacks)
         assert run_id is not None  # the callback started the run
-        version = register(run_id, name, settings.tracking.alias, settings.tracking.uri)
-        print(f"registered {name} version {version} as @{settings.tracking.alias}")
+        which = settings.tracking.register_checkpoint
+        version = register(run_id, name, settings.tracking.alias, settings.tracking.uri, which)
+        print(f"registered {name} version {version} ({which}.pt) as @{settings.tracking.alias}")
     final = result.final
     print(f"trained {result.epochs} epochs; checkpoint {result.checkpoint}")
     heads = ["base", *result.vocabularies.fields]
@@ -316,8 +323,9 @@ def cmd_runs_compare(args: argparse.Namespace) -> None:
 
     uri = tracking_uri(args.tracking_uri)
     table = contribution_table(uri, args.experiment, args.last, args.metric)
+    shown = table.map(lambda v: ("NaN" if v != v else f"{v:.4f}") if isinstance(v, float) else v)
     with pd.option_context("display.width", 200, "display.max_columns", None):
-        print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+        print(shown.to_string())
 
 
 def _add_runs_compare(runs_commands: _Commands) -> None:
@@ -325,7 +333,8 @@ def _add_runs_compare(runs_commands: _Commands) -> None:
         "compare",
         help="per-field contributions of the latest runs, side by side",
         description="Print the final per-head contributions of the latest CAE runs as a table "
-        "(one column per run), for terminals without the MLflow UI.",
+        "(one column per run, under its experiment, epochs and fields), for terminals without "
+        "the MLflow UI.",
     )
     compare.add_argument("--experiment", help="experiment name (default: every experiment)")
     compare.add_argument("--last", type=int, default=5, help="how many runs (default 5)")
@@ -374,9 +383,12 @@ def cmd_register(args: argparse.Namespace) -> None:
     """Register a training run's model in the MLflow Model Registry."""
     from cae.tracking.pyfunc import register
 
-    version = register(args.run_id, args.name, args.alias or None, args.tracking_uri)
+    version = register(
+        args.run_id, args.name, args.alias or None, args.tracking_uri, args.checkpoint
+    )
     alias = f" as @{args.alias}" if args.alias else ""
-    print(f"registered {args.name} version {version}{alias}; load it with models:/{args.name}"
+    print(f"registered {args.name} version {version} ({args.checkpoint}.pt){alias}; load it with "
+          f"models:/{args.name}"
           f"{'@' + args.alias if args.alias else '/' + version}")  # fmt: skip
 
 
@@ -390,6 +402,12 @@ def _add_register(commands: _Commands) -> None:
     register.add_argument("--run-id", required=True, help="the MLflow run of a cae training")
     register.add_argument("--name", required=True, help="registered model name")
     register.add_argument("--alias", default="champion", help="alias (default champion; '' none)")
+    register.add_argument(
+        "--checkpoint",
+        choices=["last", "best"],
+        default="last",
+        help="the final epoch's checkpoint (default) or the best one by output.best_by",
+    )
     register.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI or ./mlflow.db")
     register.set_defaults(func=cmd_register)
 

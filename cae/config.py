@@ -45,6 +45,19 @@ from cae.types import ContextMapMethod, Nonnegative
 Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
 Precision = Literal["fp32", "bf16"]
+# An evaluation loss term (cae.train.cycle.GeneratorLosses.terms) that picks the best checkpoint.
+BestBy = Literal[
+    "loss", "reconstruction", "integration", "target", "self_reconstruction", "parsimony",
+    "context_means", "none",
+]  # fmt: skip
+CheckpointChoice = Literal["last", "best"]
+DEFAULT_EXPERIMENT = "Default"  # MLflow's own default experiment (id 0 in every store)
+
+
+def default_experiment() -> str:
+    """The experiment a run goes to when none is named: ``MLFLOW_EXPERIMENT_NAME``, else MLflow's
+    ``Default``, which is also where a plain ``mlflow run .`` records."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def _split_on(value: Any, separator: str) -> Any:
@@ -359,6 +372,12 @@ class OutputConfig(_Section):
     dir: Path | None = Field(None, description="Output folder (default runs/<time>-<fields>).")
     resume: bool = Field(False, description="Continue from dir/checkpoints/last.pt.")
     overwrite: bool = Field(False, description="Replace a folder that already holds a training.")
+    best_by: BestBy = Field(
+        "loss",
+        description="Beside checkpoints/last.pt, keep checkpoints/best.pt: the epoch with the "
+        "lowest value of this evaluation loss term (val/<term>, or eval/<term> when no cells are "
+        "held out); rewritten atomically whenever the term improves. 'none' keeps last.pt only.",
+    )
 
 
 class TrackingConfig(_Section):
@@ -370,12 +389,19 @@ class TrackingConfig(_Section):
         description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
         "in the working directory); an http:// tracking server works too.",
     )
-    experiment: str = Field("cae", description="MLflow experiment of runs started by cae.")
+    experiment: str = Field(
+        default_factory=default_experiment,
+        description="MLflow experiment of the runs cae starts (default: MLFLOW_EXPERIMENT_NAME, "
+        "else MLflow's 'Default', where a plain `mlflow run .` records too, so that both land "
+        "in one experiment). Inside `mlflow run` the run it created is joined, wherever it is.",
+    )
     run_name: str | None = Field(None, description="Name of the MLflow run (default: MLflow's).")
     tensorboard: bool = Field(
         True, description="Also write TensorBoard events to <out>/tensorboard."
     )
-    log_checkpoint: bool = Field(True, description="Upload the final checkpoint as an artifact.")
+    log_checkpoint: bool = Field(
+        True, description="Upload the final checkpoints (last.pt, and best.pt) as artifacts."
+    )
     parent_run_id: str | None = Field(
         None, description="Start the run nested under this MLflow run (tuning trials)."
     )
@@ -383,6 +409,11 @@ class TrackingConfig(_Section):
         None, description="After training, register the model under this name (cae register)."
     )
     alias: str = Field("champion", description="Alias the registered version gets.")
+    register_checkpoint: CheckpointChoice = Field(
+        "last",
+        description="Which checkpoint --register (and cae register's default) puts in the model: "
+        "'last' (the final epoch) or 'best' (output.best_by's best epoch).",
+    )
     retry_seconds: float = Field(
         30.0,
         ge=0.0,
@@ -597,20 +628,23 @@ class Settings(BaseSettings):
     def flat(self) -> dict[str, str]:
         """Return every setting as ``{"section.name": "value"}`` strings (MLflow params).
 
-        Lists are joined with commas; nested sections use dotted names (``train.weights.target``).
+        Lists are joined with commas (an empty one is ``[]``); nested sections use dotted names
+        (``train.weights.target``). Settings left unset (None: "none", or decided later, like
+        ``output.dir``) are left out, so that no param reads as an empty value; ``settings.json``
+        holds every setting.
         """
-        return dict(_flatten(self.model_dump(mode="json")))
+        return {k: v for k, v in _flatten(self.model_dump(mode="json")) if v is not None}
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str | None]]:
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             yield from _flatten(value, f"{name}.")
-        elif isinstance(value, list):
-            yield name, ",".join(str(v) for v in value)
+        elif isinstance(value, list):  # an empty list as JSON: "[]" loads back, "" reads as blank
+            yield name, ",".join(str(v) for v in value) if value else "[]"
         else:
-            yield name, "" if value is None else str(value)
+            yield name, None if value is None else str(value)
 
 
 @contextmanager

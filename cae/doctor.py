@@ -3,7 +3,8 @@
 Each check is one row, OK, WARN or FAIL, with what was found and, for WARN and FAIL, what to do:
 Python and the versions of torch, MLflow and Optuna; the training device; the tracking store
 (resolved as training resolves it; a server must also let in the login MLflow's client sends);
-the study storage; the PostgreSQL driver where a ``postgresql://`` URL is configured; SLURM.
+the study storage; the PostgreSQL driver where a ``postgresql://`` URL is configured; what a plain
+``mlflow run .`` needs (pyenv and the MLproject's Python); SLURM.
 Every network check is bounded by a timeout, and no check writes anything: a sqlite file or a
 journal is only checked for a writable folder.
 """
@@ -70,6 +71,7 @@ def diagnose(settings: Settings, timeout: float = 5.0) -> list[Check]:
         _device(settings.train.device),
         _tracking_store(uri, source, timeout),
         _study_storage(settings.tune.storage, timeout),
+        _mlflow_run_environment(min(timeout, 3.0)),
         _slurm(min(timeout, 3.0)),
     ]
 
@@ -281,6 +283,58 @@ def _database(name: str, url: str, shown: str, timeout: float) -> Check:
     finally:
         engine.dispose()
     return Check(name, "OK", f"{shown}: connected")
+
+
+def _project_python() -> tuple[Path, str] | None:
+    """The MLproject's environment file (``mlproject/python_env.yaml`` of the project in the
+    working directory, else of the checkout cae runs from) and the Python version it names."""
+    import yaml  # type: ignore[import-untyped]  # PyYAML, an MLflow dependency; no stubs here
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        path = root / "mlproject" / "python_env.yaml"
+        if (root / "MLproject").is_file() and path.is_file():
+            try:
+                return path, str(yaml.safe_load(path.read_text())["python"])
+            except (OSError, yaml.YAMLError, KeyError, TypeError):
+                return None
+    return None
+
+
+def _mlflow_run_environment(timeout: float) -> Check:
+    """What a plain ``mlflow run .`` needs: MLflow's virtualenv environment manager (the default
+    for a ``python_env`` project) always runs ``pyenv install --skip-existing <python>`` and then
+    that Python's own ``venv``, so pyenv must be on PATH, and without the version installed the
+    first run builds Python from source."""
+    name = "mlflow run env"
+    local = "or skip MLflow's environment: `mlflow run . --env-manager local` in this one"
+    found = _project_python()
+    if found is None:
+        return Check(name, "OK", "no MLproject here or in cae's checkout: nothing to check")
+    path, python = found
+    pyenv = shutil.which("pyenv")
+    if pyenv is None:
+        return Check(
+            name,
+            "WARN",
+            f"pyenv not on PATH: a plain `mlflow run .` builds Python {python} ({path}) with it",
+            f"install pyenv (https://github.com/pyenv/pyenv#installation), {local}",
+        )
+    try:
+        done = subprocess.run(
+            [pyenv, "versions", "--bare"], capture_output=True, text=True, timeout=timeout
+        )
+        versions = done.stdout.split()
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return Check(name, "WARN", f"{pyenv} versions failed: {err}", f"check pyenv, {local}")
+    if python not in versions:
+        return Check(
+            name,
+            "WARN",
+            f"pyenv has no Python {python} ({path}): the first `mlflow run .` compiles it "
+            "(minutes; needs the network and a C compiler)",
+            f"run `pyenv install {python}` once, {local}",
+        )
+    return Check(name, "OK", f"pyenv ({pyenv}) has Python {python}, as {path} asks")
 
 
 def _slurm(timeout: float) -> Check:

@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
-# Screenshot of the MLflow UI comparing the per-field contributions of two runs.
+# Screenshot of the MLflow UI comparing the per-field effects of two runs in one experiment.
 #
 #   bash docs/ui_screenshot.sh [out.png]      (default docs/mlflow-ui-compare.png)
+#   CAE_BIN=/path/to/venv/bin bash docs/ui_screenshot.sh   (default .venv/bin)
 #
-# Trains two short runs (all three fields; cell_type and sex only) into a temporary sqlite store,
-# serves it with `mlflow ui` on 127.0.0.1, and photographs the run-comparison page with headless
-# Chromium (Debian: apt-get install chromium). The server is stopped by its pid on exit.
+# Records two short trainings into a temporary sqlite store, both without naming an experiment:
+# one through the MLproject (`mlflow run . --env-manager local`), one with `cae train`; both land
+# in MLflow's Default experiment. Serves the store with `mlflow ui` on 127.0.0.1 and photographs
+# the experiment's chart view through the saved view cae adds ("cae: field effects first") with
+# headless Chromium (Debian: apt-get install chromium). The server is stopped by its pid on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/mlflow-ui-compare.png}
-bin=.venv/bin
+bin=${CAE_BIN:-.venv/bin}
 work=$(mktemp -d)
 server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
 export MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
-common=(--data data/demo --epochs 6 --no-progress --out)
-$bin/cae -q train "${common[@]}" "$work/all" --run-name all-fields
-$bin/cae -q train "${common[@]}" "$work/two" --run-name cell_type+sex --fields cell_type,sex
+export CAE_TRAIN__PROGRESS=false
+[ -d data/demo ] || "$bin/cae" -q synth --out data/demo
+CAE_OUTPUT__DIR="$work/project" PATH="$bin:$PATH" "$bin/mlflow" run . --env-manager local \
+  --run-name "mlflow run" -P epochs=8 >"$work/project.log" 2>&1
+"$bin/cae" -q train --config experiments/demo.toml --data data/demo --epochs 8 --seed 1 \
+  --out "$work/train" --run-name "cae train"
 
-port=$($bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-$bin/mlflow ui --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "$port" \
+port=$("$bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$bin/mlflow" ui --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "$port" \
   >"$work/ui.log" 2>&1 &
 server=$!
 for _ in $(seq 60); do
@@ -29,17 +35,8 @@ for _ in $(seq 60); do
   sleep 1
 done
 
-ids=$($bin/python - <<'PY'
-import json, mlflow
-experiment = mlflow.get_experiment_by_name("cae")
-runs = mlflow.search_runs([experiment.experiment_id])
-print(json.dumps({"runs": list(runs.run_id), "experiments": [experiment.experiment_id]}))
-PY
-)
-# The experiment's chart view: one chart per metric, both runs in each; the contrib_l2/* and
-# contrib_share/* charts sort first.
-experiment=$($bin/python -c 'import json, sys; print(json.loads(sys.argv[1])["experiments"][0])' "$ids")
-url="http://127.0.0.1:$port/#/experiments/$experiment/runs?compareRunsMode=CHART"
+experiment=$("$bin/python" -c 'import mlflow; print(mlflow.get_experiment_by_name("Default").experiment_id)')
+url="http://127.0.0.1:$port/#/experiments/$experiment/runs?compareRunsMode=CHART&viewStateShareKey=cae-field-effects"
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
   --user-data-dir="$work/chrome" --hide-scrollbars --window-size=1600,1100 \

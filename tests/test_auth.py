@@ -68,7 +68,7 @@ def test_a_server_with_a_login_refuses_strangers_and_records_a_team_members_trai
 
         # A wrong password: one line naming the server and the variables, before any training.
         login(monkeypatch, "alice", "not-her-password")
-        argv = [*TRAIN, "--data", str(small_data), "--tracking-uri", url]
+        argv = [*TRAIN, "--data", str(small_data), "--tracking-uri", url, "--experiment", "cae"]
         assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
         error = capsys.readouterr().err.strip()
         assert error.count("\n") == 0 and error.startswith("cae train: error: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,14 +260,12 @@ def test_malformed_json_environment_section(
 # flat() and saved settings
 
 
-def _leaves(tree: dict[str, Any], prefix: str = "") -> set[str]:
-    names: set[str] = set()
+def _dotted(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in tree.items():
         if isinstance(value, dict):
-            names |= _leaves(value, f"{prefix}{key}.")
+            yield from _dotted(value, f"{prefix}{key}.")
         else:
-            names.add(f"{prefix}{key}")
-    return names
+            yield f"{prefix}{key}", value
 
 
 def test_flat() -> None:
@@ -275,14 +274,16 @@ def test_flat() -> None:
         {"data.fields": "assay,sex", "train.weights.target": 0.5, "output.dir": "runs/a"},
     )
     flat = settings.flat()
-    assert set(flat) == _leaves(settings.model_dump())
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in flat.items())
+    leaves = dict(_dotted(settings.model_dump()))
+    assert set(flat) == {name for name, value in leaves.items() if value is not None}
+    assert {"train.threads", "tracking.run_name"}.isdisjoint(flat), "None settings are left out"
+    assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in flat.items())
     assert all("." in k for k in flat)
     assert flat["data.fields"] == "assay,sex"
-    assert flat["data.val_chunks"] == ""
+    assert flat["data.val_chunks"] == "[]", "an empty list, as a value that loads back"
+    assert load_settings(None, {"data.val_chunks": flat["data.val_chunks"]}).data.val_chunks == []
     assert flat["train.weights.target"] == "0.5"
     assert flat["train.epochs"] == str(DEFAULT_EPOCHS)
-    assert flat["train.threads"] == ""
     assert flat["output.dir"] == "runs/a"
     assert flat["data.transform"] == "log1p_cp10k"
 

@@ -5,15 +5,20 @@ check is bounded by --timeout anyway)."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from cae.cli import main
 from tests.servers import free_port
 
 pytestmark = pytest.mark.usefixtures("isolated")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def row(out: str, name: str) -> tuple[str, str]:
@@ -40,7 +45,8 @@ def test_a_good_sqlite_setup_passes(tmp_path: Path, capsys):
     )
     assert f"sqlite:///{tmp_path / 'mlflow.db'}" in row(out, "tracking store")[1]
     assert row(out, "slurm")[0] in ("OK", "WARN")  # optional: never a failure
-    assert re.search(r"^\d+ checks: 0 FAIL, [01] WARN$", out, re.M)
+    assert row(out, "mlflow run env")[0] in ("OK", "WARN")  # `--env-manager local` needs none
+    assert re.search(r"^\d+ checks: 0 FAIL, [012] WARN$", out, re.M)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "tune").exists(), "no writes"
 
 
@@ -76,3 +82,36 @@ def test_asking_for_cuda_without_one_fails(capsys):
     assert main(["doctor", "--device", "cuda", "--timeout", "2"]) == 1
     status, detail = row(capsys.readouterr().out, "device")
     assert status == "FAIL" and "no CUDA device is available" in detail
+
+
+PYENV = shutil.which("pyenv")
+PYTHON = yaml.safe_load((REPO / "mlproject" / "python_env.yaml").read_text())["python"]
+
+
+def test_mlflow_run_environment_without_pyenv_warns_with_what_to_do(monkeypatch, capsys):
+    """A plain `mlflow run .` (MLflow's virtualenv manager) runs `pyenv install`: no pyenv on
+    PATH is a WARN naming the MLproject's Python and the way around it."""
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # python and cae, no pyenv
+    assert main(["doctor", "--device", "cpu", "--timeout", "2"]) in (0, 1)
+    out = capsys.readouterr().out
+    status, detail = row(out, "mlflow run env")
+    assert (
+        status == "WARN" and f"builds Python {PYTHON}" in detail and "pyenv not on PATH" in detail
+    )
+    assert re.search(
+        r"^WARN +mlflow run env .*\n +-> install pyenv .*--env-manager local", out, re.M
+    )
+
+
+@pytest.mark.skipif(PYENV is None, reason="pyenv is not on PATH")
+def test_mlflow_run_environment_with_pyenv(tmp_path, monkeypatch, capsys):
+    """With the real pyenv: OK when it has the MLproject's Python; WARN, saying the first run
+    compiles it, when it does not (an empty PYENV_ROOT)."""
+    versions = subprocess.run([PYENV, "versions", "--bare"], capture_output=True, text=True)
+    if PYTHON in versions.stdout.split():
+        main(["doctor", "--device", "cpu", "--timeout", "2"])
+        assert row(capsys.readouterr().out, "mlflow run env")[0] == "OK"
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "empty-pyenv"))
+    main(["doctor", "--device", "cpu", "--timeout", "2"])
+    status, detail = row(capsys.readouterr().out, "mlflow run env")
+    assert status == "WARN" and f"pyenv has no Python {PYTHON}" in detail

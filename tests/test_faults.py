@@ -204,5 +204,5 @@ def test_training_outlives_its_tracking_server_and_nothing_is_lost(
     with running(command, env, health, tmp_path / "server-3.log"):
         assert main(["runs", "sync", "--out", str(out)]) == 0
         assert not pending.exists()
-        client, run = only_run(url, "cae")
+        client, run = only_run(url, "Default")
         assert_training_recorded(client, run, epochs=3, fields=["cell_type", "assay", "sex"])

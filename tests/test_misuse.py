@@ -243,7 +243,7 @@ def test_a_run_left_running_by_kill_9_is_ended_when_the_training_resumes(small_d
     resumed = [*args, "--epochs", str(epoch + 1), "--resume"]
     assert run_cae(resumed)[0] == 0
     assert client.get_run(killed).info.status == "KILLED"
-    (experiment,) = [e for e in client.search_experiments() if e.name == "cae"]
+    (experiment,) = [e for e in client.search_experiments() if e.name == "Default"]
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"]
     new = next(r for r in runs if r.info.run_id != killed)
@@ -255,7 +255,7 @@ def test_a_refused_registration_leaves_the_run_as_it_ended(small_data: Path, tmp
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert run_cae(train_args(small_data, tmp_path / "run", "--tracking-uri", uri))[0] == 0
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("cae").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
     for name, alias, part in [("a/b", "champion", "name 'a/b'"), ("ok", "latest", "'latest'")]:
         argv = ["register", "--run-id", run.info.run_id, "--name", name, "--alias", alias,
                 "--tracking-uri", uri]  # fmt: skip

@@ -74,7 +74,7 @@ def test_concurrent_workers_on_postgres_lose_no_trial_and_log_every_run(
     assert tasks == sorted(f"51_{n}" for n in range(WORKERS) for _ in range(TRIALS_PER_WORKER))
 
     client = MlflowClient(tracking_server)
-    experiment = client.get_experiment_by_name("cae")
+    experiment = client.get_experiment_by_name("Default")
     parent = study.user_attrs["mlflow_parent_run_id"]
     children = client.search_runs(  # trials are nested in the study's experiment
         [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'"

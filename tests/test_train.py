@@ -108,7 +108,8 @@ def test_counterfactual_cells_are_closer_to_the_true_target_than_unchanged_cells
 def test_training_writes_its_outputs(demo_run: TrainResult):
     out = demo_run.out_dir
     for name in ["settings.json", "vocabularies.json", "field_specs.json", "history.json",
-                 "contributions.csv", "genes.txt", "checkpoints/last.pt"]:  # fmt: skip
+                 "contributions.csv", "genes.txt", "checkpoints/last.pt",
+                 "checkpoints/best.pt"]:  # fmt: skip
         assert (out / name).is_file(), name
     table = pd.read_csv(out / "contributions.csv")
     assert list(table.columns) == list(CONTEXT_COLUMNS)
@@ -135,6 +136,32 @@ def test_two_epochs_plus_resume_equals_three_epochs(small_data: Path, tmp_path: 
     for name, tensor in weights(straight).items():
         torch.testing.assert_close(weights(resumed)[name], tensor, rtol=1e-5, atol=1e-6)
     assert resumed.final["val/loss"] == pytest.approx(straight.final["val/loss"], rel=1e-5)
+
+
+def test_best_checkpoint_is_kept_beside_the_last(tiny: Path, tmp_path: Path):
+    """best.pt holds the epoch with the lowest val/<output.best_by> (integration here: on this
+    data it is lowest at epoch 1 of 2), last.pt the final one; a resumed training goes on
+    comparing with the epochs before it; best_by = none keeps no best.pt."""
+    best_by = {"output.best_by": "integration"}
+    out = tmp_path / "run"
+    first = train(quick_settings(tiny, out, **best_by, **{"train.epochs": 2}))
+    curve = [e["val/integration"] for e in first.history]
+    assert curve[0] < curve[1], f"this data's integration loss no longer rises at epoch 2: {curve}"
+    assert first.best_checkpoint == out / "checkpoints" / "best.pt"
+    assert first.best_epoch == 1 == load_checkpoint(first.best_checkpoint).epoch
+    assert load_checkpoint(out).epoch == 2, "a training folder still loads its last epoch"
+    best_weights = read_checkpoint(first.best_checkpoint)["model"]["base"]
+    assert not torch.equal(best_weights, weights(first)["base"]), "two epochs, two models"
+
+    more = {"train.epochs": 4, "output.resume": True}
+    resumed = train(quick_settings(tiny, out, **best_by, **more))
+    curve = [e["val/integration"] for e in resumed.history]
+    best = curve.index(min(curve)) + 1
+    assert resumed.best_epoch == best == load_checkpoint(resumed.best_checkpoint).epoch, curve
+
+    off = train(quick_settings(tiny, tmp_path / "off", **{"output.best_by": "none"}))
+    assert off.best_checkpoint is None and off.best_epoch is None
+    assert not (tmp_path / "off" / "checkpoints" / "best.pt").exists()
 
 
 def test_ema_is_what_is_evaluated_and_loaded_and_resumes_exactly(small_data: Path, tmp_path: Path):

@@ -28,14 +28,21 @@ from cae import __version__
 from cae.config import Settings
 from cae.data.atomic import atomic_write
 from cae.errors import ConfigError
+from cae.tracking.compare import BEST_EPOCH_TAG
 from cae.tracking.outbox import (
     PENDING_DIR,
     TRACKING_ERRORS,
     Outbox,
+    Record,
     first_line,
     one_quick_attempt,
 )
-from cae.tracking.plots import context_contributions_figure, contribution_shares_figure
+from cae.tracking.plots import (
+    context_contributions_figure,
+    contribution_shares_figure,
+    field_effects_figure,
+)
+from cae.tracking.views import add_effects_view
 from cae.train.trainer import Callback, Preempted, StopTraining, Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -153,7 +160,7 @@ class MLflowCallback(Callback):
         uri = tracking_uri(self.settings.tracking.uri)
         try:
             previous = close_abandoned_run(trainer.out_dir)
-            self.run_id = start_run(trainer.settings)
+            self.run_id, experiment_id = start_run(trainer.settings)
         except TRACKING_ERRORS as err:
             status = err.get_http_status_code() if isinstance(err, MlflowException) else 0
             refused = access_refused(status)
@@ -170,7 +177,9 @@ class MLflowCallback(Callback):
         self.record = trainer.out_dir / PENDING_DIR / RUN_RECORD
         write_run_record(self.record, self.run_id, uri, ended=False)
         retry = self.settings.tracking.retry_seconds
-        self.outbox = Outbox(MlflowClient(uri), self.run_id, trainer.out_dir, retry)
+        client = MlflowClient(uri)
+        self.outbox = Outbox(client, self.run_id, trainer.out_dir, retry)
+        add_effects_view(client, experiment_id)
         tags = {
             "cae.version": __version__,
             "cae.data_fingerprint": trainer.fingerprint,
@@ -198,11 +207,14 @@ class MLflowCallback(Callback):
         out = result.out_dir
         names = ["settings.json", "vocabularies.json", "field_specs.json", "history.json",
                  "contributions.csv", "genes.txt"]  # fmt: skip
-        records = [{"kind": "artifact", "path": name} for name in names]
+        records: list[Record] = [{"kind": "artifact", "path": name} for name in names]
         table = result.contributions.to_dict(orient="list")
         records.append({"kind": "table", "data": table, "artifact_file": "contributions.json"})
         heads = ["base", *result.vocabularies.fields]
-        figures = {"contribution_shares": contribution_shares_figure(result.history, heads)}
+        figures = {
+            "field_effects": field_effects_figure(result.final, result.vocabularies.fields),
+            "contribution_shares": contribution_shares_figure(result.history, heads),
+        }
         for field in result.vocabularies.fields:
             figures[f"contributions_{field}"] = context_contributions_figure(
                 result.contributions, field
@@ -215,8 +227,11 @@ class MLflowCallback(Callback):
                 {"kind": "artifact", "path": f"plots/{name}.png", "artifact_path": "plots"}
             )
         if self.settings.tracking.log_checkpoint:
-            checkpoint = result.checkpoint.relative_to(out).as_posix()
-            records.append({"kind": "artifact", "path": checkpoint, "artifact_path": "checkpoints"})
+            for checkpoint in filter(None, (result.checkpoint, result.best_checkpoint)):
+                path = checkpoint.relative_to(out).as_posix()
+                records.append({"kind": "artifact", "path": path, "artifact_path": "checkpoints"})
+        if result.best_epoch is not None:
+            records.append({"kind": "tags", "values": {BEST_EPOCH_TAG: str(result.best_epoch)}})
         if (out / "tensorboard").is_dir():
             records.append(
                 {"kind": "artifacts", "path": "tensorboard", "artifact_path": "tensorboard"}
@@ -290,11 +305,15 @@ def close_abandoned_run(out_dir: Path) -> str | None:
     return run_id
 
 
-def start_run(settings: Settings) -> str:
+def start_run(settings: Settings) -> tuple[str, str]:
     """Start the training's MLflow run: nested under ``tracking.parent_run_id`` in the parent's
     experiment (a tuning trial), else inside ``mlflow run`` (``MLFLOW_RUN_ID`` set) join that
-    run, otherwise start one in ``tracking.experiment`` at the tracking URI in force. Returns the
-    run's id."""
+    run, otherwise start one in ``tracking.experiment`` (by default MLflow's own default,
+    where a plain ``mlflow run .`` records too) at the tracking URI in force.
+
+    Returns:
+        The run's id and its experiment's id.
+    """
     import mlflow
 
     uri = tracking_uri(settings.tracking.uri)
@@ -313,7 +332,7 @@ def start_run(settings: Settings) -> str:
         mlflow.set_experiment(settings.tracking.experiment)
         run = mlflow.start_run(run_name=settings.tracking.run_name)
     log.info("MLflow run %s in %s", run.info.run_id, uri)
-    return run.info.run_id
+    return run.info.run_id, run.info.experiment_id
 
 
 def run_id_of(callbacks: Sequence[Callback]) -> str | None:

@@ -29,17 +29,20 @@ import numbers
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from cae.config import ServeConfig, serve_settings
+from cae.config import CheckpointChoice, ServeConfig, serve_settings
 from cae.data.contexts import parse_targets
 from cae.errors import CAEError, CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import TrainedModel, load_checkpoint
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MODEL_NAME_IN_RUN = "counterfactual_model"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -275,21 +278,39 @@ def example_input(trained: TrainedModel, n_cells: int = 2) -> pd.DataFrame:
 
 
 def pip_requirements() -> list[str]:
-    """What an environment needs to load the model (the package travels as code)."""
-    from importlib.metadata import requires
+    """What an environment needs to load the model (the package travels as code): cae's runtime
+    dependencies, each pinned to the version installed here (``torch==2.13.0``), so that a
+    serving environment built later gets the versions the model was logged with. A local version
+    label (``+cpu``, ``+cu128``) is dropped: ``torch==2.13.0`` matches every build of 2.13.0, and
+    PyPI knows no ``+cpu``."""
+    from importlib.metadata import requires, version
 
-    wanted = requires("cae") or []
-    return [r for r in wanted if "extra ==" not in r]
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    pinned = []
+    for text in requires("cae") or []:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra's, or another platform's
+        installed = Version(version(requirement.name)).public
+        pinned.append(f"{requirement.name}=={installed}")
+    return pinned
 
 
-def download_run_checkpoint(run_id: str, dst: Path) -> str:
-    """Download the checkpoint of a ``cae train`` run (tracking URI already set) into ``dst``.
+def download_run_checkpoint(run_id: str, dst: Path, which: CheckpointChoice = "last") -> str:
+    """Download a checkpoint of a ``cae train`` run (tracking URI already set) into ``dst``.
+
+    Args:
+        run_id: the run.
+        dst: a folder to download into.
+        which: ``last`` (the final epoch) or ``best`` (the epoch ``output.best_by`` chose).
 
     Returns:
-        The local path of ``last.pt``.
+        The local path of ``last.pt`` or ``best.pt``.
 
     Raises:
-        CheckpointError: no such run, or it holds no ``checkpoints/last.pt``.
+        CheckpointError: no such run, or it holds no such checkpoint.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -300,15 +321,19 @@ def download_run_checkpoint(run_id: str, dst: Path) -> str:
         raise CheckpointError(
             f"no MLflow run {run_id} at {mlflow.get_tracking_uri()}; `cae runs compare` lists runs"
         ) from None
+    path = f"checkpoints/{which}.pt"
     try:
         return mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoints/last.pt", dst_path=str(dst)
+            run_id=run_id, artifact_path=path, dst_path=str(dst)
         )
     except (MlflowException, OSError):
-        raise CheckpointError(
-            f"run {run_id} holds no checkpoints/last.pt; was it a cae training with "
-            "tracking.log_checkpoint on?"
-        ) from None
+        hint = (
+            "was it trained with output.best_by = 'none', or before best checkpoints were kept? "
+            "use the last checkpoint (--checkpoint last)"
+            if which == "best"
+            else "was it a cae training with tracking.log_checkpoint on?"
+        )
+        raise CheckpointError(f"run {run_id} holds no {path}; {hint}") from None
 
 
 def check_registry_names(name: str, alias: str | None) -> None:
@@ -339,15 +364,22 @@ def check_registry_names(name: str, alias: str | None) -> None:
 
 
 def register(
-    run_id: str, name: str, alias: str | None = "champion", tracking_uri: str | None = None
+    run_id: str,
+    name: str,
+    alias: str | None = "champion",
+    tracking_uri: str | None = None,
+    checkpoint: CheckpointChoice = "last",
 ) -> str:
     """Log a training run's checkpoint as a counterfactual pyfunc, register it and set an alias.
 
     Args:
-        run_id: the MLflow run of a ``cae train`` (it holds ``checkpoints/last.pt``).
+        run_id: the MLflow run of a ``cae train`` (it holds ``checkpoints/last.pt``, and
+            ``best.pt`` unless it was trained with ``output.best_by = "none"``).
         name: the registered model's name.
         alias: alias pointing at the new version (None sets none).
         tracking_uri: where the run is (default: the tracking URI in force).
+        checkpoint: ``last`` (the final epoch) or ``best``; the version is tagged
+            ``cae.checkpoint`` with the choice and ``cae.epoch`` with the epoch it holds.
 
     Returns:
         The new model version (a string, as MLflow numbers them).
@@ -365,8 +397,8 @@ def register(
     mlflow.set_tracking_uri(resolve_uri(tracking_uri))
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as scratch:
-        checkpoint = download_run_checkpoint(run_id, Path(scratch))
-        trained = load_checkpoint(checkpoint)
+        local = download_run_checkpoint(run_id, Path(scratch), checkpoint)
+        trained = load_checkpoint(local)
         example = example_input(trained)
         signature = _signature(predict_frame(trained, example, {}, False))
         ended = client.get_run(run_id).info.status
@@ -375,7 +407,7 @@ def register(
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(MODEL_CODE),
-                artifacts={"checkpoint": checkpoint},
+                artifacts={"checkpoint": local},
                 code_paths=[str(PACKAGE_DIR)],
                 signature=signature,
                 input_example=(example, {"targets": ""}),
@@ -385,14 +417,23 @@ def register(
         finally:  # a refused registration does not change how the training ended
             mlflow.end_run(ended)
     version = str(info.registered_model_version)
-    run = client.get_run(run_id)
-    for key in ("cae.data_fingerprint", "cae.fields", "cae.version"):
-        if key in run.data.tags:
-            client.set_model_version_tag(name, version, key, run.data.tags[key])
-    client.set_model_version_tag(name, version, "cae.run_id", run_id)
+    about = {"cae.checkpoint": checkpoint, "cae.epoch": str(trained.epoch)}
+    _tag_version(client, name, version, run_id, about)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def _tag_version(
+    client: MlflowClient, name: str, version: str, run_id: str, about: dict[str, str]
+) -> None:
+    """Tag a registered version with its run (id, data fingerprint, fields, cae version) and
+    ``about`` (which checkpoint, of which epoch)."""
+    run_tags = client.get_run(run_id).data.tags
+    tags = {k: run_tags[k] for k in ("cae.data_fingerprint", "cae.fields", "cae.version")
+            if k in run_tags}  # fmt: skip
+    for key, value in (tags | {"cae.run_id": run_id} | about).items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def _signature(output: pd.DataFrame) -> Any:

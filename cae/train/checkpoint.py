@@ -10,6 +10,7 @@ A model never needs the data or preprocessing folder it was trained from.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,14 @@ import scipy.sparse as sp
 import torch
 
 from cae import __version__
-from cae.config import Settings, settings_from_dict
+from cae.config import CheckpointChoice, Settings, settings_from_dict
 from cae.data.atomic import atomic_write
 from cae.data.loader import apply_transform
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
-from cae.train.folder import CHECKPOINT
+from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT
 from cae.train.networks import build_networks
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,20 @@ def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
         torch.save(dict(payload), file)
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """The checkpoint file ``path`` names: itself, or a training folder's checkpoints/last.pt."""
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy the checkpoint file ``source`` to ``target`` atomically (``best.pt`` from ``last.pt``):
+    a reader of ``target`` sees the previous copy or the new one, never half of either."""
+    with source.open("rb") as original, atomic_write(target) as copy:
+        shutil.copyfileobj(original, copy, length=16 << 20)
+
+
+def checkpoint_file(path: str | Path, which: CheckpointChoice = "last") -> Path:
+    """The checkpoint file ``path`` names: itself, or a training folder's ``last`` or ``best``
+    checkpoint (checkpoints/last.pt, checkpoints/best.pt; which may not exist)."""
     path = Path(path)
-    return path / CHECKPOINT if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / (BEST_CHECKPOINT if which == "best" else CHECKPOINT)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

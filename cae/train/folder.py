@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 CHECKPOINT = Path("checkpoints") / "last.pt"  # the latest checkpoint, inside the folder
+BEST_CHECKPOINT = Path("checkpoints") / "best.pt"  # the epoch output.best_by chose, beside it
 
 
 def holds_training(path: Path) -> bool:

@@ -55,7 +55,7 @@ from cae.errors import CAEError, CheckpointError, ConfigError
 from cae.model.cae import contribution_l2
 from cae.model.contributions import ContextTable, field_means
 from cae.train import distributed
-from cae.train.checkpoint import Checkpoint, PartialEpoch
+from cae.train.checkpoint import Checkpoint, PartialEpoch, copy_checkpoint
 from cae.train.cycle import (
     ContextMeans,
     classifier_hits,
@@ -65,7 +65,7 @@ from cae.train.cycle import (
     sample_targets,
     training_step,
 )
-from cae.train.folder import CHECKPOINT, TrainingFolder, clean_training_leftovers
+from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT, TrainingFolder, clean_training_leftovers
 from cae.train.host import configure_host
 from cae.train.networks import training_networks
 from cae.train.optim import build_optimizers
@@ -115,6 +115,8 @@ class TrainResult:
     vocabularies: Vocabularies
     field_specs: dict[str, FieldSpec]
     data_fingerprint: str
+    best_checkpoint: Path | None = None  # checkpoints/best.pt, unless output.best_by is none
+    best_epoch: int | None = None  # the epoch best.pt holds
 
     @property
     def final(self) -> dict[str, float]:
@@ -514,6 +516,7 @@ class Trainer:
             self.history.append(metrics)
             self._log_epoch(epoch, metrics)
             self._save(epoch)
+            self._keep_best(epoch)
             self._emit("on_epoch_end", epoch, metrics)
             self._emit("on_checkpoint", self.checkpoint_path)
         if table.empty:  # resumed at the last epoch: evaluate once for the table
@@ -529,9 +532,44 @@ class Trainer:
             self.vocabularies,
             self.field_specs,
             self.fingerprint,
+            *self._best(),
         )
         self._emit("on_train_end", result)
         return result
+
+    def _best_key(self) -> str | None:
+        """The metric ``output.best_by`` names (``val/<term>``, or ``eval/<term>`` when no cells
+        are held out); None when no best checkpoint is kept."""
+        term = self.settings.output.best_by
+        if term == "none":
+            return None
+        return f"{self._eval_prefix}{term}"
+
+    @property
+    def _eval_prefix(self) -> str:
+        """``val/`` for metrics of held-out cells, ``eval/`` when none are held out."""
+        return "val/" if self.eval_rows == "val_rows" else "eval/"
+
+    def _keep_best(self, epoch: int) -> None:
+        """Copy this epoch's checkpoint to ``best.pt`` when its ``output.best_by`` term is the
+        lowest of the training so far (resumed epochs included; ties keep the earlier epoch)."""
+        key = self._best_key()
+        if key is None or not self.ranks.is_main:
+            return
+        *before, now = [row.get(key, math.inf) for row in self.history]
+        if before and now >= min(before):
+            return
+        copy_checkpoint(self.checkpoint_path, self.out_dir / BEST_CHECKPOINT)
+        log.info("epoch %d has the lowest %s so far (%.5g): saved as best.pt", epoch, key, now)
+
+    def _best(self) -> tuple[Path | None, int | None]:
+        """``best.pt`` and the epoch it holds, when one is kept and was written."""
+        key = self._best_key()
+        path = self.out_dir / BEST_CHECKPOINT
+        if key is None or not self.history or not path.is_file():
+            return None, None
+        values = [row.get(key, math.inf) for row in self.history]
+        return path, int(self.history[values.index(min(values))]["epoch"])
 
     def _batches(
         self,
@@ -772,9 +810,10 @@ class Trainer:
     ) -> tuple[dict[str, float], pd.DataFrame]:
         """An evaluation's metrics (losses and accuracies under ``val/`` or ``eval/``, every
         head's contribution and share, every field's effect) and its per-context table."""
-        prefix = "val/" if self.eval_rows == "val_rows" else "eval/"
         raw = means.read("")
-        metrics = {f"{prefix}{k}": v for k, v in raw.items() if not k.startswith("contrib")}
+        metrics = {
+            f"{self._eval_prefix}{k}": v for k, v in raw.items() if not k.startswith("contrib")
+        }
         l2 = {k.removeprefix("contrib_l2/"): v for k, v in raw.items() if k.startswith("contrib")}
         total = sum(l2.values())
         for head, value in l2.items():

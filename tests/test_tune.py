@@ -107,7 +107,9 @@ def assert_every_trial_has_a_nested_run(folder: Path, trials, study: str) -> Non
     parent = load(TuneConfig(study=study, storage=str(folder / "journal.log"))).user_attrs[
         "mlflow_parent_run_id"
     ]
-    experiment = client.get_run(parent).info.experiment_id
+    parent_run = client.get_run(parent)
+    assert parent_run.data.params["tune.study"] == study, "the study's settings, named as set"
+    experiment = parent_run.info.experiment_id
     for trial in trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["mlflow.parentRunId"] == parent

@@ -140,9 +140,7 @@ def create(settings: Settings) -> str:
     mlflow.set_experiment(settings.tracking.experiment)
     with mlflow.start_run(run_name=f"study {tune.study}") as parent:
         mlflow.set_tags({"cae.study": tune.study, "cae.study_storage": redact(tune.storage)})
-        mlflow.log_params(
-            {f"tune.{k}": v for k, v in settings.flat().items() if k.startswith("tune.")}
-        )
+        mlflow.log_params({k: v for k, v in settings.flat().items() if k.startswith("tune.")})
     study.set_user_attr(PARENT_RUN_ATTR, parent.info.run_id)
     study.set_user_attr(SETTINGS_ATTR, settings.model_dump(mode="json"))
     return parent.info.run_id

@@ -130,3 +130,15 @@ def test_logistic_classifier_needs_two_classes() -> None:
     with pytest.raises(ValueError, match="two classes"):
         fit_classifier(np.zeros((4, 3)), np.array(["a"] * 4))
 
+
+def test_neighbour_mix_counts_each_kinds_neighbours() -> None:
+    import scipy.sparse as sp
+
+    from cae.evaluate.embedding import neighbour_mix
+
+    kinds = np.array(["real", "real", "moved", "moved"])
+    # real 0 -> real 1; real 1 -> real 0 and moved 2; moved 2 -> moved 3; moved 3 -> moved 2
+    graph = sp.csr_matrix((np.ones(5), ([0, 1, 1, 2, 3], [1, 0, 2, 3, 2])), shape=(4, 4))
+    mix = neighbour_mix(graph, kinds)
+    assert mix["real"] == {"moved": pytest.approx(1 / 3), "real": pytest.approx(2 / 3)}
+    assert mix["moved"] == {"moved": 1.0, "real": 0.0}

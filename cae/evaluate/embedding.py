@@ -14,6 +14,7 @@ all three kinds together, with a fixed seed; scanpy is imported here only when a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
 
 KINDS = ("real", "reconstructed", "moved")
 """The kinds of cells on the UMAP, in legend order."""
+
+MIN_CELLS = 5
+"""Fewest cells of each kind worth a UMAP (fewer leave the neighbour graph degenerate)."""
+
+log = logging.getLogger(__name__)
 
 
 def sample_rows(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -110,3 +116,20 @@ def model_cells(
     moved = trained.counterfactual(raw, meta, holdout.targets).output.cpu().numpy()
     real = cells.real[sample_rows(len(cells.real), config.umap_cells, rng)]
     return {"real": real, "reconstructed": reconstructed, "moved": moved}
+
+
+def model_umap(
+    trained: TrainedModel, cells: EvalCells, holdout: Holdout, config: EvaluateConfig
+) -> pd.DataFrame | None:
+    """The UMAP of :func:`model_cells` (:func:`umap_of`); None, with a warning, when
+    ``config.umap_cells`` is 0 or a kind has fewer than :data:`MIN_CELLS` cells."""
+    if config.umap_cells == 0:
+        return None
+    kinds = model_cells(trained, cells, holdout, config)
+    if min(len(x) for x in kinds.values()) < MIN_CELLS:
+        counts = ", ".join(f"{len(x)} {kind}" for kind, x in kinds.items())
+        log.warning(
+            "%s: no UMAP of %s cells (%d of each kind at least)", holdout.name, counts, MIN_CELLS
+        )
+        return None
+    return umap_of(kinds, config.seed)

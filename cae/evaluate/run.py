@@ -17,7 +17,7 @@ from cae.config import Settings
 from cae.data.store import DataStore
 from cae.data.synth import load_truth
 from cae.errors import CheckpointError, ConfigError
-from cae.evaluate.embedding import model_cells, umap_of
+from cae.evaluate.embedding import model_umap
 from cae.evaluate.protocol import (
     Holdout,
     collect_cells,
@@ -152,10 +152,8 @@ def _score_one(
         "field_ranking": field_ranking(per_context),
     }
     views.histories[holdout.name] = list(trained.history)
-    if settings.evaluate.umap_cells > 0:
-        embedding = umap_of(
-            model_cells(trained, cells, holdout, settings.evaluate), settings.evaluate.seed
-        )
+    embedding = model_umap(trained, cells, holdout, settings.evaluate)
+    if embedding is not None:
         views.embeddings[holdout.name] = embedding
         facts["umap_neighbour_mix"] = embedding.attrs["neighbours"]
     return _Scored(scores, per_context, genes, facts)

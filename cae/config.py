@@ -546,7 +546,13 @@ class EvaluateConfig(_Section):
         2000, ge=10, description="Cells per set for the energy distance and classifier (sampled)."
     )
     report_genes: int = Field(20, ge=1, description="Genes per field in the top-genes table.")
-    seed: Seed = Field(0, description="Seed of the cell samples and the classifier.")
+    umap_cells: int = Field(
+        500,
+        ge=0,
+        description="Cells of each kind (real, reconstructed, moved) on the report's UMAP "
+        "(sampled); 0 draws no UMAP.",
+    )
+    seed: Seed = Field(0, description="Seed of the cell samples, the classifier and the UMAP.")
 
     _split = field_validator("groups", mode="before")(_split_commas)
 

@@ -212,6 +212,8 @@ def test_leave_one_out_report_renders_with_png_figures(loo: tuple) -> None:
     figures = sorted((folder / "figures").glob("*.png"))
     names = {p.name for p in figures}
     assert {"methods.png", "contributions_assay.png", "top_genes_cell_type.png"} <= names
+    for fold in ("sex-female", "sex-male"):  # each fold model's loss curves and UMAP
+        assert {f"loss_{fold}.png", f"umap_{fold}.png"} <= names
     for path in figures:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert path.stat().st_size > 10_000, path
@@ -222,6 +224,15 @@ def test_leave_one_out_report_renders_with_png_figures(loo: tuple) -> None:
         assert len(pd.read_csv(folder / table)) > 0
     genes = pd.read_csv(folder / "top_genes.csv")
     assert set(genes["field"]) == {"cell_type", "assay", "sex"}
+    umap = pd.read_csv(folder / "umap.csv")
+    assert set(umap["context"]) == {"sex=female", "sex=male"}
+    assert set(umap["kind"]) == {"real", "reconstructed", "moved"}
+    assert np.isfinite(umap[["umap_1", "umap_2"]].to_numpy()).all()
+    for facts in result.facts["contexts"].values():
+        mix = facts["umap_neighbour_mix"]
+        assert set(mix) == {"real", "reconstructed", "moved"}
+        for row in mix.values():
+            assert sum(row.values()) == pytest.approx(1.0)
     assert not list(folder.glob(".report.*"))  # no staging folder left behind
 
 
@@ -275,7 +286,10 @@ def test_cae_evaluate_a_checkpoint(
     assert code == 0
     assert "model beats identity on r2_mean_top100 in 1 of 1 contexts" in printed
     assert "true field ranking: cell_type > assay > sex" in printed
-    assert (tmp_path / "report" / "report.html").is_file()
+    page = (tmp_path / "report" / "report.html").read_text()
+    for figure in ("loss_cell_type-NK.png", "umap_cell_type-NK.png"):
+        assert (tmp_path / "report" / "figures" / figure).stat().st_size > 10_000
+        assert f'src="figures/{figure}"' in page
 
 
 # fmt: off

@@ -395,3 +395,27 @@ def test_best_prints_chosen_settings_of_any_type(small_data, tmp_path, monkeypat
     assert "model.nonnegative=base" in out and "model.context_offsets=True" in out
     assert main(["tune", "best", "--config", str(config), "--register", "a:b"]) == 2
     assert "registered model name 'a:b' is refused" in capsys.readouterr().err
+
+
+def test_best_with_the_shipped_config_prints_and_registers(
+    tiny, isolated, tmp_path, monkeypatch, capsys
+):
+    """`cae tune create/worker/best --register` as the README and experiments/tune.toml give them:
+    the shipped file (its [tune.space.choices] included) unchanged, on tiny data at data/demo."""
+    shutil.copytree(tiny, tmp_path / "data" / "demo")
+    shipped = str(REPO / "experiments" / "tune.toml")
+    quick = {"TRAIN__EPOCHS": "1", "TUNE__N_TRIALS": "1", "DATA__NUM_WORKERS": "0"}
+    for name, value in quick.items():
+        monkeypatch.setenv(f"CAE_{name}", value)
+    assert main(["tune", "create", "--config", shipped]) == 0
+    assert main(["tune", "worker", "--study", "demo", "--no-progress"]) == 0
+    trials = load(TuneConfig(study="demo", storage="tune/journal.log")).get_trials()
+    assert len(trials) == 1 and trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert trials[0].params["model.nonnegative"] in {"all", "base"}
+    capsys.readouterr()
+    assert main(["tune", "best", "--config", shipped, "--register", "cae-tuned"]) == 0
+    out = capsys.readouterr().out
+    assert "model.nonnegative=" in out and "latent_dim=" in out
+    assert "registered cae-tuned version 1 as @champion" in out
+    best = MlflowClient("sqlite:///mlflow.db").get_model_version_by_alias("cae-tuned", "champion")
+    assert best.run_id in out

@@ -5,24 +5,31 @@ Every function takes cells x genes arrays in the same space (log1p of counts per
 
 * :func:`r2_mean` / :func:`r2_var`: the squared Pearson correlation, over genes, of the per-gene
   mean (variance) of predicted cells against real cells (the field's "R² of mean expression");
-* :func:`de_genes`: the top-k differentially expressed genes of real target vs source cells, by the
-  absolute Wilcoxon rank-sum statistic (both directions);
+* :func:`de_genes`: the top-k differentially expressed genes of real target vs source cells,
+  scanpy's ``rank_genes_groups`` (Wilcoxon, ranked by the absolute score: both directions);
 * :func:`delta_pearson`: the Pearson correlation of the predicted shift against the real shift,
   both relative to the mean of the source cells;
 * :func:`energy_distance`: the energy distance between predicted and real cells in a PCA space
-  fitted on real cells (:func:`fit_pca`);
-* :class:`LogisticClassifier`: an independently trained classifier whose accuracy on predicted cells
-  says whether they look like the target context.
+  fitted on real cells (:func:`fit_pca`, scikit-learn's PCA);
+* :func:`fit_classifier`: an independently trained classifier (scikit-learn's logistic regression
+  on PCA features) whose :func:`accuracy` on predicted cells says whether they look like the
+  target context.
+
+scanpy and scikit-learn are imported inside the functions that use them (scanpy takes seconds to
+import), so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy import stats
+import pandas as pd
 from scipy.spatial.distance import cdist
+
+if TYPE_CHECKING:
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,23 +70,37 @@ def r2_var(predicted: np.ndarray, real: np.ndarray, genes: np.ndarray | None = N
 
 
 def de_genes(target: np.ndarray, source: np.ndarray, k: int) -> np.ndarray:
-    """The k genes that differ most between two groups of real cells (Wilcoxon rank-sum).
+    """The k genes that differ most between two groups of real cells, as scanpy ranks them.
+
+    ``scanpy.tl.rank_genes_groups(method="wilcoxon", reference=source, rankby_abs=True)``: the
+    Wilcoxon rank-sum z-score of each gene, target against source, ranked by its absolute value
+    (genes going up and down), as CPA's and scGen's published numbers choose their DE genes.
 
     Args:
-        target: (n, G) cells of the target context.
-        source: (m, G) cells of the source context.
+        target: (n, G) cells of the target context, log-normalised.
+        source: (m, G) cells of the source context, log-normalised.
         k: how many genes (all of them when k >= G).
 
     Returns:
-        int64 gene indices, most significant first, ranked by ``|z|`` of
-        ``scipy.stats.ranksums(target, source)`` (ties broken by the gene's index; genes that
-        are constant in both groups come last).
+        int64 gene indices, most significant first (genes constant in both groups score 0, so
+        they come last).
     """
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = stats.ranksums(target, source, axis=0).statistic
-    score = np.nan_to_num(np.abs(np.asarray(z, dtype=np.float64)), nan=-1.0)
-    order = np.lexsort((np.arange(score.size), -score))
-    return order[: min(k, score.size)].astype(np.int64)
+    import anndata
+    import scanpy as sc
+
+    groups = pd.Categorical(["target"] * len(target) + ["source"] * len(source))
+    cells = anndata.AnnData(
+        np.concatenate([target, source]).astype(np.float32),
+        obs=pd.DataFrame({"group": groups}, index=[str(i) for i in range(len(groups))]),
+        var=pd.DataFrame(index=[str(g) for g in range(target.shape[1])]),
+    )
+    n = min(k, target.shape[1])
+    sc.tl.rank_genes_groups(
+        cells, "group", groups=["target"], reference="source", method="wilcoxon",
+        rankby_abs=True, n_genes=n,
+    )  # fmt: skip
+    names = cells.uns["rank_genes_groups"]["names"]["target"]
+    return np.asarray(names, dtype=np.int64)
 
 
 def delta_pearson(
@@ -104,32 +125,20 @@ def delta_pearson(
     return _pearson(a, b)
 
 
-@dataclass(frozen=True)
-class PCA:
-    """A fitted principal-component projection: ``(x - mean) @ components.T``."""
-
-    mean: np.ndarray  # (G,)
-    components: np.ndarray  # (P, G), orthonormal rows
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        """(n, G) -> (n, P)."""
-        return (np.asarray(x, dtype=np.float64) - self.mean) @ self.components.T
-
-
 def fit_pca(x: np.ndarray, n_components: int) -> PCA:
-    """Fit a PCA on the rows of ``x`` (exact SVD of the centred data).
+    """Fit scikit-learn's PCA (exact SVD of the centred data) on the rows of ``x``.
 
     Args:
         x: (n, G) cells.
-        n_components: wanted components; at most ``min(n, G)``.
+        n_components: wanted components; at most ``min(n, G)`` are fitted.
 
     Returns:
-        The fitted :class:`PCA`.
+        The fitted ``sklearn.decomposition.PCA``.
     """
+    from sklearn.decomposition import PCA
+
     data = np.asarray(x, dtype=np.float64)
-    mean = data.mean(axis=0)
-    _, _, vt = np.linalg.svd(data - mean, full_matrices=False)
-    return PCA(mean, vt[: min(n_components, vt.shape[0])])
+    return PCA(n_components=min(n_components, *data.shape), svd_solver="full").fit(data)
 
 
 def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -149,78 +158,45 @@ def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * between - cdist(a, a).mean() - cdist(b, b).mean())
 
 
-class LogisticClassifier:
-    """Multinomial logistic regression (L2-penalised, fitted with L-BFGS) on PCA features.
+def fit_classifier(
+    x: np.ndarray, labels: np.ndarray, n_components: int = 50, seed: int = 0
+) -> Pipeline:
+    """An independent classifier of real cells: scikit-learn's PCA, standard scaling and
+    multinomial ``LogisticRegression`` (L2 penalty, C = 1, L-BFGS), in one pipeline.
 
     Trained on real cells, independent of the model under evaluation and of its own training
-    classifier; its accuracy on predicted cells says whether they look like the target context.
+    classifier; its accuracy on predicted cells (:func:`accuracy`) says whether they look like
+    the target context.
 
     Args:
-        n_components: PCA components the classifier sees.
-        l2: penalty on the weights (per cell, so it does not depend on the number of cells).
-        seed: seed of the weights' initialisation.
+        x: (n, G) cells.
+        labels: (n,) their class labels (text).
+        n_components: PCA components the classifier sees (at most ``min(n, G)``).
+        seed: the PCA's random state.
+
+    Returns:
+        The fitted pipeline (``predict`` gives labels).
+
+    Raises:
+        ValueError: fewer than two classes among ``labels``.
     """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    def __init__(self, n_components: int = 50, l2: float = 1e-3, seed: int = 0) -> None:
-        self.n_components = n_components
-        self.l2 = l2
-        self.seed = seed
-        self.classes: list[str] = []
-        self.pca: PCA | None = None
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-        self.scale: np.ndarray | None = None
+    classes = sorted({str(v) for v in labels})
+    if len(classes) < 2:
+        raise ValueError(f"a classifier needs two classes, got {classes}")
+    data = np.asarray(x, dtype=np.float64)
+    pipeline = make_pipeline(
+        PCA(n_components=min(n_components, *data.shape), svd_solver="full", random_state=seed),
+        StandardScaler(),
+        LogisticRegression(max_iter=1000),
+    )
+    return pipeline.fit(data, np.asarray(labels, dtype=str))
 
-    def _features(self, x: np.ndarray) -> torch.Tensor:
-        assert self.pca is not None and self.scale is not None
-        return torch.from_numpy(self.pca.transform(x) / self.scale)
 
-    def fit(self, x: np.ndarray, labels: np.ndarray) -> LogisticClassifier:
-        """Fit on real cells.
-
-        Args:
-            x: (n, G) cells.
-            labels: (n,) their class labels (text).
-
-        Returns:
-            ``self``.
-
-        Raises:
-            ValueError: fewer than two classes among ``labels``.
-        """
-        self.classes = sorted({str(v) for v in labels})
-        if len(self.classes) < 2:
-            raise ValueError(f"a classifier needs two classes, got {self.classes}")
-        self.pca = fit_pca(x, self.n_components)
-        projected = self.pca.transform(x)
-        self.scale = projected.std(axis=0) + 1e-8
-        features = torch.from_numpy(projected / self.scale)
-        target = torch.tensor([self.classes.index(str(v)) for v in labels])
-        generator = torch.Generator().manual_seed(self.seed)
-        weight = (0.01 * torch.randn(features.shape[1], len(self.classes), generator=generator)).to(
-            torch.float64
-        )
-        weight.requires_grad_(True)
-        bias = torch.zeros(len(self.classes), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(features @ weight + bias, target)
-            loss = loss + self.l2 * (weight * weight).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        self.weight, self.bias = weight.detach(), bias.detach()
-        return self
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """(n, G) cells -> (n,) predicted labels (text)."""
-        assert self.weight is not None and self.bias is not None
-        index = (self._features(x) @ self.weight + self.bias).argmax(dim=1).numpy()
-        return np.asarray(self.classes, dtype=object)[index]
-
-    def accuracy(self, x: np.ndarray, label: str) -> float:
-        """Fraction of the cells ``x`` classified as ``label``."""
-        return float((self.predict(x) == label).mean())
+def accuracy(classifier: Pipeline, x: np.ndarray, label: str) -> float:
+    """Fraction of the cells ``x`` that ``classifier`` (:func:`fit_classifier`) calls ``label``."""
+    return float((classifier.predict(np.asarray(x, dtype=np.float64)) == label).mean())

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -37,10 +37,11 @@ from cae.data.synth import expected_expression
 from cae.data.vocabulary import UNK
 from cae.errors import ConfigError, DataError
 from cae.evaluate.metrics import (
-    LogisticClassifier,
+    accuracy,
     de_genes,
     delta_pearson,
     energy_distance,
+    fit_classifier,
     fit_pca,
     r2_mean,
     r2_var,
@@ -48,6 +49,9 @@ from cae.evaluate.metrics import (
 from cae.model.cae import contribution_l2
 from cae.model.contributions import ContextTable, GeneContributions, field_means
 from cae.train.checkpoint import TrainedModel
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -410,18 +414,16 @@ def score_holdout(
     return _scores_frame(rows, cells, holdout, classifiers)
 
 
-def _accuracy(
-    classifiers: Mapping[str, LogisticClassifier], x: np.ndarray, holdout: Holdout
-) -> float:
+def _accuracy(classifiers: Mapping[str, Pipeline], x: np.ndarray, holdout: Holdout) -> float:
     """How often, on average over the moved fields, the classifiers call ``x`` held-out."""
-    return float(np.mean([c.accuracy(x, holdout.targets[f]) for f, c in classifiers.items()]))
+    return float(np.mean([accuracy(c, x, holdout.targets[f]) for f, c in classifiers.items()]))
 
 
 def _scores_frame(
     rows: list[dict[str, Any]],
     cells: EvalCells,
     holdout: Holdout,
-    classifiers: Mapping[str, LogisticClassifier],
+    classifiers: Mapping[str, Pipeline],
 ) -> pd.DataFrame:
     """The rows as a frame, with the real cells' classifier accuracy and cell counts as attrs."""
     reference = _accuracy(classifiers, cells.real, holdout)
@@ -435,9 +437,7 @@ def _scores_frame(
     return frame
 
 
-def _classifiers(
-    cells: EvalCells, holdout: Holdout, config: EvaluateConfig
-) -> dict[str, LogisticClassifier]:
+def _classifiers(cells: EvalCells, holdout: Holdout, config: EvaluateConfig) -> dict[str, Pipeline]:
     """One classifier per moved field, trained on the sampled real cells with a known value."""
     classifiers = {}
     for name in holdout.targets:
@@ -449,8 +449,8 @@ def _classifiers(
                 f"too few sampled cells with two values of '{name}' to train the evaluation "
                 "classifier; raise evaluate.max_cells"
             )
-        classifiers[name] = LogisticClassifier(config.n_pcs, seed=config.seed).fit(
-            cells.sample[known], labels[known]
+        classifiers[name] = fit_classifier(
+            cells.sample[known], labels[known], config.n_pcs, config.seed
         )
     return classifiers
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,23 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from cae.data.atomic import staging_folder
+from cae.evaluate.protocol import slug
 from cae.tracking.plots import context_contributions_figure
+
+
+@dataclass
+class ModelViews:
+    """What the report shows of each evaluated model, keyed by held-out context.
+
+    Attributes:
+        histories: the training's per-epoch metrics (loss curves).
+        embeddings: the UMAP of real, reconstructed and moved cells
+            (:func:`~cae.evaluate.embedding.umap_of`).
+    """
+
+    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    embeddings: dict[str, pd.DataFrame] = field(default_factory=dict)
+
 
 HEADLINE = "r2_mean_top100"
 """The metric the overview plot and the "beats identity" line use when it was computed."""
@@ -92,6 +109,78 @@ def top_genes_figure(genes: pd.DataFrame, field: str) -> Figure:
     return figure
 
 
+LOSS_EXCLUDED = ("accuracy", "single_value_batches")
+"""Per-epoch ``train/*`` and ``val/*`` metrics that are not loss terms."""
+
+
+def loss_terms(history: Sequence[Mapping[str, float]]) -> list[str]:
+    """The loss terms a training recorded (``loss``, ``reconstruction``, ...): those with a
+    ``train/`` or ``val/`` value in some epoch that is not zero in every epoch."""
+    terms: dict[str, bool] = {}
+    for row in history:
+        for key, value in row.items():
+            side, _, term = key.partition("/")
+            if side in ("train", "val") and not any(word in term for word in LOSS_EXCLUDED):
+                terms[term] = terms.get(term, False) or value != 0
+    return [term for term, used in terms.items() if used]
+
+
+def loss_figure(history: Sequence[Mapping[str, float]], title: str) -> Figure:
+    """Small multiples: each loss term's training and validation value over epochs.
+
+    Args:
+        history: the training's per-epoch metrics (``epoch``, ``train/<term>``, ``val/<term>``).
+        title: the figure's title (the model's held-out context).
+
+    Returns:
+        The figure (the caller saves and closes it).
+    """
+    terms = loss_terms(history) or ["loss"]
+    columns = min(4, len(terms))
+    rows = -(-len(terms) // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns, 2.6 * rows), layout="constrained", squeeze=False
+    )
+    epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
+    for axis, term in zip(axes.flat, terms, strict=False):
+        for side in ("train", "val"):
+            values = [row.get(f"{side}/{term}", np.nan) for row in history]
+            axis.plot(epochs, values, marker="o", markersize=3, label=side)
+        axis.set_title(term, fontsize="medium")
+        axis.set_xlabel("epoch")
+    for axis in list(axes.flat)[len(terms) :]:
+        axis.set_visible(False)
+    axes.flat[0].legend(fontsize="small")
+    figure.suptitle(f"Loss terms per epoch: {title}")
+    return figure
+
+
+KIND_COLOURS = {"real": "tab:blue", "reconstructed": "tab:green", "moved": "tab:red"}
+
+
+def umap_figure(embedding: pd.DataFrame, title: str) -> Figure:
+    """Scatter of one UMAP (:func:`~cae.evaluate.embedding.umap_of`), coloured by kind of cell.
+
+    Args:
+        embedding: rows ``kind, umap_1, umap_2``.
+        title: the figure's title (the held-out context).
+
+    Returns:
+        The figure (the caller saves and closes it).
+    """
+    figure, axis = plt.subplots(figsize=(6, 5), layout="constrained")
+    for kind, rows in embedding.groupby("kind", sort=False):
+        axis.scatter(rows["umap_1"], rows["umap_2"], s=6, alpha=0.6, linewidths=0,
+                     color=KIND_COLOURS.get(str(kind)), label=f"{kind} ({len(rows)})")  # fmt: skip
+    axis.set_xlabel("UMAP 1")
+    axis.set_ylabel("UMAP 2")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(f"Real, reconstructed and moved cells: {title}")
+    axis.legend(fontsize="small", markerscale=3)
+    return figure
+
+
 def _table_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0, na_rep="–")
 
@@ -105,6 +194,7 @@ def write_report(
     top_genes: pd.DataFrame,
     facts: Mapping[str, Any],
     notes: Sequence[str] = (),
+    models: ModelViews | None = None,
 ) -> Path:
     """Write the tables, figures and ``report.html`` into ``out_dir`` (replacing an older report).
 
@@ -117,6 +207,8 @@ def write_report(
         top_genes: per field, the genes with the largest term.
         facts: JSON-able summary written to ``evaluation.json`` and shown on the page.
         notes: sentences shown under the title.
+        models: per held-out context, the model's loss curves and UMAP (none when only
+            baselines were scored).
 
     Returns:
         The path of ``report.html``.
@@ -126,13 +218,16 @@ def write_report(
         metric = headline_metric(scores)
         summary = summarise(scores)
         fields = list(dict.fromkeys(per_context["field"]))
+        views = models or ModelViews()
         _write_figures(staging, scores, metric, per_context, top_genes, fields)
+        _write_model_views(staging, views)
         scores.to_csv(staging / "scores.csv", index=False)
         summary.to_csv(staging / "summary.csv")
         per_context.to_csv(staging / "contributions.csv", index=False)
         top_genes.to_csv(staging / "top_genes.csv", index=False)
         (staging / "evaluation.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
-        page = _page(title, notes, metric, scores, summary, per_context, top_genes, fields, facts)
+        tables = (scores, summary, per_context, top_genes)
+        page = _page(title, notes, metric, tables, fields, facts, views)
         (staging / "report.html").write_text(page, encoding="utf-8")
         _move_into(staging, out_dir)
     finally:
@@ -168,6 +263,46 @@ def _write_figures(
         plt.close(figure)
 
 
+def _write_model_views(staging: Path, views: ModelViews) -> None:
+    """Draw each context's loss curves and UMAP as ``figures/{loss,umap}_<context>.png``; the
+    UMAP coordinates go to ``umap.csv``."""
+    figures = [(f"loss_{slug(c)}", loss_figure(h, c)) for c, h in views.histories.items() if h]
+    figures += [(f"umap_{slug(c)}", umap_figure(e, c)) for c, e in views.embeddings.items()]
+    (staging / "figures").mkdir(exist_ok=True)
+    for name, figure in figures:
+        figure.savefig(staging / "figures" / f"{name}.png", dpi=110)
+        plt.close(figure)
+    if views.embeddings:
+        frames = [e.assign(context=c) for c, e in views.embeddings.items()]
+        embedding = pd.concat(frames, ignore_index=True)
+        embedding[["context", "kind", "umap_1", "umap_2"]].to_csv(staging / "umap.csv", index=False)
+
+
+def _model_views_html(views: ModelViews) -> str:
+    """The page's section of loss curves and UMAPs, one pair per held-out context."""
+    if not views.histories and not views.embeddings:
+        return ""
+    parts = [
+        "<h2>Training and the model's cells</h2>",
+        "<p>Loss terms per epoch (training and validation). UMAP (scanpy: PCA, neighbours, "
+        "umap; fitted on the three kinds together) of real held-out cells, the model's "
+        "reconstruction of the source cells (source to source) and the same source cells moved "
+        "to the held-out context. Moved cells beside reconstructions but apart from real cells "
+        "show what the model's output misses; the table gives, per kind, the fraction of each "
+        "cell's graph neighbours of each kind.</p>",
+    ]
+    for context in dict.fromkeys([*views.histories, *views.embeddings]):
+        name = html.escape(slug(context))
+        parts.append(f"<h3>{html.escape(context)}</h3>")
+        if views.histories.get(context):
+            parts.append(f'<img src="figures/loss_{name}.png" alt="loss curves {name}">')
+        if context in views.embeddings:
+            mix = pd.DataFrame(views.embeddings[context].attrs.get("neighbours", {})).T
+            parts.append(f'<img src="figures/umap_{name}.png" alt="UMAP {name}">')
+            parts.append(_table_html(mix.rename_axis("kind").reset_index()))
+    return "\n".join(parts) + "\n"
+
+
 def _move_into(staging: Path, out_dir: Path) -> None:
     """Move every entry of ``staging`` into ``out_dir``, replacing entries of the same name."""
     for item in staging.iterdir():
@@ -181,13 +316,13 @@ def _page(
     title: str,
     notes: Sequence[str],
     metric: str,
-    scores: pd.DataFrame,
-    summary: pd.DataFrame,
-    per_context: pd.DataFrame,
-    top_genes: pd.DataFrame,
+    tables: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame],
     fields: Sequence[str],
     facts: Mapping[str, Any],
+    views: ModelViews,
 ) -> str:
+    """The HTML page; ``tables`` are the scores, summary, per-context and top-genes tables."""
+    scores, summary, per_context, top_genes = tables
     wins = beats_identity(scores, metric)
     overview = summary[[f"{metric}_median", f"{metric}_mean"]].reset_index()
     parts = [
@@ -200,6 +335,7 @@ def _page(
         '<img src="figures/methods.png" alt="methods per context">',
         "<h2>Per held-out context</h2>",
         _table_html(scores),
+        _model_views_html(views),
         "<h2>Contributions</h2>",
         "<p>Mean L2 norm of each field's additive term per context value, on real cells "
         "reconstructed in their own contexts.</p>",

@@ -17,6 +17,7 @@ from cae.config import Settings
 from cae.data.store import DataStore
 from cae.data.synth import load_truth
 from cae.errors import CheckpointError, ConfigError
+from cae.evaluate.embedding import model_umap
 from cae.evaluate.protocol import (
     Holdout,
     collect_cells,
@@ -27,7 +28,13 @@ from cae.evaluate.protocol import (
     slug,
     training_settings,
 )
-from cae.evaluate.report import beats_identity, headline_metric, summarise, write_report
+from cae.evaluate.report import (
+    ModelViews,
+    beats_identity,
+    headline_metric,
+    summarise,
+    write_report,
+)
 from cae.train.checkpoint import Checkpoint, TrainedModel, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -101,13 +108,25 @@ def read_truth(path: Path | None, data_path: Path) -> dict[str, Any] | None:
     return load_truth(candidate)
 
 
+@dataclass
+class _Scored:
+    """One model scored on one held-out context."""
+
+    scores: pd.DataFrame
+    per_context: pd.DataFrame
+    genes: pd.DataFrame
+    facts: dict[str, Any]
+
+
 def _score_one(
     trained: TrainedModel,
     store: DataStore,
     holdout: Holdout,
     settings: Settings,
     truth: Mapping[str, Any] | None,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    views: ModelViews,
+) -> _Scored:
+    """Score ``trained`` on ``holdout``; add its loss curves and UMAP to ``views``."""
     if list(store.genes) != list(trained.genes):
         missing = [g for g in trained.genes if g not in set(store.genes)][:5]
         raise ConfigError(
@@ -132,22 +151,27 @@ def _score_one(
         "classifier_accuracy_on_real_cells": scores.attrs["classifier_accuracy_real"],
         "field_ranking": field_ranking(per_context),
     }
-    return scores, per_context, genes, facts
+    views.histories[holdout.name] = list(trained.history)
+    embedding = model_umap(trained, cells, holdout, settings.evaluate)
+    if embedding is not None:
+        views.embeddings[holdout.name] = embedding
+        facts["umap_neighbour_mix"] = embedding.attrs["neighbours"]
+    return _Scored(scores, per_context, genes, facts)
 
 
 def _finish(
     out_dir: Path,
     title: str,
-    scores: pd.DataFrame,
-    per_context: pd.DataFrame,
-    genes: pd.DataFrame,
-    facts: dict[str, Any],
+    scored: _Scored,
     truth: Mapping[str, Any] | None,
+    views: ModelViews,
 ) -> Evaluation:
+    """Add the verdicts to ``scored.facts``, write the report and return the evaluation."""
+    scores, per_context, genes = scored.scores, scored.per_context, scored.genes
     metric = headline_metric(scores)
     wins = beats_identity(scores, metric)
     facts = {
-        **facts,
+        **scored.facts,
         "headline_metric": metric,
         "model_beats_identity": wins,
         "model_beats_identity_everywhere": all(wins.values()),
@@ -157,7 +181,8 @@ def _finish(
     notes = [
         "Metrics on log-normalised expression (log1p of counts per 10,000). r2_* are squared "
         "Pearson correlations over genes of per-gene means (variances); top-k genes are the "
-        "k most differentially expressed (Wilcoxon rank-sum, real target vs source cells).",
+        "k most differentially expressed (scanpy's rank_genes_groups, Wilcoxon, ranked by "
+        "absolute score; real target vs source cells).",
     ]
     report = write_report(
         out_dir,
@@ -167,6 +192,7 @@ def _finish(
         top_genes=genes,
         facts=facts,
         notes=notes,
+        models=views,
     )
     return Evaluation(scores, summarise(scores), per_context, genes, facts, report)
 
@@ -194,11 +220,12 @@ def evaluate(
         CAEError: unreadable data, unknown fields or values, genes that differ from the model's.
     """
     store = DataStore.open(settings.data)
-    scores, per_context, genes, facts = _score_one(trained, store, holdout, settings, truth)
-    return _finish(
-        out_dir, f"Counterfactual evaluation: {holdout.held_out}", scores, per_context, genes,
-        {"contexts": {holdout.name: facts}, "field_ranking": facts["field_ranking"]}, truth,
-    )  # fmt: skip
+    views = ModelViews()
+    scored = _score_one(trained, store, holdout, settings, truth, views)
+    facts = scored.facts
+    scored.facts = {"contexts": {holdout.name: facts}, "field_ranking": facts["field_ranking"]}
+    title = f"Counterfactual evaluation: {holdout.held_out}"
+    return _finish(out_dir, title, scored, truth, views)
 
 
 def _fold_checkpoint_done(out_dir: Path, epochs: int) -> bool:
@@ -258,38 +285,42 @@ def leave_one_out(
     store = DataStore.open(settings.data)
     holdouts = list(loo_holdouts(store, settings.evaluate, settings.data.null_values))
     all_scores, all_contexts, all_genes, per_fold, run_ids = [], [], [], {}, []
+    views = ModelViews()
     for number, holdout in enumerate(holdouts, 1):
         log.info("fold %d/%d: holding out %s", number, len(holdouts), holdout.held_out)
         fold_dir = out_dir / "folds" / slug(holdout.name)
         checkpoint, run_id = _train_fold(training_settings(settings, holdout, fold_dir))
         trained = load_checkpoint(checkpoint)
-        scores, per_context, genes, facts = _score_one(trained, store, holdout, settings, truth)
-        all_scores.append(scores)
-        all_contexts.append(per_context.assign(fold=holdout.name))
-        all_genes.append(genes.assign(fold=holdout.name))
-        per_fold[holdout.name] = facts
+        scored = _score_one(trained, store, holdout, settings, truth, views)
+        all_scores.append(scored.scores)
+        all_contexts.append(scored.per_context.assign(fold=holdout.name))
+        all_genes.append(scored.genes.assign(fold=holdout.name))
+        per_fold[holdout.name] = scored.facts
         if run_id:
             run_ids.append(run_id)
-            _log_fold(settings, run_id, scores)
+            _log_fold(settings, run_id, scored.scores)
     rankings = {name: facts["field_ranking"] for name, facts in per_fold.items()}
     evaluate = settings.evaluate
     result = _finish(
         out_dir,
         f"Leave-one-out: {evaluate.field} {evaluate.source} -> {evaluate.target}, "
         f"one {evaluate.group_by} held out at a time",
-        pd.concat(all_scores, ignore_index=True),
-        pd.concat(all_contexts, ignore_index=True),
-        pd.concat(all_genes, ignore_index=True),
-        {
-            "protocol": "leave-one-out",
-            "field": evaluate.field,
-            "group_by": evaluate.group_by,
-            "source": evaluate.source,
-            "target": evaluate.target,
-            "contexts": per_fold,
-            "field_rankings": rankings,
-        },
+        _Scored(
+            pd.concat(all_scores, ignore_index=True),
+            pd.concat(all_contexts, ignore_index=True),
+            pd.concat(all_genes, ignore_index=True),
+            {
+                "protocol": "leave-one-out",
+                "field": evaluate.field,
+                "group_by": evaluate.group_by,
+                "source": evaluate.source,
+                "target": evaluate.target,
+                "contexts": per_fold,
+                "field_rankings": rankings,
+            },
+        ),
         truth,
+        views,
     )
     result.run_ids = run_ids
     return result

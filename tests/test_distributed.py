@@ -78,7 +78,7 @@ def test_two_processes_learn_like_one(data: Path, tmp_path: Path) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(tracking)
-    runs = mlflow.search_runs(experiment_names=["cae"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["Default"], output_format="list")
     assert len(runs) == 2  # one per training, none from rank 1
     assert sorted(r.data.metrics["epoch"] for r in runs) == [EPOCHS, EPOCHS]
 

@@ -90,7 +90,7 @@ def test_concurrent_workers_on_postgres_lose_no_trial_and_log_every_run(
         assert [m.step for m in history] == [1]
         assert history[0].value == pytest.approx(trial.value)
         checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-        assert checkpoints == {"checkpoints/last.pt"}  # uploaded through the server
+        assert checkpoints == {"checkpoints/last.pt", "checkpoints/best.pt"}  # through the server
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

@@ -121,7 +121,9 @@ def test_tensorboard_holds_the_same_scalars_and_head_histograms(small_data: Path
 
 
 def test_default_store_is_mlflow_db_in_the_working_directory(small_data: Path, tmp_path: Path):
-    assert tracking_uri(None) == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    # as an absolute path: MLflow keeps a relative URI's store in its first folder for good
+    assert tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["train", "--data", str(small_data), "--epochs", "1", "--out", "run", *SMALL_MODEL]
     assert main(argv) == 0
     assert (tmp_path / "mlflow.db").is_file()
@@ -130,7 +132,8 @@ def test_default_store_is_mlflow_db_in_the_working_directory(small_data: Path, t
 
 def test_environment_variable_and_setting_choose_the_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert tracking_uri(None) == "sqlite:///env.db"
+    assert tracking_uri(None) == f"sqlite:///{Path('env.db').resolve()}"
+    assert tracking_uri("sqlite:////abs/team.db") == "sqlite:////abs/team.db"
     assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from cae.config import Settings
+from cae.config import EvaluateConfig, Settings
 from cae.data.store import DataStore
 from cae.data.synth import load_truth
 from cae.errors import CheckpointError, ConfigError
@@ -299,31 +299,34 @@ def leave_one_out(
         if run_id:
             run_ids.append(run_id)
             _log_fold(settings, run_id, scored.scores)
-    rankings = {name: facts["field_ranking"] for name, facts in per_fold.items()}
     evaluate = settings.evaluate
-    result = _finish(
-        out_dir,
-        f"Leave-one-out: {evaluate.field} {evaluate.source} -> {evaluate.target}, "
-        f"one {evaluate.group_by} held out at a time",
-        _Scored(
-            pd.concat(all_scores, ignore_index=True),
-            pd.concat(all_contexts, ignore_index=True),
-            pd.concat(all_genes, ignore_index=True),
-            {
-                "protocol": "leave-one-out",
-                "field": evaluate.field,
-                "group_by": evaluate.group_by,
-                "source": evaluate.source,
-                "target": evaluate.target,
-                "contexts": per_fold,
-                "field_rankings": rankings,
-            },
-        ),
-        truth,
-        views,
+    scored = _Scored(
+        pd.concat(all_scores, ignore_index=True),
+        pd.concat(all_contexts, ignore_index=True),
+        pd.concat(all_genes, ignore_index=True),
+        _loo_facts(evaluate, per_fold),
     )
+    title = (
+        f"Leave-one-out: {evaluate.field} {evaluate.source} -> {evaluate.target}, "
+        f"one {evaluate.group_by} held out at a time"
+    )
+    result = _finish(out_dir, title, scored, truth, views)
     result.run_ids = run_ids
     return result
+
+
+def _loo_facts(evaluate: EvaluateConfig, per_fold: dict[str, Any]) -> dict[str, Any]:
+    """The leave-one-out protocol's facts for evaluation.json: its settings, every fold's facts
+    and every fold's field ranking."""
+    return {
+        "protocol": "leave-one-out",
+        "field": evaluate.field,
+        "group_by": evaluate.group_by,
+        "source": evaluate.source,
+        "target": evaluate.target,
+        "contexts": per_fold,
+        "field_rankings": {name: facts["field_ranking"] for name, facts in per_fold.items()},
+    }
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:

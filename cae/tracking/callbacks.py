@@ -55,8 +55,18 @@ RUN_RECORD = "run.json"  # in <out>/tracking: the training's MLflow run, and whe
 
 
 def tracking_uri(uri: str | None) -> str:
-    """The tracking URI in force: ``uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The tracking URI in force: ``uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlflow.db``.
+
+    A sqlite file named relative to the working folder (``sqlite:///mlflow.db``) is given as its
+    absolute path: MLflow keeps one store per URI for the life of a process, so a relative URI
+    would keep writing to the folder where it was first used after a ``chdir``.
+    """
+    chosen = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    path, _, query = chosen.removeprefix(prefix).partition("?")
+    if not chosen.startswith(prefix) or path.startswith("/") or path in ("", ":memory:"):
+        return chosen
+    return f"{prefix}{Path(path).resolve()}" + (f"?{query}" if query else "")
 
 
 def redact(url: str) -> str:

@@ -371,6 +371,7 @@ def register(
     checkpoint: CheckpointChoice = "last",
 ) -> str:
     """Log a training run's checkpoint as a counterfactual pyfunc, register it and set an alias.
+    The run's experiment is then this process's active MLflow experiment.
 
     Args:
         run_id: the MLflow run of a ``cae train`` (it holds ``checkpoints/last.pt``, and
@@ -401,7 +402,11 @@ def register(
         trained = load_checkpoint(local)
         example = example_input(trained)
         signature = _signature(predict_frame(trained, example, {}, False))
-        ended = client.get_run(run_id).info.status
+        run = client.get_run(run_id)
+        ended = run.info.status
+        # The run's own experiment is made the active one: starting a run of another
+        # experiment than the active one (a training earlier in this process) is refused.
+        mlflow.set_experiment(experiment_id=run.info.experiment_id)
         mlflow.start_run(run_id=run_id)
         try:
             info = mlflow.pyfunc.log_model(

@@ -494,6 +494,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from datetime import datetime
 
     from cae.data.atomic import check_output_path
+    from cae.evaluate.report import overview
     from cae.evaluate.run import run_evaluation
 
     settings = _settings(args, _EVALUATE_FLAGS)
@@ -511,7 +512,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     metric = result.facts["headline_metric"]
     wins = result.facts["model_beats_identity"]
-    print(result.summary[[f"{metric}_median", f"{metric}_mean"]].round(3).to_string())
+    print(overview(result.summary, metric).round(3).to_string())
     print(f"model beats identity on {metric} in {sum(wins.values())} of {len(wins)} contexts")
     if "true_field_ranking" in result.facts:
         print(f"true field ranking: {' > '.join(result.facts['true_field_ranking'])}")

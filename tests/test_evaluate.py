@@ -21,7 +21,7 @@ from cae.data.store import DataStore
 from cae.data.synth import SynthConfig, generate
 from cae.data.vocabulary import Vocabularies, build_field_specs
 from cae.errors import ConfigError, DataError
-from cae.evaluate.protocol import Holdout, collect_cells, slug
+from cae.evaluate.protocol import METHODS, Holdout, collect_cells, slug
 from cae.evaluate.run import leave_one_out, read_truth, run_evaluation
 from cae.train.trainer import Trainer, TrainResult
 from tests.conftest import quick_settings
@@ -199,6 +199,20 @@ def test_leave_one_out_beats_identity_and_ranks_fields_as_the_truth(loo: tuple) 
         # the independent classifier knows real held-out cells, and that source cells are not them
         assert result.facts["contexts"][context]["classifier_accuracy_on_real_cells"] > 0.9
         assert scores.loc[(context, "identity"), "classifier_accuracy"] < 0.1
+        # the two-sample classifier tells unmoved source cells from real held-out ones
+        assert scores.loc[(context, "identity"), "auc_two_sample"] > 0.95
+        # a shifted copy of the source cells, on additively generated data, is much harder to tell
+        assert scores.loc[(context, "mean_shift"), "auc_two_sample"] < 0.8
+    assert result.scores["auc_two_sample"].between(0, 1).all()
+    medians = result.facts["overview"]
+    assert set(medians) == set(METHODS)
+    assert set(medians["model"]) == {
+        "r2_mean_top100_median", "r2_mean_top100_mean", "r2_var_median",
+        "energy_distance_median", "auc_two_sample_median",
+    }  # fmt: skip
+    assert medians["identity"]["auc_two_sample_median"] == pytest.approx(
+        result.summary.loc["identity", "auc_two_sample_median"]
+    )
     assert result.facts["model_beats_identity_everywhere"]
     for ranking in result.facts["field_rankings"].values():
         assert ranking == truth["ranking"]
@@ -209,6 +223,7 @@ def test_leave_one_out_report_renders_with_png_figures(loo: tuple) -> None:
     _, result, _, _ = loo
     folder = result.report.parent
     page = result.report.read_text()
+    assert "<th>auc_two_sample_median</th>" in page and "0.5 is best" in page
     figures = sorted((folder / "figures").glob("*.png"))
     names = {p.name for p in figures}
     assert {"methods.png", "contributions_assay.png", "top_genes_cell_type.png"} <= names

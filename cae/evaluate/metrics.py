@@ -14,6 +14,8 @@ Every function takes cells x genes arrays in the same space (log1p of counts per
 * :func:`fit_classifier`: an independently trained classifier (scikit-learn's logistic regression
   on PCA features) whose :func:`accuracy` on predicted cells says whether they look like the
   target context.
+* :func:`two_sample_auc`: a classifier two-sample test, the cross-validated ROC AUC of the same
+  kind of classifier telling predicted cells from real ones (0.5: indistinguishable).
 
 scanpy and scikit-learn are imported inside the functions that use them (scanpy takes seconds to
 import), so importing this module stays cheap.
@@ -21,7 +23,8 @@ import), so importing this module stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -30,6 +33,11 @@ from scipy.spatial.distance import cdist
 if TYPE_CHECKING:
     from sklearn.decomposition import PCA
     from sklearn.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+MIN_TWO_SAMPLE_CELLS = 10
+"""Fewest cells per side for :func:`two_sample_auc` (fewer: NaN, with a warning)."""
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -158,11 +166,40 @@ def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * between - cdist(a, a).mean() - cdist(b, b).mean())
 
 
+def classifier_pipeline(
+    n_components: int, seed: int = 0, svd_solver: Literal["full", "covariance_eigh"] = "full"
+) -> Pipeline:
+    """The evaluation's classifier, unfitted: scikit-learn's PCA (exact), standard scaling and
+    ``LogisticRegression`` (L2 penalty, C = 1, L-BFGS), in one pipeline.
+
+    Args:
+        n_components: PCA components the classifier sees (the caller keeps it at most the
+            smallest training set's ``min(n, G)``).
+        seed: the PCA's random state.
+        svd_solver: the PCA's exact solver: ``full`` (SVD of the centred cells) or
+            ``covariance_eigh`` (eigendecomposition of the G x G covariance: the same components,
+            measured 4x faster on 2,000 cells x 2,000 genes; docs/decisions.md, Evaluation).
+
+    Returns:
+        The unfitted ``sklearn.pipeline.Pipeline``.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(
+        PCA(n_components=n_components, svd_solver=svd_solver, random_state=seed),
+        StandardScaler(),
+        LogisticRegression(max_iter=1000),
+    )
+
+
 def fit_classifier(
     x: np.ndarray, labels: np.ndarray, n_components: int = 50, seed: int = 0
 ) -> Pipeline:
-    """An independent classifier of real cells: scikit-learn's PCA, standard scaling and
-    multinomial ``LogisticRegression`` (L2 penalty, C = 1, L-BFGS), in one pipeline.
+    """An independent classifier of real cells (:func:`classifier_pipeline`; multinomial for more
+    than two classes), fitted.
 
     Trained on real cells, independent of the model under evaluation and of its own training
     classifier; its accuracy on predicted cells (:func:`accuracy`) says whether they look like
@@ -180,23 +217,67 @@ def fit_classifier(
     Raises:
         ValueError: fewer than two classes among ``labels``.
     """
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     classes = sorted({str(v) for v in labels})
     if len(classes) < 2:
         raise ValueError(f"a classifier needs two classes, got {classes}")
     data = np.asarray(x, dtype=np.float64)
-    pipeline = make_pipeline(
-        PCA(n_components=min(n_components, *data.shape), svd_solver="full", random_state=seed),
-        StandardScaler(),
-        LogisticRegression(max_iter=1000),
-    )
+    pipeline = classifier_pipeline(min(n_components, *data.shape), seed)
     return pipeline.fit(data, np.asarray(labels, dtype=str))
 
 
 def accuracy(classifier: Pipeline, x: np.ndarray, label: str) -> float:
     """Fraction of the cells ``x`` that ``classifier`` (:func:`fit_classifier`) calls ``label``."""
     return float((classifier.predict(np.asarray(x, dtype=np.float64)) == label).mean())
+
+
+def two_sample_auc(
+    generated: np.ndarray,
+    real: np.ndarray,
+    seed: int = 0,
+    n_components: int = 50,
+    folds: int = 5,
+) -> float:
+    """A classifier two-sample test: how well :func:`classifier_pipeline` tells generated cells
+    from real ones, as the cross-validated ROC AUC.
+
+    The larger side is subsampled (without replacement, ``seed``) to the size of the smaller, so
+    both classes weigh the same; scikit-learn's ``cross_val_score`` then fits the whole pipeline
+    (PCA included) on each training part of a shuffled ``StratifiedKFold`` and scores the
+    held-out part by ROC AUC; the mean over folds is returned. 0.5 means the classifier cannot
+    tell the two sets apart (the generated cells look like real ones); 1.0 means it always can.
+    The AUC is reported as is: values below 0.5 are chance (and a classifier fitted to noise
+    does slightly worse than chance on held-out cells), not a better generator.
+
+    Args:
+        generated: (n, G) generated (predicted) cells.
+        real: (m, G) real cells of the same context, in the same space.
+        seed: the subsample's, the folds' and the PCA's seed (same inputs, same value).
+        n_components: PCA components (at most the smallest training part's ``min(n, G)``).
+        folds: cross-validation folds.
+
+    Returns:
+        The mean AUC over folds; NaN, with a warning that says why, when either side has fewer
+        than :data:`MIN_TWO_SAMPLE_CELLS` cells or a value is not finite.
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    n = min(len(generated), len(real))
+    if n < max(MIN_TWO_SAMPLE_CELLS, folds):
+        log.warning(
+            "two-sample AUC not computed: %d generated and %d real cells, it needs at least %d "
+            "on each side", len(generated), len(real), max(MIN_TWO_SAMPLE_CELLS, folds),
+        )  # fmt: skip
+        return float("nan")
+    sides = [np.asarray(x, dtype=np.float64) for x in (generated, real)]
+    if not all(np.isfinite(side).all() for side in sides):
+        log.warning("two-sample AUC not computed: the cells hold NaN or infinite values")
+        return float("nan")
+    rng = np.random.default_rng([seed, 17])
+    x = np.concatenate([s[np.sort(rng.choice(len(s), n, replace=False))] for s in sides])
+    y = np.repeat([1, 0], n)  # 1: generated
+    training_rows = n * 2 - -(-n * 2 // folds)  # the smallest training part
+    components = min(n_components, training_rows, x.shape[1])
+    # one PCA per fold: the exact solver measured fastest (docs/decisions.md, Evaluation)
+    pipeline = classifier_pipeline(components, seed, "covariance_eigh")
+    split = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(pipeline, x, y, cv=split, scoring="roc_auc").mean())

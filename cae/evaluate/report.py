@@ -62,6 +62,25 @@ def summarise(scores: pd.DataFrame) -> pd.DataFrame:
     return grouped.median().add_suffix("_median").join(grouped.mean().add_suffix("_mean"))
 
 
+DISTRIBUTION = ("r2_var", "energy_distance", "auc_two_sample")
+"""Metrics of the predicted cells' distribution (beside their mean) the overview shows."""
+
+
+def overview(summary: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The headline ``metric``'s median and mean per method, and the median of each
+    :data:`DISTRIBUTION` metric that was computed.
+
+    Args:
+        summary: :func:`summarise`'s frame.
+        metric: the headline metric (:func:`headline_metric`).
+
+    Returns:
+        Index ``method``; columns ``<metric>_median``, ``<metric>_mean``, ``<distribution>_median``.
+    """
+    wanted = [f"{metric}_median", f"{metric}_mean", *(f"{m}_median" for m in DISTRIBUTION)]
+    return summary[[c for c in wanted if c in summary.columns]]
+
+
 def headline_metric(scores: pd.DataFrame) -> str:
     """``r2_mean_top100`` when it was computed, else the largest ``r2_mean_top{k}``."""
     if HEADLINE in scores.columns:
@@ -324,14 +343,18 @@ def _page(
     """The HTML page; ``tables`` are the scores, summary, per-context and top-genes tables."""
     scores, summary, per_context, top_genes = tables
     wins = beats_identity(scores, metric)
-    overview = summary[[f"{metric}_median", f"{metric}_mean"]].reset_index()
+    medians = overview(summary, metric).reset_index()
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         *(f"<p>{html.escape(n)}</p>" for n in notes),
         f"<p>The model beats identity on {metric} in {sum(wins.values())} of {len(wins)} "
         "held-out contexts.</p>",
         "<h2>Model beside the baselines</h2>",
-        _table_html(overview),
+        "<p>Over held-out contexts. r2_var: squared Pearson of per-gene variances (1 is best); "
+        "energy_distance: between predicted and real cells in PCA space (0 is best); "
+        "auc_two_sample: cross-validated ROC AUC of a classifier telling predicted from real "
+        "cells (0.5 is best: it cannot tell them apart).</p>",
+        _table_html(medians),
         '<img src="figures/methods.png" alt="methods per context">',
         "<h2>Per held-out context</h2>",
         _table_html(scores),

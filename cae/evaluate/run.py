@@ -32,6 +32,7 @@ from cae.evaluate.report import (
     ModelViews,
     beats_identity,
     headline_metric,
+    overview,
     summarise,
     write_report,
 )
@@ -170,11 +171,18 @@ def _finish(
     scores, per_context, genes = scored.scores, scored.per_context, scored.genes
     metric = headline_metric(scores)
     wins = beats_identity(scores, metric)
+    summary = summarise(scores)
+    medians = overview(summary, metric)
     facts = {
         **scored.facts,
         "headline_metric": metric,
         "model_beats_identity": wins,
         "model_beats_identity_everywhere": all(wins.values()),
+        # per method; NaN (a metric undefined for a method) as null, so the file stays JSON
+        "overview": {
+            str(m): {k: (float(v) if math.isfinite(v) else None) for k, v in row.items()}
+            for m, row in medians.iterrows()
+        },
     }
     if truth is not None:
         facts["true_field_ranking"] = list(truth["ranking"])
@@ -194,7 +202,7 @@ def _finish(
         notes=notes,
         models=views,
     )
-    return Evaluation(scores, summarise(scores), per_context, genes, facts, report)
+    return Evaluation(scores, summary, per_context, genes, facts, report)
 
 
 def evaluate(

@@ -55,8 +55,8 @@ class ContextAdam(torch.optim.Adam):
         params: every parameter of the model (the row parameters among them).
         row_parameters: the per-category parameters, a subset of ``params``.
         lr, betas, eps: as :class:`torch.optim.Adam`.
-        fused: Adam's fused implementation, for the dense parameters and (per row) the row
-            parameters; None: torch's default for the dense ones, gathered rows for the others.
+        fused: Adam's fused implementation for the dense parameters (None: torch's default);
+            the row parameters take the fused kernel on the CPU and CUDA unless this is False.
 
     After :meth:`step`, :attr:`updated_rows` maps each row parameter updated from a sparse
     gradient to the (sorted) rows it changed, for ``CAE.project_nonnegative(rows)``.
@@ -164,7 +164,7 @@ def _adam_on_rows(
 ) -> None:
     """Adam on some rows of ``param`` in place, each row with its own step count.
 
-    With ``fused`` (the group's setting) on the CPU and CUDA every row is handed to torch's fused
+    Unless the group's ``fused`` is False, on the CPU and CUDA every row is handed to torch's fused
     Adam (``torch.optim.adam.adam``,
     ``fused=True``) as a tensor of its own (a view, nothing is copied; ``views`` holds the row
     views of ``param``, ``exp_avg``, ``exp_avg_sq`` and ``step``), with its own step: one pass
@@ -172,7 +172,7 @@ def _adam_on_rows(
     updated by :func:`_adam_math`.
     """
     beta1, beta2 = group["betas"]
-    if group["fused"] and param.device.type in ("cpu", "cuda"):
+    if group["fused"] is not False and param.device.type in ("cpu", "cuda"):
         chosen = rows.tolist()
         params, exp_avgs, exp_avg_sqs, steps = ([t[i] for i in chosen] for t in views)
         adam(

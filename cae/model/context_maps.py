@@ -449,8 +449,13 @@ class _GroupedContextMaps(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             chosen = [maps[c].T.to(grad_out.dtype) for c in plan.sort.categories.tolist()]
             grad_h = _segment_matmul(grad_sorted, plan.sort, chosen).index_select(0, plan.inverse)
-        if ctx.needs_input_grad[1]:
-            _use(ctx).add(ordered, grad_sorted, index.index_select(0, plan.order))
+        if ctx.needs_input_grad[1]:  # rows already sorted: their sort is the identity order
+            sort = plan.sort
+            in_order = CategorySort(
+                np.arange(len(sort.order)), sort.categories, sort.starts, sort.counts,
+                sort.group, sort.rank,
+            )  # fmt: skip
+            _use(ctx).add(ordered, grad_sorted, index.index_select(0, plan.order), in_order)
         return grad_h
 
 

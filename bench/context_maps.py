@@ -26,7 +26,9 @@ from cae.train.optim import ContextAdam
 def cases_for(
     n_categories: int, batch: int, latent: int, device: torch.device, optimiser: bool
 ) -> dict[str, object]:
-    """The three implementations of one shape, as calls doing forward + backward (+ step)."""
+    """The implementations of one shape, as calls doing forward + backward (+ step): the seed's,
+    grouped and gather; with the step, also grouped with ``train.torch_internals`` (the optimiser
+    reads the sparse gradient in place)."""
     generator = torch.Generator().manual_seed(n_categories * 7 + batch)
     start = torch.rand(n_categories, latent, latent, generator=generator) / latent
     h = torch.rand(batch, latent, generator=generator).to(device).requires_grad_(True)
@@ -34,9 +36,12 @@ def cases_for(
     weights = torch.rand(batch, latent, generator=generator).to(device)
 
     seed = SeedContextMaps(start).to(device)
-    maps = {m: nn.Parameter(start.clone().to(device)) for m in ("grouped", "gather")}
+    methods = ("grouped", "gather", "internals") if optimiser else ("grouped", "gather")
+    maps = {m: nn.Parameter(start.clone().to(device)) for m in methods}
     seed_opt = torch.optim.Adam(seed.parameters(), lr=1e-3)
-    ours_opt = {m: ContextAdam([p], [p], lr=1e-3) for m, p in maps.items()}
+    ours_opt = {
+        m: ContextAdam([p], [p], lr=1e-3, internals=m == "internals") for m, p in maps.items()
+    }
 
     def seed_case() -> None:
         seed_opt.zero_grad(set_to_none=True)
@@ -49,15 +54,16 @@ def cases_for(
         def case() -> None:
             ours_opt[method].zero_grad(set_to_none=True)
             h.grad = None
-            sparse = method == "grouped"
-            out = apply_context_maps(h, maps[method], index, method, sparse_grad=sparse)
+            sparse = method != "gather"
+            apply = "gather" if method == "gather" else "grouped"
+            out = apply_context_maps(h, maps[method], index, apply, sparse_grad=sparse)
             (out * weights).sum().backward()
             if optimiser:
                 ours_opt[method].step()
 
         return case
 
-    return {"seed": seed_case, "grouped": ours("grouped"), "gather": ours("gather")}
+    return {"seed": seed_case, **{method: ours(method) for method in methods}}
 
 
 def main() -> None:
@@ -98,6 +104,9 @@ def main() -> None:
                     "ours_over_floor": times[ours] / floor,
                     "seed_over_floor": times["seed"] / floor,
                 }
+                if "internals" in times:
+                    row["internals_ms"] = times["internals"] * 1e3
+                    row["internals_speedup"] = times["seed"] / times["internals"]
                 results.append(row)
                 what = "fwd+bwd+step" if optimiser else "fwd+bwd     "
                 print(
@@ -105,7 +114,13 @@ def main() -> None:
                     f"seed {row['seed_ms']:8.2f} ms  grouped {row['grouped_ms']:7.2f} ms  "
                     f"gather {row['gather_ms']:7.2f} ms  speed-up {row['speedup']:5.1f}x  "
                     f"floor {row['floor_ms']:6.3g} ms (ours {row['ours_over_floor']:5.1f}x, "
-                    f"seed {row['seed_over_floor']:5.1f}x)",
+                    f"seed {row['seed_over_floor']:5.1f}x)"
+                    + (
+                        f"  torch_internals {row['internals_ms']:7.2f} ms "
+                        f"({row['internals_speedup']:.1f}x)"
+                        if "internals_ms" in row
+                        else ""
+                    ),
                     flush=True,
                 )
     result = {"device": str(device), "threads": args.threads, "cases": results}

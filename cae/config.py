@@ -347,6 +347,12 @@ class TrainConfig(_Section):
         description="CPU training on Linux (glibc): keep freed memory for reuse instead of "
         "returning it to the system, so that large per-step buffers stop page-faulting anew.",
     )
+    torch_internals: bool = Field(
+        False,
+        description="Use torch internals where the public API costs a copy: the optimiser reads "
+        "the context maps' sparse gradient without coalescing it (cae/train/torch_internals.py; "
+        "tested on the torch releases CI runs). Off: public torch APIs only.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -17,8 +17,8 @@ from cae.train.optim import ContextAdam
 from tests.seed_maps import linears_like, seed_loop
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_context_adam_equals_adam_over_one_module_per_category(fused):
+@pytest.mark.parametrize(("fused", "internals"), [(True, False), (False, False), (True, True)])
+def test_context_adam_equals_adam_over_one_module_per_category(fused, internals):
     """Several steps on batches that miss some categories: every category's map follows the
     seed's per-category Adam exactly (absent categories do not move; step counts per category),
     from sparse and from dense gradients, by the fused kernel and by the fallback."""
@@ -28,7 +28,9 @@ def test_context_adam_equals_adam_over_one_module_per_category(fused):
     linears = linears_like(start)
     seed_optimizer = torch.optim.Adam(linears.parameters(), lr=lr)
     ours = {sparse: nn.Parameter(start.clone()) for sparse in (True, False)}
-    optimizers = {s: ContextAdam([p], [p], lr=lr, fused=fused) for s, p in ours.items()}
+    optimizers = {
+        s: ContextAdam([p], [p], lr=lr, fused=fused, internals=internals) for s, p in ours.items()
+    }
     for step in range(6):
         h = torch.rand(batch, latent, generator=generator)
         index = torch.randint(0, 4 if step < 3 else n_categories, (batch,), generator=generator)
@@ -176,3 +178,24 @@ def test_masked_update_from_a_dense_gradient_equals_the_row_update():
     torch.testing.assert_close(results[0][0], results[1][0])
     assert results[0][1].tolist() == results[1][1].tolist() == [3, 0, 3, 3, 0, 3]
     torch.testing.assert_close(results[0][0][[1, 4]], start[[1, 4]])
+
+
+@pytest.mark.parametrize("internals", [False, True])
+def test_context_adam_sums_a_gradient_of_several_applications(internals):
+    """Two applications without a shared MapsGradient leave an uncoalesced gradient with repeated
+    rows: summed the same with and without torch internals, equal to the dense gradient's step."""
+    generator = torch.Generator().manual_seed(5)
+    start = torch.rand(6, 4, 4, generator=generator)
+    h = torch.rand(20, 4, generator=generator)
+    first, second = (torch.randint(0, 6, (20,), generator=generator) for _ in range(2))
+    results = []
+    for sparse in (True, False):
+        maps = nn.Parameter(start.clone())
+        optimizer = ContextAdam([maps], [maps], lr=0.1, internals=internals and sparse)
+        once = apply_context_maps(h, maps, first, "grouped", sparse_grad=sparse)
+        twice = apply_context_maps(once, maps, second, "grouped", sparse_grad=sparse)
+        twice.sum().backward()
+        assert maps.grad.is_sparse == sparse
+        optimizer.step()
+        results.append(maps.detach())
+    torch.testing.assert_close(results[0], results[1])

@@ -17,10 +17,11 @@ from torch import nn
 from torch.optim.adam import adam
 
 from cae.model.cae import CAE
+from cae.train.torch_internals import sparse_rows
 
 
 def build_optimizers(
-    model: CAE, classifier: nn.Module, lr: float, classifier_lr: float
+    model: CAE, classifier: nn.Module, lr: float, classifier_lr: float, internals: bool = False
 ) -> tuple[ContextAdam, torch.optim.Adam]:
     """The trainer's optimisers: :class:`ContextAdam` for the autoencoder and Adam for the
     classifier, both on torch's fused kernel where the parameters' device has one (the CPU and
@@ -31,13 +32,16 @@ def build_optimizers(
         model: the autoencoder (its context maps are the row parameters).
         classifier: the context classifier.
         lr, classifier_lr: their learning rates.
+        internals: let :class:`ContextAdam` read sparse gradients through torch internals
+            (``train.torch_internals``, :mod:`cae.train.torch_internals`).
 
     Returns:
         ``(optimizer, classifier_optimizer)``.
     """
     device = next(model.parameters()).device
     fused = True if device.type in ("cpu", "cuda") else None
-    optimizer = ContextAdam(model.parameters(), model.row_parameters(), lr=lr, fused=fused)
+    rows = model.row_parameters()
+    optimizer = ContextAdam(model.parameters(), rows, lr=lr, fused=fused, internals=internals)
     classifier_optimizer = torch.optim.Adam(classifier.parameters(), lr=classifier_lr, fused=fused)
     return optimizer, classifier_optimizer
 
@@ -57,6 +61,8 @@ class ContextAdam(torch.optim.Adam):
         lr, betas, eps: as :class:`torch.optim.Adam`.
         fused: Adam's fused implementation for the dense parameters (None: torch's default);
             the row parameters take the fused kernel on the CPU and CUDA unless this is False.
+        internals: read a sparse gradient's rows without coalescing it
+            (:func:`cae.train.torch_internals.sparse_rows`: a private torch API, opt-in).
 
     After :meth:`step`, :attr:`updated_rows` maps each row parameter updated from a sparse
     gradient to the (sorted) rows it changed, for ``CAE.project_nonnegative(rows)``.
@@ -70,12 +76,14 @@ class ContextAdam(torch.optim.Adam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         fused: bool | None = None,
+        internals: bool = False,
     ) -> None:
         row_ids = {id(p) for p in row_parameters}
         groups: list[dict] = [{"params": [p for p in params if id(p) not in row_ids]}]
         if row_parameters:
             groups.append({"params": list(row_parameters), "rows": True})
         super().__init__(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        self.internals = internals
         self.updated_rows: dict[torch.Tensor, torch.Tensor] = {}
         # Per row parameter, the row views of it and of its state that the fused kernel takes,
         # made once (unbinding K rows of four tensors every step costs more than the update of
@@ -118,7 +126,7 @@ class ContextAdam(torch.optim.Adam):
             state["exp_avg"] = torch.zeros_like(param)
             state["exp_avg_sq"] = torch.zeros_like(param)
         if grad.is_sparse:
-            rows, values = _summed_rows(grad)
+            rows, values = _summed_rows(grad, self.internals)
         elif param.device.type == "cpu":  # the rows reached: a host sync costs nothing here
             rows = grad.flatten(1).ne(0).any(dim=1).nonzero().squeeze(1)
             values = grad[rows]
@@ -202,12 +210,15 @@ def _adam_on_rows(
     state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
 
 
-def _summed_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _summed_rows(grad: torch.Tensor, internals: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted distinct rows of a sparse COO gradient (K first) and their summed values.
 
-    The training pass's gradient arrives coalesced (one sum over every application); a sum of
-    several applications' own gradients does not, and is coalesced first.
+    A training pass's gradient holds each touched row once (one sum over every application), but
+    autograd marks it uncoalesced, so the public ``values()`` takes a ``coalesce()`` (a copy);
+    with ``internals`` the rows are read in place when they are sorted and distinct.
     """
+    if internals and not grad.is_coalesced() and (found := sparse_rows(grad)) is not None:
+        return found
     grad = grad if grad.is_coalesced() else grad.coalesce()
     return grad.indices()[0], grad.values()
 

@@ -241,6 +241,7 @@ class Trainer:
             self.networks.classifier,
             settings.train.lr,
             settings.train.classifier_lr,
+            settings.train.torch_internals,
         )
         self.sizes = torch.tensor([sizes[f] for f in self.vocabularies.fields])
         self.history: list[dict[str, float]] = []

@@ -106,12 +106,14 @@ class FusedPasses(nn.Module):
         decode_index = [torch.cat([c[:, f] for c in contexts]) for f in columns]
         decode_plans = [head.plan(index) for head, index in zip(heads, decode_index, strict=True)]
         gradients = [_gradient(head, x.device) for head in heads]
+        # cycle 1 (x, source -> target), the self pass and the moved pass: one encoding
         encode1 = list(zip(source.T, by_source, strict=True))
         latents1 = self._encode(x, encode1, gradients)
         outputs, z_own = self._decode(
             latents1, list(zip(decode_index, decode_plans, strict=True)), gradients, len(contexts)
         )
         cycle1, own, *rest = outputs
+        # cycle 2 (cycle 1's output, target -> source)
         latents2 = self._encode(cycle1, list(zip(target.T, by_target, strict=True)), gradients)
         (cycle2,), _ = self._decode(
             latents2, list(zip(source.T, by_source, strict=True)), gradients, 1

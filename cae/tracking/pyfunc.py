@@ -400,33 +400,42 @@ def register(
     with tempfile.TemporaryDirectory() as scratch:
         local = download_run_checkpoint(run_id, Path(scratch), checkpoint)
         trained = load_checkpoint(local)
-        example = example_input(trained)
-        signature = _signature(predict_frame(trained, example, {}, False))
-        run = client.get_run(run_id)
-        ended = run.info.status
-        # The run's own experiment is made the active one: starting a run of another
-        # experiment than the active one (a training earlier in this process) is refused.
-        mlflow.set_experiment(experiment_id=run.info.experiment_id)
-        mlflow.start_run(run_id=run_id)
-        try:
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=str(MODEL_CODE),
-                artifacts={"checkpoint": local},
-                code_paths=[str(PACKAGE_DIR)],
-                signature=signature,
-                input_example=(example, {"targets": ""}),
-                pip_requirements=pip_requirements(),
-                registered_model_name=name,
-            )
-        finally:  # a refused registration does not change how the training ended
-            mlflow.end_run(ended)
-    version = str(info.registered_model_version)
+        version = _log_and_register(client, run_id, local, trained, name)
     about = {"cae.checkpoint": checkpoint, "cae.epoch": str(trained.epoch)}
     _tag_version(client, name, version, run_id, about)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def _log_and_register(
+    client: MlflowClient, run_id: str, local: str, trained: TrainedModel, name: str
+) -> str:
+    """Log the checkpoint ``local`` (of ``trained``) into run ``run_id`` as the pyfunc, register
+    it as ``name``, and give the run back the status it had; returns the new version."""
+    import mlflow
+
+    example = example_input(trained)
+    signature = _signature(predict_frame(trained, example, {}, False))
+    run = client.get_run(run_id)
+    # The run's own experiment is made the active one: starting a run of another experiment
+    # than the active one (a training earlier in this process) is refused.
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    mlflow.start_run(run_id=run_id)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(MODEL_CODE),
+            artifacts={"checkpoint": local},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature,
+            input_example=(example, {"targets": ""}),
+            pip_requirements=pip_requirements(),
+            registered_model_name=name,
+        )
+    finally:  # a refused registration does not change how the training ended
+        mlflow.end_run(run.info.status)
+    return str(info.registered_model_version)
 
 
 def _tag_version(

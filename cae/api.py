@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cae.data.atomic import atomic_write, check_output_path
+from cae.data.atomic import check_output_path
 from cae.data.store import DataStore, check_cell_names, select_fields
 from cae.errors import CheckpointError, ConfigError
 from cae.generate import (
@@ -274,6 +274,7 @@ class CAE:
             CheckpointError: nothing trained or loaded yet, or ``path`` holds a checkpoint and
                 ``overwrite`` is False.
         """
+        from cae.train.checkpoint import copy_checkpoint
         from cae.train.folder import CHECKPOINT
 
         trained = self._require_trained()
@@ -283,8 +284,7 @@ class CAE:
         if target.exists() and not overwrite:
             raise CheckpointError(f"{target} already exists; pass overwrite=True or another path")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(target) as file:
-            file.write(trained.checkpoint.read_bytes())
+        copy_checkpoint(trained.checkpoint, target)
         return target
 
     @classmethod

@@ -415,7 +415,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
         CheckpointError: the file is missing, unreadable, or not a CAE checkpoint.
         ConfigError: the saved settings do not validate.
     """
-    saved = Checkpoint.read(path)
+    file = checkpoint_file(path)
+    saved = Checkpoint.read(file)
     model, classifier = build_networks(saved.settings, len(saved.genes), saved.vocabularies.sizes())
     model.load_state_dict(saved.inference_weights())
     classifier.load_state_dict(saved.classifier)
@@ -430,6 +431,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Tra
         saved.genes,
         saved.epoch,
         saved.history,
-        checkpoint=checkpoint_file(path),
-        origin=str(checkpoint_file(path).resolve()),
+        checkpoint=file,
+        origin=str(file.resolve()),
     )

@@ -40,7 +40,7 @@ from pydantic_settings import (
 from cae.data.contexts import Selection
 from cae.data.vocabulary import DEFAULT_NULL_VALUES
 from cae.errors import ConfigError, describe_invalid
-from cae.types import ContextMapMethod, Nonnegative
+from cae.types import ContextMapMethod, Likelihood, Nonnegative
 
 Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
@@ -262,6 +262,13 @@ class ModelConfig(_Section):
     )
     classifier_hidden: int = Field(
         128, ge=1, le=65_536, description="Hidden width of the context classifier."
+    )
+    likelihood: Likelihood = Field(
+        "normal",
+        description="nb: a negative binomial of the raw counts whose log mean is the heads' sum "
+        "(library size observed, dispersion per gene; needs data.transform=log1p_cp10k), and "
+        "counterfactuals can be drawn as counts; normal: mean squared error of the log-normalised "
+        "values (the seed's design).",
     )
     counterfactual: Literal["decode", "residual"] = Field(
         "decode",
@@ -635,6 +642,17 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"tune.space.choices['{name}'] lists {option!r}: {err.errors()[0]['msg']}"
                     ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _counts_for_counts(self) -> Settings:
+        """The count likelihood reads raw counts: it needs ``data.transform = log1p_cp10k``."""
+        if self.model.likelihood == "nb" and self.data.transform != "log1p_cp10k":
+            raise ValueError(
+                f"model.likelihood = 'nb' scores raw counts, but data.transform = "
+                f"'{self.data.transform}' reads values that are already normalised; give the raw "
+                "counts with data.transform=log1p_cp10k, or use model.likelihood=normal"
+            )
         return self
 
     def flat(self) -> dict[str, str]:

@@ -239,7 +239,7 @@ def generated_blocks(plan: Generation, progress: bool = False) -> Iterator[dict[
     for chunk, source in tqdm(pairs, desc="generating", unit="chunk", disable=shown):
         expression = store.read_expression(chunk)[:, plan.columns]
         doubts.check(expression)
-        x_model, source_index = model.prepare(expression, source)
+        x_model, source_index, _ = model.prepare(expression, source)
         block: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if not plan.targets or RECONSTRUCTION_LAYER in plan.layers:

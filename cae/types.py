@@ -13,3 +13,12 @@ ContextMapMethod = Literal["auto", "grouped", "gather"]
 
 # Which parameters are kept >= 0: "all" (the seed's design) or "base" (signed field heads).
 Nonnegative = Literal["all", "base"]
+
+# The likelihood of the model's reconstruction (cae.model.likelihood): "nb", a negative binomial
+# of the raw counts with the heads' sum as its log mean (scVI's), or "normal", the mean squared
+# error of the log-normalised values (the seed's design).
+Likelihood = Literal["nb", "normal"]
+
+# Counts per cell that log1p_cp10k normalises to: log1p(counts / total * CP10K). The model-space
+# unit of both likelihoods' outputs, so data and model share it.
+CP10K = 1e4

@@ -4,11 +4,12 @@
     python experiments/kang.py --data data/kang --config experiments/kang.toml --out runs/kang
     python experiments/kang.py --data data/kang --baselines-only --out runs/kang-baselines
 
-For each cell type c: the stimulated cells of c are held out; counts are normalised to 10,000 per
-cell and log1p'd; the 2,000 most variable genes are chosen on the training cells (all but the
-held-out ones) by scanpy's ``highly_variable_genes`` (flavour ``seurat``, on log-normalised values,
-as scGen's and CPA's Kang preprocessing does); a fold data set of those genes (``transform =
-"none"``) is written; the model is trained on it with the held-out cells excluded
+For each cell type c: the stimulated cells of c are held out; the 2,000 most variable genes are
+chosen on the training cells (all but the held-out ones) by scanpy's ``highly_variable_genes``
+(flavour ``seurat``, on counts normalised to 10,000 per cell and log1p'd, as scGen's and CPA's Kang
+preprocessing does); a fold data set of those genes' raw counts is written (the preset's
+``transform = "log1p_cp10k"`` normalises them over those genes, and the count likelihood scores
+them); the model is trained on it with the held-out cells excluded
 (``data.exclude``), moves the control cells of c to stimulated, and is scored by ``cae.evaluate``
 beside identity, mean shift and cell-type-averaged mean shift. Development folds: B, CD4+ T cells,
 CD8+ T cells, NK cells, T; test folds (never used to choose anything): CD14+ Monocytes, CD16+
@@ -73,7 +74,7 @@ def top_variable(x: sp.csr_matrix, n: int) -> np.ndarray:
 
 
 def write_fold(folder: Path, x: sp.csr_matrix, meta: pd.DataFrame, genes: list[str]) -> None:
-    """One fold's data set: log-normalised values of its genes, in chunks of 2,000 cells, in the
+    """One fold's data set: the raw counts of its genes, in chunks of 2,000 cells, in the
     file's own order (sorted by condition): the loader's shuffle windows mix the chunks."""
     if folder.exists():
         shutil.rmtree(folder)
@@ -146,7 +147,8 @@ def score_fold(
     )
     if args.baselines_only:
         cells = collect_cells(
-            DataStore.open(fold_settings.data), "none", holdout, ["condition", "cell_type"],
+            DataStore.open(fold_settings.data), fold_settings.data.transform, holdout,
+            ["condition", "cell_type"],
             fold_settings.evaluate,
         )  # fmt: skip
         return score_holdout(None, cells, holdout, fold_settings.evaluate)
@@ -243,7 +245,7 @@ def main() -> None:
         training = ~holdout.held_out.mask(meta)
         genes = top_variable(x[np.flatnonzero(training)], N_GENES)
         fold = args.out / "folds" / slug(holdout.name)
-        write_fold(fold / "data", x[:, genes], meta, [store.genes[g] for g in genes])
+        write_fold(fold / "data", counts[:, genes], meta, [store.genes[g] for g in genes])
         for seed in seeds:
             seed_started = time.time()
             scores = score_fold(args, overrides, holdout, fold, seed)

@@ -41,12 +41,16 @@ def test_grouped_context_maps_equal_the_naive_loop(n_categories, batch, latent):
         torch.testing.assert_close(a, b)
 
 
-def make_model(offsets: bool = True) -> CAE:
+def make_model(offsets: bool = True, likelihood: str = "normal") -> CAE:
     torch.manual_seed(0)
     model = CAE(
-        n_genes=12, latent_dim=5, field_sizes=SIZES, logit_scale=0.5, context_offsets=offsets
-    )
+        n_genes=12, latent_dim=5, field_sizes=SIZES, logit_scale=0.5, context_offsets=offsets,
+        likelihood=likelihood,
+    )  # fmt: skip
     with torch.no_grad():  # make the heads differ per context, as after training
+        if model.gene_bias is not None and model.log_theta is not None:
+            model.gene_bias.normal_()
+            model.log_theta.normal_()
         for head in model.heads:
             head.context_maps.add_(torch.rand_like(head.context_maps))
             if head.offsets is not None:
@@ -207,20 +211,30 @@ def passes_loss(passes: CyclePasses) -> torch.Tensor:
         total = total + 4 * passes.moved.sum()
     latents = passes.latents1 + passes.latents2
     total = total + sum((i + 1) * h.sum() for i, h in enumerate(latents))
-    return total + sum(passes.squares.values())
+    total = total + sum(passes.squares.values())
+    if passes.own_log_rate is not None and passes.cycle2_log_rate is not None:
+        total = total + 5 * passes.own_log_rate.sum() + 6 * passes.cycle2_log_rate.square().sum()
+    return total if passes.log_theta is None else total + passes.log_theta.sum()
 
 
-@pytest.mark.parametrize("offsets", [True, False])
+@pytest.mark.parametrize(
+    ("offsets", "likelihood"), [(True, "normal"), (False, "normal"), (True, "nb")]
+)
 @pytest.mark.parametrize("batch", [4, 9, 40])  # fewer and more cells than a field's categories
 @pytest.mark.parametrize("moved", [True, False])
 @pytest.mark.parametrize(
     ("method", "sparse"), [("grouped", True), ("grouped", False), ("gather", False)]
 )
-def test_the_fused_passes_equal_the_models_forward(offsets, batch, moved, method, sparse):
-    """The training step's fused passes give the outputs, latents, parsimony squares and
-    gradients of the passes as calls of the model's forward (the contract between them)."""
-    model = make_model(offsets)
-    x, source, target = torch.rand(batch, 12), contexts(batch), contexts(batch, seed=2)
+def test_the_fused_passes_equal_the_models_forward(
+    offsets, likelihood, batch, moved, method, sparse
+):
+    """The training step's fused passes give the outputs, latents, parsimony squares, log
+    rates and gradients of the passes as calls of the model's forward (the contract between
+    them), for both likelihoods."""
+    # The count likelihood's exp and log amplify float32 rounding: compared in float64.
+    dtype = torch.float64 if likelihood == "nb" else torch.float32
+    model = make_model(offsets, likelihood).to(dtype)
+    x, source, target = torch.rand(batch, 12, dtype=dtype), contexts(batch), contexts(batch, seed=2)
     moves = contexts(batch, seed=3) if moved else None
     results = []
     for fused in (False, True):
@@ -236,8 +250,9 @@ def test_the_fused_passes_equal_the_models_forward(offsets, batch, moved, method
         if sparse:  # only the categories the batch used have gradient rows
             assert all(head.context_maps.grad.is_sparse for head in model.heads)
     (reference, reference_grads), (fused, fused_grads) = results
-    for name in ("cycle1", "own", "cycle2", "moved", "latents1", "latents2", "squares"):
+    for name in CyclePasses._fields:
         torch.testing.assert_close(getattr(fused, name), getattr(reference, name), msg=name)
+    assert (fused.own_log_rate is None) == (likelihood == "normal")
     for a, b in zip(fused_grads, reference_grads, strict=True):
         torch.testing.assert_close(a, b)
 

@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cae.data.contexts import Selection, any_selected, selection_fields
 from cae.data.store import DataStore
 from cae.data.vocabulary import Vocabularies
-
-CP10K = 1e4
+from cae.types import CP10K
 
 
 @dataclass
@@ -76,6 +75,7 @@ class Batch:
     x: torch.Tensor  # (B, G) transformed expression
     contexts: torch.Tensor  # (B, F) int64, on the training device
     host_contexts: torch.Tensor  # (B, F) int64, on the host
+    library: torch.Tensor | None = None  # (B, 1) total counts per cell, under log1p_cp10k
 
 
 def split_rows(
@@ -320,8 +320,12 @@ def apply_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
     """
     if transform == "none":
         return x
-    totals = x.sum(dim=1, keepdim=True).clamp_min(1e-12)  # (B, 1); all-zero cells stay zero
-    return torch.log1p(x * (CP10K / totals))
+    return torch.log1p(x * (CP10K / library_sizes(x)))
+
+
+def library_sizes(x: torch.Tensor) -> torch.Tensor:
+    """(B, G) counts -> (B, 1) each cell's total (at least 1e-12: all-zero cells stay zero)."""
+    return x.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def iter_batches(
@@ -369,7 +373,8 @@ def iter_batches(
         x = densify(block, device)  # (B, G)
         # numpy, not torch, indexing: tiny, and torch's can wait on a busy machine's other thread
         host = torch.from_numpy(np.concatenate([chunk.contexts[part] for chunk, part in parts]))
-        yield Batch(apply_transform(x, transform), to_device(host, device), host)
+        library = library_sizes(x) if transform == "log1p_cp10k" else None
+        yield Batch(apply_transform(x, transform), to_device(host, device), host, library)
 
 
 def single_value_batches(contexts: torch.Tensor) -> np.ndarray:

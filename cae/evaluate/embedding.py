@@ -1,15 +1,17 @@
 """Real, reconstructed and moved cells on one UMAP, and how their neighbourhoods mix.
 
-The three kinds of one held-out context:
+The kinds of one held-out context:
 
 * ``real``: real held-out cells (the target context);
 * ``reconstructed``: the model's pass of the source cells in their own contexts (source -> source);
-* ``moved``: the model's counterfactual of the same source cells to the target context.
+* ``moved``: the model's counterfactual of the same source cells to the target context (its mean);
+* ``moved_sampled``: with the count likelihood, counts drawn around ``moved`` with each source
+  cell's library size, log-normalised: what a user who asks for sampled cells gets.
 
 Moved cells are compared with reconstructions, not raw cells: both are the model's output, so a
 gap between moved and real cells that reconstructions share is the decoder's smoothing, and a gap
 they do not share is the move. The embedding is scanpy's (PCA, ``neighbors``, ``umap``) fitted on
-all three kinds together, with a fixed seed; scanpy is imported here only when a UMAP is drawn.
+all kinds together, with a fixed seed; scanpy is imported here only when a UMAP is drawn.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cae.evaluate.protocol import moved_cells
+
 if TYPE_CHECKING:
     from cae.config import EvaluateConfig
     from cae.evaluate.protocol import EvalCells, Holdout
     from cae.train.checkpoint import TrainedModel
 
-KINDS = ("real", "reconstructed", "moved")
+KINDS = ("real", "reconstructed", "moved", "moved_sampled")
 """The kinds of cells on the UMAP, in legend order."""
 
 MIN_CELLS = 5
@@ -94,7 +98,8 @@ def neighbour_mix(graph: sp.spmatrix, kinds: np.ndarray) -> dict[str, dict[str, 
 def model_cells(
     trained: TrainedModel, cells: EvalCells, holdout: Holdout, config: EvaluateConfig
 ) -> dict[str, np.ndarray]:
-    """The three kinds of cells of one held-out context, each sampled to ``config.umap_cells``.
+    """The kinds of cells of one held-out context (:data:`KINDS`), each sampled to
+    ``config.umap_cells``.
 
     The same sampled source cells are reconstructed (source -> source) and moved (source ->
     the held-out values); real cells are sampled from the held-out cells.
@@ -112,10 +117,11 @@ def model_cells(
     rows = sample_rows(len(cells.source), config.umap_cells, rng)
     raw = cells.source_raw[rows]
     meta = cells.source_meta.iloc[rows][list(trained.vocabularies.fields)]
-    reconstructed = trained.counterfactual(raw, meta, {}).output.cpu().numpy()
-    moved = trained.counterfactual(raw, meta, holdout.targets).output.cpu().numpy()
+    reconstructed, _ = moved_cells(trained, raw, meta, {}, config.seed)
+    moved, sampled = moved_cells(trained, raw, meta, holdout.targets, config.seed)
     real = cells.real[sample_rows(len(cells.real), config.umap_cells, rng)]
-    return {"real": real, "reconstructed": reconstructed, "moved": moved}
+    kinds = {"real": real, "reconstructed": reconstructed, "moved": moved}
+    return kinds if sampled is None else {**kinds, "moved_sampled": sampled}
 
 
 def model_umap(

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("model", "identity", "mean_shift", "group_mean_shift")
+METHODS = ("model", "model_sampled", "identity", "mean_shift", "group_mean_shift")
 """The predictions scored for every held-out context, the model first."""
 
 _BLOCK = 4096  # rows densified at a time
@@ -316,26 +316,60 @@ def _subsample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return x if len(x) <= n else x[rng.choice(len(x), n, replace=False)]
 
 
+def moved_cells(
+    trained: TrainedModel,
+    raw: sp.csr_matrix,
+    meta: pd.DataFrame,
+    targets: Mapping[str, str],
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cells moved to ``targets`` in model space: the model's mean and, for a model with the
+    count likelihood, counts drawn around it with each source cell's library size and
+    log-normalised (None otherwise).
+
+    Args:
+        trained: the model.
+        raw: (n, G) the source cells as stored.
+        meta: their metadata (the model's fields at least).
+        targets: ``{field: value}``; empty reconstructs.
+        seed: the draws' seed.
+
+    Raises:
+        ConfigError: a moved field is not one of the model's fields.
+    """
+    for name in targets:
+        if name not in trained.vocabularies.fields:
+            raise ConfigError(
+                f"the model cannot move '{name}': it was trained on "
+                f"{', '.join(trained.vocabularies.fields)}"
+            )
+    x_model, source_index, library = trained.prepare(raw, meta[list(trained.vocabularies.fields)])
+    moved = trained.move(x_model, source_index, targets).output
+    if trained.model.log_theta is None or library is None:
+        return moved.cpu().numpy(), None
+    counts = trained.sample_counts(moved, library, seed)
+    return moved.cpu().numpy(), apply_transform(counts, "log1p_cp10k").cpu().numpy()
+
+
 def predictions(
-    trained: TrainedModel | None, cells: EvalCells, holdout: Holdout
+    trained: TrainedModel | None, cells: EvalCells, holdout: Holdout, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Every method's predicted cells in model space, ``{method: (n, G)}`` in :data:`METHODS`
-    order (the baselines alone when ``trained`` is None).
+    order: the model's mean (``model``), with the count likelihood counts drawn around it with
+    ``seed`` (``model_sampled``, log-normalised), then the baselines (alone when ``trained`` is
+    None).
 
     Raises:
         ConfigError: a moved field is not one of the model's fields.
     """
     out = {}
     if trained is not None:
-        for name in holdout.targets:
-            if name not in trained.vocabularies.fields:
-                raise ConfigError(
-                    f"the model cannot move '{name}': it was trained on "
-                    f"{', '.join(trained.vocabularies.fields)}"
-                )
-        fields = list(trained.vocabularies.fields)
-        moved = trained.counterfactual(cells.source_raw, cells.source_meta[fields], holdout.targets)
-        out["model"] = moved.output.cpu().numpy()
+        mean, sampled = moved_cells(
+            trained, cells.source_raw, cells.source_meta, holdout.targets, seed
+        )
+        out["model"] = mean
+        if sampled is not None:
+            out["model_sampled"] = sampled
     out["identity"] = cells.source
     out["mean_shift"] = cells.source + cells.shift.astype(np.float32)
     out["group_mean_shift"] = cells.source + cells.group_shift.astype(np.float32)
@@ -383,7 +417,7 @@ def score_holdout(
         predicted cells and the real ones, whatever produced them.
     """
     rng = np.random.default_rng([config.seed, 13])
-    predicted = predictions(trained, cells, holdout)
+    predicted = predictions(trained, cells, holdout, config.seed)
     ks = sorted(set(config.top_k))
     ranked = de_genes(cells.real, cells.source, max(ks))
     top = {k: ranked[:k] for k in ks}

@@ -174,7 +174,10 @@ def loss_figure(history: Sequence[Mapping[str, float]], title: str) -> Figure:
     return figure
 
 
-KIND_COLOURS = {"real": "tab:blue", "reconstructed": "tab:green", "moved": "tab:red"}
+KIND_COLOURS = {
+    "real": "tab:blue", "reconstructed": "tab:green", "moved": "tab:red",
+    "moved_sampled": "tab:orange",
+}  # fmt: skip
 
 
 def umap_figure(embedding: pd.DataFrame, title: str) -> Figure:
@@ -304,10 +307,12 @@ def _model_views_html(views: ModelViews) -> str:
     parts = [
         "<h2>Training and the model's cells</h2>",
         "<p>Loss terms per epoch (training and validation). UMAP (scanpy: PCA, neighbours, "
-        "umap; fitted on the three kinds together) of real held-out cells, the model's "
-        "reconstruction of the source cells (source to source) and the same source cells moved "
-        "to the held-out context. Moved cells beside reconstructions but apart from real cells "
-        "show what the model's output misses; the table gives, per kind, the fraction of each "
+        "umap; fitted on all kinds together) of real held-out cells, the model's "
+        "reconstruction of the source cells (source to source), the same source cells moved "
+        "to the held-out context (the model's mean) and, with the count likelihood, counts drawn "
+        "around the moved mean with each source cell's library size (moved_sampled). Moved "
+        "cells beside reconstructions but apart from real cells show what the model's output "
+        "misses; the table gives, per kind, the fraction of each "
         "cell's graph neighbours of each kind.</p>",
     ]
     for context in dict.fromkeys([*views.histories, *views.embeddings]):

@@ -40,7 +40,8 @@ from cae.model.context_maps import (
     plan_maps,
     resolve_method,
 )
-from cae.types import ContextMapMethod, Nonnegative
+from cae.model.likelihood import expression
+from cae.types import ContextMapMethod, Likelihood, Nonnegative
 
 __all__ = [
     "CAE", "CAEOutput", "FieldHead", "Nonnegative", "apply_context_maps", "contribution_l2",
@@ -55,6 +56,9 @@ class CAEOutput(NamedTuple):
     fields: dict[str, torch.Tensor]  # field -> (B, G) its head's term (scaled, offsets added)
     base_hidden: torch.Tensor  # (B, L) the base head's latent
     field_hidden: dict[str, torch.Tensor]  # field -> (B, L) its latent after the source map
+    # (B, G) log share of the cell's counts per gene, log_softmax(base + sum of fields), with the
+    # count likelihood; None with the normal one (cae.model.likelihood)
+    log_rate: torch.Tensor | None = None
 
 
 class FieldHead(nn.Module):
@@ -125,6 +129,12 @@ class CAE(nn.Module):
         nonnegative: ``"all"`` keeps every parameter >= 0 (the seed's design); ``"base"`` only the
             base head, so that field heads (encoders, decoders, maps, offsets) take either sign and
             start as signed uniforms of the same size.
+        likelihood: ``"normal"``: the heads' sum is the model-space expression itself (log1p
+            counts per 10,000), fitted by mean squared error (the seed's design). ``"nb"``: the
+            sum is the log mean of a negative binomial up to a per-cell constant
+            (:mod:`cae.model.likelihood`), the base head gains a per-gene bias, and the model has
+            a per-gene log inverse dispersion ``log_theta``; ``output`` is then the mean in model
+            space. Neither the bias nor the dispersion is kept >= 0.
     """
 
     def __init__(
@@ -135,14 +145,20 @@ class CAE(nn.Module):
         logit_scale: float,
         context_offsets: bool = False,
         nonnegative: Nonnegative = "all",
+        likelihood: Likelihood = "normal",
     ) -> None:
         super().__init__()
         self.n_genes = n_genes
+        self.likelihood = likelihood
         self.nonnegative = nonnegative
         self.latent_dim = latent_dim
         self.fields: tuple[str, ...] = tuple(field_sizes)
         self.logit_scale = logit_scale
         self.base = nn.Parameter(torch.empty(latent_dim, n_genes))  # W: (L, G), tied
+        counts = likelihood == "nb"
+        # Count likelihood: the base term's per-gene bias and the per-gene log inverse dispersion.
+        self.gene_bias = nn.Parameter(torch.zeros(n_genes)) if counts else None
+        self.log_theta = nn.Parameter(torch.zeros(n_genes)) if counts else None
         # One FieldHead per field, in field order: an nn.ModuleList (so its parameters are the
         # model's), typed as the read-only sequence of FieldHead the model uses it as.
         self.heads = cast(
@@ -180,7 +196,7 @@ class CAE(nn.Module):
         """
         target = source if target is None else target
         base_hidden = x @ self.base.T  # (B, L)  h = x W^T
-        base = base_hidden @ self.base  # (B, G)  x_hat_base = h W
+        base = self.base_term(base_hidden)  # (B, G)  x_hat_base = h W (+ gene bias)
         field_hidden: dict[str, torch.Tensor] = {}
         fields: dict[str, torch.Tensor] = {}
         for f, (field, head) in enumerate(zip(self.fields, self.heads, strict=True)):
@@ -190,8 +206,22 @@ class CAE(nn.Module):
             offset = head.offset(target[:, f])  # (B, G)  b_f[target], or None
             field_hidden[field] = hidden
             fields[field] = term if offset is None else term + offset
-        output = base + sum(fields.values()) if fields else base  # (B, G)
-        return CAEOutput(output, base, fields, base_hidden, field_hidden)
+        total = base + sum(fields.values()) if fields else base  # (B, G)
+        output, log_rate = self.mean(total)
+        return CAEOutput(output, base, fields, base_hidden, field_hidden, log_rate)
+
+    def base_term(self, base_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, G) the base head's term ``h W``, plus the gene bias with counts."""
+        term = base_hidden @ self.base
+        return term if self.gene_bias is None else term + self.gene_bias
+
+    def mean(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, G) the heads' sum -> ``(output, log_rate)``: the model-space mean and, with the
+        count likelihood, the log share of counts per gene (None with the normal one)."""
+        if self.likelihood == "normal":
+            return total, None
+        log_rate = torch.log_softmax(total.float(), dim=1)
+        return expression(log_rate).to(total.dtype), log_rate
 
     def counterfactual(
         self, x: torch.Tensor, source: torch.Tensor, target: torch.Tensor, residual: bool
@@ -225,6 +255,9 @@ class CAE(nn.Module):
         Args:
             out: a pass of this model (its ``fields`` and ``field_hidden``).
 
+        With the count likelihood each effect is centred over genes (the softmax of the sum ignores
+        a per-cell constant, so only the centred part of a term moves the mean).
+
         Returns:
             ``{field: (B, G)}`` in float32; zeros for a field with no known category.
         """
@@ -238,7 +271,7 @@ class CAE(nn.Module):
             mean = self.logit_scale * head.decoder(out.field_hidden[field].float() @ mean_map)
             if head.offsets is not None:
                 mean = mean + head.offsets[1:].mean(dim=0)
-            effects[field] = term - mean
+            effects[field] = _identifiable(term - mean, out)
         return effects
 
     def configure_context_maps(self, method: ContextMapMethod, sparse_grad: bool) -> None:
@@ -268,7 +301,10 @@ class CAE(nn.Module):
             self.base.clamp_min_(0.0)
             return
         rows = rows or {}
+        free = {id(self.gene_bias), id(self.log_theta)}  # signed by nature (count likelihood)
         for parameter in self.parameters():
+            if id(parameter) in free:
+                continue
             changed = rows.get(parameter)
             # Few changed rows: those alone (the others are >= 0 already); else the whole tensor.
             if changed is not None and 3 * len(changed) <= parameter.shape[0]:
@@ -285,8 +321,15 @@ class CAE(nn.Module):
 
 
 def contribution_l2(out: CAEOutput) -> dict[str, torch.Tensor]:
-    """Per-cell L2 norm over genes of every head's output: ``{"base": (B,), field: (B,), ...}``."""
-    norms = {"base": torch.linalg.vector_norm(out.base, dim=1)}
+    """Per-cell L2 norm over genes of every head's output: ``{"base": (B,), field: (B,), ...}``
+    (with the count likelihood, of each term centred over genes: see :meth:`CAE.field_effects`)."""
+    norms = {"base": torch.linalg.vector_norm(_identifiable(out.base, out), dim=1)}
     for field, values in out.fields.items():
-        norms[field] = torch.linalg.vector_norm(values, dim=1)
+        norms[field] = torch.linalg.vector_norm(_identifiable(values, out), dim=1)
     return norms
+
+
+def _identifiable(term: torch.Tensor, out: CAEOutput) -> torch.Tensor:
+    """A (B, G) term of ``out``'s sum as far as it moves the output: centred over genes with the
+    count likelihood (a log mean up to a per-cell constant), as it is with the normal one."""
+    return term if out.log_rate is None else term - term.mean(dim=1, keepdim=True)

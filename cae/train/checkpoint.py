@@ -10,6 +10,7 @@ A model never needs the data or preprocessing folder it was trained from.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +25,12 @@ import torch
 from cae import __version__
 from cae.config import CheckpointChoice, Settings, settings_from_dict
 from cae.data.atomic import atomic_write
-from cae.data.loader import apply_transform
+from cae.data.loader import apply_transform, library_sizes
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
-from cae.errors import CheckpointError, DataError, MetadataError
+from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
+from cae.model.likelihood import sample_counts
 from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT
 from cae.train.networks import build_networks
 
@@ -329,7 +331,8 @@ class TrainedModel:
             DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``.
             ValueError: ``x`` does not have the model's gene count.
         """
-        return self.move(*self.prepare(x, source), targets)
+        x_model, source_index, _ = self.prepare(x, source)
+        return self.move(x_model, source_index, targets)
 
     @torch.no_grad()
     def move(
@@ -364,19 +367,20 @@ class TrainedModel:
         Raises:
             As :meth:`counterfactual`.
         """
-        x_model, source_index = self.prepare(x, source)
+        x_model, source_index, _ = self.prepare(x, source)
         return self.model(x_model, source_index.to(x_model.device))
 
     def prepare(
         self,
         x: np.ndarray | sp.spmatrix | torch.Tensor,
         source: pd.DataFrame | Mapping[str, Sequence[str] | str],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Check cells and turn them into what the networks take.
 
         Returns:
-            ``(x_model, source_index)``: (n, G) model-space expression on the model's device,
-            and the (n, F) source categories on the host.
+            ``(x_model, source_index, library)``: (n, G) model-space expression on the model's
+            device, the (n, F) source categories on the host, and under ``log1p_cp10k`` the (n, 1)
+            library sizes (total counts) beside ``x_model`` (None for values used as stored).
 
         Raises:
             As :meth:`counterfactual`.
@@ -398,7 +402,47 @@ class TrainedModel:
         device = next(self.model.parameters()).device
         source_index = self.encode_contexts(source, tensor.shape[0])
         self.model.eval()
-        return apply_transform(tensor.to(device), self.settings.data.transform), source_index
+        transform = self.settings.data.transform
+        tensor = tensor.to(device)
+        library = library_sizes(tensor) if transform == "log1p_cp10k" else None
+        return apply_transform(tensor, transform), source_index, library
+
+    @torch.no_grad()
+    def sample_counts(
+        self,
+        x_model: torch.Tensor,
+        library: torch.Tensor | float | None,
+        seed: int,
+    ) -> torch.Tensor:
+        """Draw counts around model-space means (counterfactuals, reconstructions) from the
+        model's negative binomial (:func:`cae.model.likelihood.sample_counts`).
+
+        Args:
+            x_model: (n, G) model-space means, e.g. :meth:`counterfactual`'s ``output``.
+            library: (n, 1) library sizes (the source cells', from :meth:`prepare`), or one
+                size for every cell.
+            seed: the draws' seed.
+
+        Returns:
+            (n, G) float32 counts on ``x_model``'s device.
+
+        Raises:
+            ConfigError: the model was trained with the normal likelihood (it has no dispersion
+                to draw with), or no library size is known or the one given is not > 0.
+        """
+        if self.model.log_theta is None:
+            raise ConfigError(
+                "sampled counts need a model trained with model.likelihood=nb; this one was "
+                f"trained with model.likelihood={self.settings.model.likelihood}: use its mean "
+                "output, or retrain with --set model.likelihood=nb"
+            )
+        if library is None:
+            raise ConfigError("sampled counts need a library size: give one (total counts)")
+        if not isinstance(library, torch.Tensor):
+            if not (math.isfinite(library) and library > 0):
+                raise ConfigError(f"library size {library!r}: give a number of counts > 0")
+            library = torch.full((x_model.shape[0], 1), float(library), device=x_model.device)
+        return sample_counts(x_model, library, self.model.log_theta, seed)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

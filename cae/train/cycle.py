@@ -40,6 +40,7 @@ from cae.config import LossWeights
 from cae.data.vocabulary import UNK_INDEX
 from cae.model.cae import CAE
 from cae.model.classifier import ContextClassifier
+from cae.model.likelihood import counts_from_expression, nb_nll
 from cae.train.passes import CyclePasses, FusedPasses
 
 
@@ -236,8 +237,13 @@ def generator_losses(
     weights: LossWeights,
     residual: bool = False,
     reference: ContextMeans | None = None,
+    library: torch.Tensor | None = None,
 ) -> GeneratorLosses:
     """Weigh the autoencoder's loss terms of one batch's passes.
+
+    Reconstruction and self reconstruction score ``x`` by mean squared error, or with the count
+    likelihood (``passes`` has log rates) by the negative binomial's negative log likelihood of
+    the cells' counts (:func:`cae.model.likelihood.nb_nll`, mean over cells and genes).
 
     The classifier's parameters must be frozen by the caller (``requires_grad_(False)``): its
     output steers the autoencoder but it does not learn from generated cells.
@@ -253,16 +259,17 @@ def generator_losses(
         residual: counterfactuals are residual (``model.counterfactual``; context-means term).
         reference: the training cells' combination means for the context-means term; None
             compares with the real cells of the batch.
+        library: (B, 1) the cells' library sizes (total counts), needed with the count
+            likelihood: ``x`` is then log1p counts per 10,000 of them.
 
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
     """
-    reconstruction = F.mse_loss(passes.cycle2, x)
+    reconstruction, self_reconstruction = _reconstruction(passes, x, library)
     integration = torch.stack(
         [F.mse_loss(h2, h1) for h1, h2 in zip(passes.latents1, passes.latents2, strict=True)]
     ).mean()  # every head's latent in cycle 1 vs cycle 2
     target_loss = _target_consistency(classifier(passes.cycle1), target, x)
-    self_reconstruction = F.mse_loss(passes.own, x)
     heads = list(passes.squares.values())
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
     context_means = x.new_zeros(())
@@ -284,6 +291,26 @@ def generator_losses(
         total, reconstruction, integration, target_loss, self_reconstruction, parsimony,
         context_means, passes,
     )  # fmt: skip
+
+
+def _reconstruction(
+    passes: CyclePasses, x: torch.Tensor, library: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cycle 2's and the self pass's reconstruction loss: mean squared error, or the negative
+    binomial's with the count likelihood.
+
+    Raises:
+        ValueError: the passes are of a count model and ``library`` is None.
+    """
+    if passes.cycle2_log_rate is None or passes.own_log_rate is None or passes.log_theta is None:
+        return F.mse_loss(passes.cycle2, x), F.mse_loss(passes.own, x)
+    if library is None:
+        raise ValueError("the count likelihood needs the cells' library sizes")
+    counts = counts_from_expression(x.float(), library)
+    return (
+        nb_nll(counts, passes.cycle2_log_rate, library, passes.log_theta),
+        nb_nll(counts, passes.own_log_rate, library, passes.log_theta),
+    )
 
 
 def _target_consistency(
@@ -351,6 +378,7 @@ def training_step(
     autocast: AbstractContextManager | None = None,
     residual: bool = False,
     reference: ContextMeans | None = None,
+    library: torch.Tensor | None = None,
 ) -> tuple[GeneratorLosses, torch.Tensor]:
     """One training step: the autoencoder's update against the frozen classifier, the projection
     of its weights to >= 0 (``CAE.project_nonnegative``), then the classifier's own update on the
@@ -371,6 +399,7 @@ def training_step(
         autocast: the autocast context of the forward passes (none by default).
         residual: counterfactuals are residual (see :func:`generator_losses`).
         reference: the context-means term's reference (see :func:`generator_losses`).
+        library: (B, 1) library sizes, for the count likelihood (see :func:`generator_losses`).
 
     Returns:
         ``(losses, classifier_loss)``.
@@ -382,7 +411,7 @@ def training_step(
     with autocast:
         outputs = passes(x, source, target, moved_contexts(source, target, weights))
         losses = generator_losses(
-            outputs, classifier, x, source, target, weights, residual, reference
+            outputs, classifier, x, source, target, weights, residual, reference, library
         )
     optimizer.zero_grad(set_to_none=True)
     losses.total.backward()

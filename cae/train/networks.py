@@ -29,6 +29,7 @@ def build_networks(
         settings.model.logit_scale,
         settings.model.context_offsets,
         settings.model.nonnegative,
+        settings.model.likelihood,
     )
     classifier = ContextClassifier(n_genes, settings.model.classifier_hidden, sizes)
     return model, classifier

@@ -40,6 +40,11 @@ class CyclePasses(NamedTuple):
     latents2: list[torch.Tensor]  # the same in cycle 2
     # field -> the mean over cells and genes of its head's squared term in the self pass
     squares: dict[str, torch.Tensor]
+    # with the count likelihood, the (B, G) log rates of the self pass and of cycle 2 (what the
+    # negative binomial scores; the tensors above are then model-space means); None otherwise
+    own_log_rate: torch.Tensor | None = None
+    cycle2_log_rate: torch.Tensor | None = None
+    log_theta: torch.Tensor | None = None  # (G,) the model's log inverse dispersion, with them
 
 
 def _latents(out: CAEOutput) -> list[torch.Tensor]:
@@ -71,7 +76,7 @@ def reference_passes(
     squares = {field: term.square().mean() for field, term in own.fields.items()}
     passes = CyclePasses(
         cycle1.output, own.output, cycle2.output, moved_output, _latents(cycle1),
-        _latents(cycle2), squares,
+        _latents(cycle2), squares, own.log_rate, cycle2.log_rate, model.log_theta,
     )  # fmt: skip
     return passes, own
 
@@ -109,22 +114,24 @@ class FusedPasses(nn.Module):
         # cycle 1 (x, source -> target), the self pass and the moved pass: one encoding
         encode1 = list(zip(source.T, by_source, strict=True))
         latents1 = self._encode(x, encode1, gradients)
-        outputs, z_own = self._decode(
+        totals, z_own = self._decode(
             latents1, list(zip(decode_index, decode_plans, strict=True)), gradients, len(contexts)
         )
-        cycle1, own, *rest = outputs
+        (cycle1, _), (own, own_log_rate), *rest = [self.model.mean(t) for t in totals]
         # cycle 2 (cycle 1's output, target -> source)
         latents2 = self._encode(cycle1, list(zip(target.T, by_target, strict=True)), gradients)
-        (cycle2,), _ = self._decode(
+        (total2,), _ = self._decode(
             latents2, list(zip(source.T, by_source, strict=True)), gradients, 1
         )
+        cycle2, cycle2_log_rate = self.model.mean(total2)
         squares = {
             field: _mean_square(head, z, source[:, f], self.model.n_genes)
             for f, field, head, z in zip(columns, self.model.fields, heads, z_own, strict=True)
         }
         return CyclePasses(
-            cycle1, own, cycle2, rest[0] if rest else None, latents1, latents2, squares
-        )
+            cycle1, own, cycle2, rest[0][0] if rest else None, latents1, latents2, squares,
+            own_log_rate, cycle2_log_rate, self.model.log_theta,
+        )  # fmt: skip
 
     def _encode(
         self,
@@ -156,15 +163,16 @@ class FusedPasses(nn.Module):
         field the (passes B,) categories of every context, one after another, and their layout.
 
         Returns:
-            Every context's (B, G) output, ``[h_base, s C_1 h_1, ...] @ [W; D_1^T; ...]`` plus
-            the offsets; and every field's scaled (B, L) latent ``s C_f h_f`` in the second
-            context (the self pass's, for the parsimony term; the first context's when only one).
+            Every context's (B, G) sum of the heads, ``[h_base, s C_1 h_1, ...] @ [W; D_1^T;
+            ...]`` plus the offsets (and the gene bias); and every field's scaled (B, L) latent
+            ``s C_f h_f`` in the second context (the self pass's, for the parsimony term; the
+            first context's when only one).
         """
         model = self.model
         base_hidden, *hidden = latents
         n = base_hidden.shape[0]
         if not hidden:  # no field heads: the base head alone
-            return [base_hidden @ model.base] * passes, []
+            return [model.base_term(base_hidden)] * passes, []
         decoded: list[list[torch.Tensor]] = [[] for _ in range(passes)]  # pass -> field -> z
         for head, h, (index, plan), gradient in zip(
             model.heads, hidden, targets, gradients, strict=True
@@ -176,7 +184,7 @@ class FusedPasses(nn.Module):
         decoders = torch.cat([head.decoder.weight for head in model.heads], dim=1)  # (G, F L)
         shifts = _offsets(model, [index for index, _ in targets], passes, n)
         if passes > 1:  # the base head's term once, for every pass
-            base = base_hidden @ model.base
+            base = model.base_term(base_hidden)
             outputs = [
                 torch.addmm(base if shift is None else base + shift, torch.cat(z, 1), decoders.T)
                 for z, shift in zip(decoded, shifts, strict=True)
@@ -184,6 +192,8 @@ class FusedPasses(nn.Module):
         else:
             stacked = torch.cat([model.base.T, decoders], dim=1)  # (G, (1 + F) L)
             out = torch.cat([base_hidden, *decoded[0]], dim=1) @ stacked.T
+            if model.gene_bias is not None:
+                out = out + model.gene_bias
             outputs = [out if shifts[0] is None else out + shifts[0]]
         return outputs, decoded[min(1, passes - 1)]
 

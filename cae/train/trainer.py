@@ -30,6 +30,7 @@ from cae.config import Settings
 from cae.data.atomic import atomic_write
 from cae.data.contexts import selection_fields
 from cae.data.loader import (
+    Batch,
     ChunkDataset,
     EpochOrder,
     LoadedChunk,
@@ -466,9 +467,9 @@ class Trainer:
 
         def counted() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for chunk in loader:
-                for x, source, _ in self._batches([chunk], "train_rows", None):
-                    bar.update(x.shape[0])
-                    yield x, source
+                for batch in self._batches([chunk], "train_rows", None):
+                    bar.update(batch.x.shape[0])
+                    yield batch.x, batch.contexts
 
         with bar:
             return ContextMeans.accumulate(counted(), self.sizes, self.store.n_genes)
@@ -577,19 +578,18 @@ class Trainer:
         window: Sequence[LoadedChunk],
         rows: str,
         generator: torch.Generator | None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(x, contexts on the device, contexts on the host)`` of every batch drawn across the
-        ``rows`` (``train_rows`` or ``val_rows``) of one shuffle window's chunks."""
+    ) -> Iterator[Batch]:
+        """The :class:`~cae.data.loader.Batch` of every batch drawn across the ``rows``
+        (``train_rows`` or ``val_rows``) of one shuffle window's chunks."""
         cfg = self.settings
-        for batch in iter_batches(
+        yield from iter_batches(
             window,
             [getattr(chunk, rows) for chunk in window],
             cfg.train.batch_size,
             self.device,
             cfg.data.transform,
             generator,
-        ):
-            yield batch.x, batch.contexts, batch.host_contexts
+        )
 
     def _autocast(self) -> AbstractContextManager:
         """bfloat16 autocast of forward passes when ``train.precision`` asks for it."""
@@ -719,7 +719,8 @@ class Trainer:
         cfg, networks = self.settings, self.networks
         single = np.zeros(len(self.vocabularies.fields))  # (F,) batches with one value
         batches = 0
-        for x, source, host_source in self._batches(window, "train_rows", rows_gen):
+        for batch in self._batches(window, "train_rows", rows_gen):
+            x, source, host_source = batch.x, batch.contexts, batch.host_contexts
             if self.steps_left is not None:
                 if self.steps_left == 0:
                     break
@@ -742,6 +743,7 @@ class Trainer:
                 autocast=self._autocast(),
                 residual=cfg.model.counterfactual == "residual",
                 reference=self.reference,
+                library=batch.library,
             )
             if networks.averaged is not None:
                 networks.averaged.update_parameters(networks.model)
@@ -772,8 +774,8 @@ class Trainer:
         rows_gen = torch.Generator().manual_seed(epoch_seed(cfg.train.seed, 0, "validation_rows"))
         windows = windows_of(self.eval_loader, self.eval_windows)
         batches = (b for w in windows for b in self._batches(w, self.eval_rows, rows_gen))
-        for x, source, host_source in batches:
-            n = x.shape[0]
+        for batch in batches:
+            x, source, host_source, n = batch.x, batch.contexts, batch.host_contexts, len(batch.x)
             target = to_device(sample_targets(host_source, self.sizes, generator), self.device)
             weights = cfg.train.weights
             with self._autocast():
@@ -782,8 +784,9 @@ class Trainer:
                 )
                 residual = cfg.model.counterfactual == "residual"
                 losses = generator_losses(
-                    passes, classifier, x, source, target, weights, residual, self.reference
-                )
+                    passes, classifier, x, source, target, weights, residual, self.reference,
+                    batch.library,
+                )  # fmt: skip
                 own = model(x, source)  # every head's term: contributions and effects
                 logits = classifier(x)
                 c_loss = classifier_loss(logits, source)

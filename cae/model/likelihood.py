@@ -1,0 +1,87 @@
+"""The count likelihood: a negative binomial whose log mean is the heads' sum (scVI's model).
+
+With ``likelihood = "nb"`` the sum of the heads ``eta`` (B, G) is a log mean up to a per-cell
+constant: ``log_rate = log_softmax(eta)`` is each gene's log share of the cell's counts, and a
+cell of library size ``l`` (its total counts) has the mean ``mu = l * exp(log_rate)``, as scVI
+decodes with the observed library size. Counts are negative binomial with that mean and a per-gene
+inverse dispersion ``theta = exp(log_theta)`` (variance ``mu + mu^2 / theta``).
+
+Both likelihoods share one model space, log1p of counts per 10,000 (``log1p_cp10k``): the NB
+model's mean there is :func:`expression` of its log rate, so evaluation, the classifier and the
+cycle's second pass read the same units either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cae.types import CP10K
+
+__all__ = ["counts_from_expression", "expression", "nb_nll", "sample_counts"]
+
+
+def expression(log_rate: torch.Tensor) -> torch.Tensor:
+    """(B, G) log shares of a cell's counts -> (B, G) the mean in model space,
+    ``log1p(CP10K * exp(log_rate))``."""
+    return torch.log1p(CP10K * torch.exp(log_rate))
+
+
+def counts_from_expression(x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+    """Undo ``log1p_cp10k``: (B, G) model-space values and (B, 1) library sizes -> (B, G) counts
+    (exact up to float rounding for cells that were counts)."""
+    return torch.expm1(x).clamp_min(0.0) * (library / CP10K)
+
+
+def nb_nll(
+    counts: torch.Tensor, log_rate: torch.Tensor, library: torch.Tensor, log_theta: torch.Tensor
+) -> torch.Tensor:
+    """The negative binomial's negative log likelihood, averaged over cells and genes.
+
+    Args:
+        counts: (B, G) observed counts (need not be whole numbers).
+        log_rate: (B, G) log share of the cell's counts per gene (rows log-sum-exp to 0).
+        library: (B, 1) library sizes (total counts), > 0.
+        log_theta: (G,) log inverse dispersion per gene.
+
+    Returns:
+        A scalar: ``-mean log NB(counts; mu = library * exp(log_rate), theta)``.
+    """
+    log_mu = log_rate + torch.log(library)
+    log_theta = log_theta.to(log_mu.dtype)
+    theta = torch.exp(log_theta)
+    log_theta_mu = torch.logaddexp(log_theta, log_mu)  # log(theta + mu), stable
+    log_likelihood = (
+        theta * (log_theta - log_theta_mu)
+        + counts * (log_mu - log_theta_mu)
+        + torch.lgamma(counts + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(counts + 1.0)
+    )
+    return -log_likelihood.mean()
+
+
+def sample_counts(
+    x: torch.Tensor, library: torch.Tensor, log_theta: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """Draw counts around model-space means from the negative binomial.
+
+    Args:
+        x: (B, G) model-space means (log1p counts per 10,000), e.g. counterfactuals.
+        library: (B, 1) library sizes of the cells to draw (> 0).
+        log_theta: (G,) log inverse dispersion per gene.
+        seed: the draws' seed (the same seed, means and sizes give the same counts; torch's
+            global random state is left as it was).
+
+    Returns:
+        (B, G) float32 whole counts; gene g of cell b has mean ``library_b`` times ``x_b``'s share
+        of gene g, ``expm1(x_bg) / sum_g expm1(x_bg)``.
+    """
+    rate = torch.expm1(x.float()).clamp_min(0.0)
+    share = rate / rate.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    log_mu = torch.log(share * library.float())  # -inf where the share is 0: no counts
+    theta = torch.exp(log_theta.float()).expand_as(log_mu)
+    distribution = torch.distributions.NegativeBinomial(theta, logits=log_mu - theta.log())
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return distribution.sample()

@@ -318,12 +318,13 @@ class TrainConfig(_Section):
         "(0 = off: the last step's weights; 0.999 averages over about the last 1,000 steps).",
     )
     weights: LossWeights = LossWeights()
-    context_means_reference: Literal["batch", "data"] = Field(
-        "data",
+    context_means_reference: Literal["auto", "batch", "data"] = Field(
+        "auto",
         description="What the context-means term compares moved cells with: the mean of the real "
         "cells of each context combination over all training cells (data: computed once before "
-        "training, exact; a table of every combination of the fields' categories x genes) or "
-        "among the batch's cells (batch: a few cells per combination, noisy).",
+        "training, exact; a table of every combination of the fields' categories x genes, one "
+        "training process), among the batch's cells (batch: a few cells per combination, "
+        "noisy), or auto: data where its table fits in 2 GiB and one process trains, else batch.",
     )
     seed: Seed = Field(0, description="Seed of initialisation, shuffling and target sampling.")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N or mps.")

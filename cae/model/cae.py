@@ -11,6 +11,13 @@ Expression is explained additively, one term per head::
   ``x_hat_f = s * D_f(C_f[target] h_f)``, with ``s`` the metadata logit scale, plus the target
   context's gene-space offset ``b_f[target]`` when the model has offsets.
 
+With the count likelihood (``likelihood="nb"``, :mod:`cae.model.likelihood`) the same sum is the
+log mean of a negative binomial up to a per-cell constant: the base head gains a per-gene bias,
+``log_rate = log_softmax(x_hat)`` is each gene's share of the cell's counts, the mean of a cell of
+library size l is ``l exp(log_rate)``, and ``output`` is that mean in model space,
+``log1p(10^4 exp(log_rate))``. Contributions and effects are then read on terms centred over genes
+(the part of a term that moves the mean).
+
 :meth:`CAE.forward` is that design, written as it reads; it serves evaluation, generation and
 serving. Training runs the same math fused across a step's passes
 (:class:`cae.train.passes.FusedPasses`), tested equal to this forward.

@@ -5,11 +5,12 @@ For each mini-batch every enabled field of every cell gets a target category, dr
 the field's other known categories (``<unk>`` is never a target). Cycle 1 maps ``(x, source ->
 target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
 
-* reconstruction: cycle-2 output vs ``x``;
+* reconstruction: cycle-2 output vs ``x`` (mean squared error; with ``model.likelihood = "nb"``
+  the negative binomial's negative log likelihood of the counts, :mod:`cae.model.likelihood`);
 * integration: every head's latent in cycle 1 vs cycle 2 (the cell's identity survives the trip);
 * target consistency: the frozen classifier should read cycle-1 output as the targets;
 * self reconstruction (an extension of the seed's design, weight 0 restores it): ``(x, source ->
-  source)`` vs ``x``;
+  source)`` vs ``x``, scored as the reconstruction is;
 * parsimony (an extension, weight 0 restores the seed): the mean squared output of the field heads
   in the self pass, so that what the base head can explain stays there and each field's
   contribution measures what only that field explains;

@@ -405,8 +405,24 @@ class Trainer:
             for name in self.vocabularies.fields
         }
         self.reference: ContextMeans | None = None
-        if cfg.train.weights.context_means > 0 and cfg.train.context_means_reference == "data":
+        if cfg.train.weights.context_means > 0 and self._reference_from_data():
             self.reference = self._context_means(chunk_loader(dataset, train_idx, workers, 1))
+
+    def _reference_from_data(self) -> bool:
+        """Whether the context-means term compares with all training cells' means (``data``),
+        not the batch's: as set, or under ``auto`` where the table fits and one process trains."""
+        choice = self.settings.train.context_means_reference
+        if choice != "auto":
+            return choice == "data"
+        table = ContextMeans.table_bytes(self.sizes, self.store.n_genes)
+        if table <= _REFERENCE_LIMIT and not self.ranks.enabled:
+            return True
+        log.info(
+            "train.context_means_reference = auto: comparing with each batch's cells (%s)",
+            "several training processes" if self.ranks.enabled else
+            f"a table of every context combination would take {table / 2**30:.1f} GiB",
+        )  # fmt: skip
+        return False
 
     def _split_counts(self) -> tuple[list[int], list[int], int, int]:
         data, seed = self.settings.data, self.settings.train.seed

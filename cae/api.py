@@ -8,6 +8,7 @@
     model = cae.CAE(adata, overrides={"model.latent_dim": 16})
     model.train(epochs=15, out_dir="runs/py")  # progress and an MLflow run, as `cae train`
     moved = model.counterfactual(targets={"sex": "female"})  # an AnnData, the input's cells
+    counts = model.counterfactual(targets={"sex": "female"}, sample=True, seed=1)  # nb models
     same = model.reconstruct()
     z = model.get_latent_representation()  # (cells, latent_dim)
     model = cae.CAE.load("runs/py")  # or "models:/NAME@alias"
@@ -36,6 +37,7 @@ from cae.generate import (
     generated_anndata,
     load_any_model,
     plan_generation,
+    requested_sampling,
 )
 
 if TYPE_CHECKING:
@@ -181,8 +183,11 @@ class CAE:
         layer: str | None = None,
         add_input: bool = False,
         add_reconstruction: bool = False,
+        sample: bool = False,
+        seed: int = 0,
+        library_size: float | None = None,
     ) -> anndata.AnnData:
-        """Move every cell to the target contexts.
+        """Move every cell to the target contexts; the mean, or counts drawn around it.
 
         Args:
             adata: the cells (default: the set-up AnnData), in the units the model was trained
@@ -194,22 +199,33 @@ class CAE:
                 ``.X``).
             add_input: add the input in model space as layer ``cae_input``.
             add_reconstruction: add the reconstruction as layer ``cae_reconstruction``.
+            sample: draw counts from the model's negative binomial around the counterfactual
+                mean into ``.X`` (the mean goes to layer ``cae_mean``); a model trained with
+                ``model.likelihood = "nb"`` only.
+            seed: the draws' seed, 0 to 2**63 - 1 (each ``batch_size`` block of cells draws with
+                its own seed derived from it: the same seed and batch size give the same counts).
+            library_size: the total counts every cell is drawn with (None: each cell's own).
 
         Returns:
             An AnnData with ``adata``'s obs_names, ``.obs`` (plus ``source_<field>`` and
             ``target_<field>``) and ``.var`` (the model's genes, in its order); ``.X`` the
-            counterfactual in model space (log1p counts per 10,000 under ``log1p_cp10k``);
-            ``.uns["cae"]`` says what it holds, ``.uns["log1p"]`` marks log1p data as scanpy does.
+            counterfactual in model space (log1p counts per 10,000 under ``log1p_cp10k``), or with
+            ``sample`` the drawn counts (float32 whole numbers); ``.uns["cae"]`` says what it
+            holds (and the seed and library size of the draws), ``.uns["log1p"]`` marks log1p
+            data as scanpy does.
 
         Raises:
+            ConfigError: ``sample`` for a model trained with the normal likelihood, a seed or
+                library size that is not one (or given without ``sample``).
             DataError: missing genes, repeated cell names, NaN or negative values.
             MetadataError: an unknown field or value.
         """
         trained = self._require_trained()
+        sampling = requested_sampling(sample, seed, library_size)
         store = self._store(adata, layer, batch_size)
         wanted = {INPUT_LAYER: add_input, RECONSTRUCTION_LAYER: add_reconstruction}
         layers = [name for name, asked in wanted.items() if asked]
-        plan = plan_generation(trained, store, dict(targets or {}), layers)
+        plan = plan_generation(trained, store, dict(targets or {}), layers, sampling)
         return generated_anndata(plan)
 
     def reconstruct(
@@ -218,9 +234,16 @@ class CAE:
         *,
         batch_size: int = PREDICT_CHUNK,
         layer: str | None = None,
+        sample: bool = False,
+        seed: int = 0,
+        library_size: float | None = None,
     ) -> anndata.AnnData:
-        """The cells decoded in their own contexts: :meth:`counterfactual` without targets."""
-        return self.counterfactual(adata, None, batch_size=batch_size, layer=layer)
+        """The cells decoded in their own contexts: :meth:`counterfactual` without targets (with
+        ``sample``, counts drawn around the reconstruction)."""
+        return self.counterfactual(
+            adata, None, batch_size=batch_size, layer=layer, sample=sample, seed=seed,
+            library_size=library_size,
+        )  # fmt: skip
 
     def get_latent_representation(
         self,

@@ -415,9 +415,16 @@ def _add_register(commands: _Commands) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Write counterfactuals of every input cell to an .h5ad."""
     from cae.data.contexts import parse_targets
-    from cae.generate import INPUT_LAYER, RECONSTRUCTION_LAYER, generate, load_any_model
+    from cae.generate import (
+        INPUT_LAYER,
+        RECONSTRUCTION_LAYER,
+        generate,
+        load_any_model,
+        requested_sampling,
+    )
 
     targets = parse_targets(";".join(args.set or []))
+    sample = requested_sampling(args.sample, args.seed, args.library_size, _flag_name)
     if not targets:
         log.info("no --set given: .X will be the reconstruction of every cell")
     model = load_any_model(args.model)
@@ -425,13 +432,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
     out = generate(
         model, args.input, targets, args.out, overwrite=args.overwrite,
         obs_filter=args.obs_filter, layer=args.layer,
-        layers=[name for name, asked in wanted.items() if asked],
+        layers=[name for name, asked in wanted.items() if asked], sample=sample,
     )  # fmt: skip
+    what = "counterfactuals" if targets else "reconstructions"
+    if sample is not None:
+        what = f"counts (seed {sample.seed}) drawn around the {what}"
     if targets:
         moved = ", ".join(f"{k}={v}" for k, v in targets.items())
-        print(f"wrote counterfactuals ({moved}) to {out}")
+        print(f"wrote {what} ({moved}) to {out}")
     else:
-        print(f"wrote reconstructions (no --set) to {out}")
+        print(f"wrote {what} (no --set) to {out}")
+
+
+def _flag_name(name: str) -> str:
+    """An option's name as a flag: ``library_size`` is ``--library-size``."""
+    return "--" + name.replace("_", "-")
 
 
 def _add_generate(commands: _Commands) -> None:
@@ -440,6 +455,7 @@ def _add_generate(commands: _Commands) -> None:
         help="write counterfactuals of many cells to an .h5ad",
         description="Move every cell of the input to other contexts and write an .h5ad whose .X "
         "is the counterfactual expression (without --set: the reconstruction) in model space, "
+        "or with --sample counts drawn around it (a model trained with model.likelihood=nb), "
         "whose cells, .obs and .var are the input's (with source_<field> and target_<field> "
         "added to .obs), and whose .uns['cae'] says what .X holds.",
     )
@@ -467,6 +483,19 @@ def _add_generate(commands: _Commands) -> None:
     generate.add_argument(
         "--with-reconstruction", action="store_true",
         help="add the reconstruction as layer cae_reconstruction",
+    )  # fmt: skip
+    generate.add_argument(
+        "--sample", action="store_true", help="draw counts from the model's negative binomial "
+        "around the mean into .X (raw counts, whole numbers); the mean goes to layer cae_mean. "
+        "Needs a model trained with model.likelihood=nb",
+    )  # fmt: skip
+    generate.add_argument(
+        "--seed", type=int, metavar="N", help="the seed of --sample's draws (default 0; each "
+        "chunk draws with its own seed derived from it)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--library-size", type=float, metavar="L", help="the total counts every cell is drawn "
+        "with by --sample (default: each source cell's own total counts)",
     )  # fmt: skip
     generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")

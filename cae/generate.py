@@ -6,24 +6,34 @@ The output AnnData:
 
 * ``.X``: the counterfactual expression, or without targets the reconstruction (the cells
   decoded in their own contexts), in model space: log1p counts per 10,000 for the default
-  transform ``log1p_cp10k``;
+  transform ``log1p_cp10k``; or, with sampling (:class:`Sampling`, ``cae generate --sample``),
+  counts drawn from the model's negative binomial around that mean (raw counts, float32 whole
+  numbers; only for a model trained with ``model.likelihood = "nb"``);
 * ``obs_names`` and ``.obs``: the input's cell names and obs columns (chunk files name their
   cells ``<chunk id>_<row>``, a SOMA experiment by ``soma_joinid``), with ``source_<field>`` and
   ``target_<field>`` added for every field of the model;
 * ``var_names`` and ``.var``: the model's genes in the model's order, with the input's var rows
   of those genes (matched by name);
-* ``.uns["cae"]``: the model, targets, what ``.X`` holds and in which units; ``.uns["log1p"]``
-  (``{"base": None}``, scanpy's mark of log1p data) under ``log1p_cp10k``;
-* optionally the layers ``cae_input`` (the input in model space) and ``cae_reconstruction``.
+* ``.uns["cae"]``: the model, targets, what ``.X`` holds and in which units (with sampling:
+  ``"counts"``, and ``sampling`` the seed and the library size used); ``.uns["log1p"]``
+  (``{"base": None}``, scanpy's mark of log1p data) when ``.X`` is log1p counts per 10,000;
+* with sampling the layer ``cae_mean`` (the mean in model space, what ``.X`` would be without);
+  optionally the layers ``cae_input`` (the input in model space) and ``cae_reconstruction``.
+
+Sampled counts are drawn per chunk, chunk ``i`` with the seed derived from ``(seed, i)``: the same
+seed and chunking give the same counts, every chunk its own independent draws. Each cell is drawn
+with its source cell's total counts as library size, or with one size given for every cell.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -50,6 +60,10 @@ log = logging.getLogger(__name__)
 
 INPUT_LAYER = "cae_input"  # the input in model space
 RECONSTRUCTION_LAYER = "cae_reconstruction"  # the cells decoded in their own contexts
+MEAN_LAYER = "cae_mean"  # with sampling: the mean the counts in X were drawn around
+MAX_SEED = 2**63 - 1  # seeds fit a signed 64-bit integer (MLflow's "long", an .h5ad attribute)
+MAX_LIBRARY_SIZE = 1e9  # counts per cell: real cells hold thousands; draws stay far from overflow
+SOURCE_LIBRARY = "source cell's total counts"
 UNITS = {"log1p_cp10k": "log1p counts per 10,000", "none": "as the input (transform none)"}
 
 
@@ -113,6 +127,135 @@ def open_input(
     return DataStore.open(data.model_copy(update={"path": str(path)}))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Counts drawn around the model's mean, from its negative binomial.
+
+    Args:
+        seed: the draws' seed, a whole number from 0 to :data:`MAX_SEED`.
+        library_size: the total counts every cell is drawn with, > 0 and at most
+            :data:`MAX_LIBRARY_SIZE`; None: each source cell's own total counts.
+
+    Raises:
+        ConfigError: a seed or library size that is not such a number (the message names it).
+    """
+
+    seed: int = 0
+    library_size: float | None = None
+
+    def __post_init__(self) -> None:
+        seed, size = _checked_sampling(self.seed, self.library_size, str)
+        object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "library_size", size)
+
+    def chunk_seed(self, chunk: int) -> int:
+        """The seed of chunk ``chunk``'s draws: derived from ``(seed, chunk)``, so chunks draw
+        independently and the same seed draws the same counts again."""
+        return int(np.random.SeedSequence([self.seed, chunk]).generate_state(1)[0])
+
+    def draw(
+        self,
+        model: TrainedModel,
+        mean: torch.Tensor,
+        library: torch.Tensor | None,
+        chunk: int = 0,
+    ) -> torch.Tensor:
+        """Counts around a chunk's means.
+
+        Args:
+            model: a model trained with ``model.likelihood = "nb"``.
+            mean: (n, G) the chunk's means in model space.
+            library: (n, 1) its source cells' total counts (from :meth:`TrainedModel.prepare`),
+                used unless :attr:`library_size` is given.
+            chunk: which chunk (see :meth:`chunk_seed`).
+
+        Returns:
+            (n, G) float32 whole counts, >= 0 and finite.
+
+        Raises:
+            ConfigError: the model was trained with the normal likelihood.
+            DataError: the draws overflowed (source cells with far more counts than real cells).
+        """
+        size = library if self.library_size is None else self.library_size
+        counts = model.sample_counts(mean, size, self.chunk_seed(chunk))
+        if not bool(((counts >= 0) & torch.isfinite(counts)).all()):
+            raise DataError(
+                "drawing counts overflowed: the source cells hold far more counts than real cells "
+                f"(at most {MAX_LIBRARY_SIZE:,.0f} is safe); give a library size"
+            )
+        return counts
+
+    def describe(self) -> dict[str, Any]:
+        """What the output's ``uns["cae"]["sampling"]`` says: the seed and the library size."""
+        size = SOURCE_LIBRARY if self.library_size is None else self.library_size
+        return {"seed": self.seed, "library_size": size}
+
+
+def requested_sampling(
+    sample: bool, seed: object, library_size: object, name: Callable[[str], str] = str
+) -> Sampling | None:
+    """The sampling a command, call or request asks for.
+
+    Args:
+        sample: draw counts.
+        seed: the draws' seed (None: 0).
+        library_size: the total counts every cell is drawn with (None: the source cell's).
+        name: how the asker spells an option (``--library-size`` on the command line).
+
+    Returns:
+        The :class:`Sampling`, or None without ``sample``.
+
+    Raises:
+        ConfigError: a seed other than 0 or a library size without ``sample``, or one that
+            :class:`Sampling` refuses.
+    """
+    if not sample:
+        for key, value in (("seed", seed), ("library_size", library_size)):
+            if value is not None and not (key == "seed" and is_whole_number(value) and value == 0):
+                raise ConfigError(
+                    f"{name(key)} sets how counts are drawn, but counts are drawn only with "
+                    f"{name('sample')}: add it, or drop {name(key)}"
+                )
+        return None
+    return Sampling(*_checked_sampling(0 if seed is None else seed, library_size, name))
+
+
+def _checked_sampling(
+    seed: object, library_size: object, name: Callable[[str], str]
+) -> tuple[int, float | None]:
+    """``(seed, library_size)`` as an int and a float, checked as :class:`Sampling` says.
+
+    Raises:
+        ConfigError: naming the option (spelt by ``name``) and its value.
+    """
+    if not (is_whole_number(seed) and 0 <= cast(int, seed) <= MAX_SEED):
+        raise ConfigError(
+            f"{name('seed')} is {seed!r}: the seed of sampled counts is a whole number from 0 to "
+            "2**63 - 1"
+        )
+    if library_size is None:
+        return int(cast(int, seed)), None
+    size = cast(float, library_size)
+    number = float(size) if is_number(size) and abs(size) < math.inf else math.nan
+    if not 0 < number <= MAX_LIBRARY_SIZE:  # NaN fails it too
+        raise ConfigError(
+            f"{name('library_size')} is {library_size!r}: the library size of sampled counts is "
+            f"the total counts every cell is drawn with, a number > 0 and at most "
+            f"{MAX_LIBRARY_SIZE:,.0f} (or none: each source cell's own total counts)"
+        )
+    return int(cast(int, seed)), number
+
+
+def is_whole_number(value: object) -> bool:
+    """An integer, and not a boolean (True is an int to Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def is_number(value: object) -> bool:
+    """A real number, and not a boolean."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
 @dataclass
 class Generation:
     """One input's output, planned and checked before any cell is moved: its obs, var and uns,
@@ -121,12 +264,13 @@ class Generation:
     model: TrainedModel
     store: DataStore
     targets: dict[str, str]
-    layers: tuple[str, ...]  # of INPUT_LAYER, RECONSTRUCTION_LAYER
+    layers: tuple[str, ...]  # of MEAN_LAYER (with sampling), INPUT_LAYER, RECONSTRUCTION_LAYER
     columns: np.ndarray  # (G,) the model's genes among the input's
     sources: list[pd.DataFrame]  # per chunk, the model's fields as text
     obs: pd.DataFrame
     var: pd.DataFrame
     uns: dict[str, Any]
+    sampling: Sampling | None = None  # None: X is the mean
 
 
 def plan_generation(
@@ -134,6 +278,7 @@ def plan_generation(
     store: DataStore,
     targets: Mapping[str, str],
     layers: Sequence[str] = (),
+    sample: Sampling | None = None,
 ) -> Generation:
     """Check an input against the model and build the output's obs, var and uns.
 
@@ -142,12 +287,18 @@ def plan_generation(
         store: the input's cells.
         targets: ``{field: value}`` for the fields to change; empty for reconstructions.
         layers: which of :data:`INPUT_LAYER` and :data:`RECONSTRUCTION_LAYER` to add.
+        sample: draw counts into ``.X`` (the mean goes to layer :data:`MEAN_LAYER`); None: ``.X``
+            is the mean.
 
     Raises:
+        ConfigError: ``sample`` for a model trained with the normal likelihood.
         DataError: missing genes, cell names that repeat.
         MetadataError: an unknown field or value (in the input or the targets), or an obs
             column the output would add (``source_<field>``, ``target_<field>``).
     """
+    if sample is not None:
+        model.check_sampling()
+        layers = (MEAN_LAYER, *layers)
     columns = gene_positions(store.genes, model.genes, str(store.path), "the model's")
     if len(store.genes) > len(model.genes):
         log.warning("ignoring %d input genes the model does not use", store.n_genes - len(columns))
@@ -163,8 +314,10 @@ def plan_generation(
         sources.append(source.astype(str).reset_index(drop=True))
     obs = _output_obs(store, frames, sources, targets, fields)
     var = store.var.iloc[columns].set_axis(pd.Index(model.genes))
-    uns = _output_uns(model, targets, layers)
-    return Generation(model, store, dict(targets), tuple(layers), columns, sources, obs, var, uns)
+    uns = _output_uns(model, targets, layers, sample)
+    return Generation(
+        model, store, dict(targets), tuple(layers), columns, sources, obs, var, uns, sample
+    )
 
 
 def _output_obs(
@@ -192,30 +345,42 @@ def _output_obs(
 
 
 def _output_uns(
-    model: TrainedModel, targets: Mapping[str, str], layers: Sequence[str]
+    model: TrainedModel,
+    targets: Mapping[str, str],
+    layers: Sequence[str],
+    sample: Sampling | None,
 ) -> dict[str, Any]:
     """What the output's X and layers hold (``uns["cae"]``), and scanpy's ``uns["log1p"]``."""
     transform = model.settings.data.transform
     units = UNITS[transform]
+    mean = "counterfactual: the cells moved to the targets" if targets else (
+        "the cells decoded in their own contexts"
+    )  # fmt: skip
     what = {
+        MEAN_LAYER: f"the mean the counts in X were drawn around, {mean} ({units})",
         INPUT_LAYER: f"the input, in model space ({units})",
         RECONSTRUCTION_LAYER: f"the cells decoded in their own contexts ({units})",
     }
-    x = "counterfactual: the cells moved to the targets" if targets else what[RECONSTRUCTION_LAYER]
-    uns: dict[str, Any] = {
-        "cae": {
-            "model": model.origin or "",
-            "mode": "counterfactual" if targets else "reconstruction",
-            "targets": dict(targets),
-            "X": x,
-            "units": units,
-            "transform": transform,
-            "counterfactual": model.settings.model.counterfactual,
-            "layers": {layer: what[layer] for layer in layers},
-            "version": __version__,
-        }
+    info: dict[str, Any] = {
+        "model": model.origin or "",
+        "mode": "counterfactual" if targets else "reconstruction",
+        "targets": dict(targets),
+        "X": mean if targets else what[RECONSTRUCTION_LAYER],
+        "units": units,
+        "transform": transform,
+        "counterfactual": model.settings.model.counterfactual,
+        "layers": {layer: what[layer] for layer in layers},
+        "version": __version__,
     }
-    if transform == "log1p_cp10k":
+    if sample is not None:
+        info["X"] = (
+            "counts drawn from the model's negative binomial around the "
+            f"{'counterfactual' if targets else 'reconstruction'} mean (layer {MEAN_LAYER})"
+        )
+        info["units"] = "counts"
+        info["sampling"] = sample.describe()
+    uns: dict[str, Any] = {"cae": info}
+    if transform == "log1p_cp10k" and sample is None:
         uns["log1p"] = {"base": None}  # natural log, as sc.pp.log1p marks its output
     return uns
 
@@ -224,11 +389,13 @@ def generated_blocks(plan: Generation, progress: bool = False) -> Iterator[dict[
     """Move every chunk of the planned input, in order.
 
     Yields:
-        Per chunk ``{"X": (n, G) output, <layer>: (n, G), ...}``, float32, for the planned layers.
+        Per chunk ``{"X": (n, G) output, <layer>: (n, G), ...}``, float32, for the planned layers
+        (``X`` the counts drawn for chunk ``i`` with :meth:`Sampling.chunk_seed` of ``i`` when the
+        plan samples).
 
     Raises:
         DataError: a chunk's values are unreadable, negative, not finite or above
-            ``serve.max_value``.
+            ``serve.max_value``, or its draws overflowed.
     """
     from tqdm.auto import tqdm
 
@@ -236,10 +403,11 @@ def generated_blocks(plan: Generation, progress: bool = False) -> Iterator[dict[
     doubts = CountsDoubt(str(store.path), model.settings.data.transform)
     shown = None if progress else True  # None: a bar only on a terminal
     pairs = list(zip(store.chunks, plan.sources, strict=True))
-    for chunk, source in tqdm(pairs, desc="generating", unit="chunk", disable=shown):
+    bar = tqdm(pairs, desc="generating", unit="chunk", disable=shown)
+    for index, (chunk, source) in enumerate(bar):
         expression = store.read_expression(chunk)[:, plan.columns]
         doubts.check(expression)
-        x_model, source_index, _ = model.prepare(expression, source)
+        x_model, source_index, library = model.prepare(expression, source)
         block: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if not plan.targets or RECONSTRUCTION_LAYER in plan.layers:
@@ -247,6 +415,9 @@ def generated_blocks(plan: Generation, progress: bool = False) -> Iterator[dict[
                 block[RECONSTRUCTION_LAYER] = block["X"] = own
             if plan.targets:
                 block["X"] = model.move(x_model, source_index, plan.targets).output
+        if plan.sampling is not None:
+            block[MEAN_LAYER] = block["X"]
+            block["X"] = plan.sampling.draw(model, block["X"], library, index)
         block[INPUT_LAYER] = x_model
         yield {key: block[key].cpu().numpy() for key in ("X", *plan.layers)}
     doubts.finish()
@@ -273,6 +444,7 @@ def generate(
     obs_filter: str | None = None,
     layer: str | None = None,
     layers: Sequence[str] = (),
+    sample: Sampling | None = None,
 ) -> Path:
     """Write the counterfactuals of every cell of ``input_path`` to the .h5ad ``out``, one chunk
     in memory at a time.
@@ -289,11 +461,15 @@ def generate(
         obs_filter: the cells of a SOMA experiment to move (every cell when None).
         layer: the input's layer to read (see :func:`open_input`).
         layers: which of :data:`INPUT_LAYER` and :data:`RECONSTRUCTION_LAYER` to add.
+        sample: draw counts into ``.X``, the mean going to layer :data:`MEAN_LAYER` (None: ``.X``
+            is the mean).
 
     Returns:
         ``out``.
 
     Raises:
+        ConfigError: ``sample`` for a model trained with the normal likelihood (before ``out``
+            is started).
         DataError: unreadable input, missing genes, repeated cell names, or ``out`` exists
             without ``overwrite``.
         MetadataError: an unknown field or context value (the message lists the known ones).
@@ -302,7 +478,7 @@ def generate(
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --overwrite to replace it or choose --out")
     store = open_input(input_path, model.settings.data, obs_filter, layer)
-    plan = plan_generation(model, store, targets, layers)
+    plan = plan_generation(model, store, targets, layers, sample)
     with atomic_file(out) as tmp:
         _write_streamed(tmp, plan, progress)
     return out

@@ -5,6 +5,7 @@ tracking store."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,3 +199,80 @@ def test_predictions_name_missing_genes_and_an_unset_anndata(tiny, tmp_path, iso
     with pytest.raises(ConfigError, match="choose 'base', 'all' or a field"):
         model.get_latent_representation(head="cell_type")
     assert load_any_model(str(tmp_path / "run")).genes == list(adata.var_names)
+
+
+# --- sampled counts (sample=True) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nb_api(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> cae.CAE:
+    """One epoch of a model with the count likelihood, on the tiny cells' counts layer."""
+    adata = cells(tiny)
+    cae.CAE.setup_anndata(adata, fields=["cell_type", "sex"], layer="counts")
+    overrides = {**QUICK, "data.num_workers": 0, "model.likelihood": "nb"}
+    model = cae.CAE(adata, overrides=overrides)
+    with pytest.MonkeyPatch.context() as env:  # as `isolated`, for the module
+        for name in [n for n in os.environ if n.startswith(("CAE_", "MLFLOW_"))]:
+            env.delenv(name)
+        out = tmp_path_factory.mktemp("nb_api") / "run"
+        model.train(epochs=1, out_dir=out, tracking=False, progress=False)
+    return model
+
+
+def _whole_counts(x: np.ndarray) -> bool:
+    return bool(np.isfinite(x).all() and (x >= 0).all() and (x == np.round(x)).all())
+
+
+def test_counterfactual_and_reconstruct_draw_counts_on_request(nb_api: cae.CAE) -> None:
+    before = nb_api.adata.copy()
+    mean = nb_api.counterfactual(targets={"sex": "female"})
+    drawn = nb_api.counterfactual(targets={"sex": "female"}, sample=True, seed=2)
+    assert drawn.X.dtype == np.float32 and _whole_counts(drawn.X) and drawn.X.sum() > 0
+    np.testing.assert_array_equal(drawn.layers["cae_mean"], mean.X)
+    assert "log1p" in mean.uns and "log1p" not in drawn.uns
+    assert drawn.uns["cae"]["units"] == "counts"
+    assert drawn.uns["cae"]["sampling"] == {"seed": 2, "library_size": "source cell's total counts"}
+    assert list(drawn.obs_names) == list(before.obs_names) and drawn.var.equals(before.var)
+    again = nb_api.counterfactual(targets={"sex": "female"}, sample=True, seed=2)
+    np.testing.assert_array_equal(again.X, drawn.X)
+    other = nb_api.counterfactual(targets={"sex": "female"}, sample=True, seed=3)
+    assert not np.array_equal(other.X, drawn.X)
+    same = nb_api.reconstruct(sample=True, library_size=2000)
+    assert _whole_counts(same.X) and same.uns["cae"]["mode"] == "reconstruction"
+    assert same.uns["cae"]["sampling"]["library_size"] == 2000.0
+    assert same.X.sum(axis=1).mean() == pytest.approx(2000, rel=0.15)
+    np.testing.assert_array_equal(same.layers["cae_mean"], nb_api.reconstruct().X)
+    # The AnnData drawn from is left as it was.
+    assert (nb_api.adata.layers["counts"] != before.layers["counts"]).nnz == 0
+    assert (nb_api.adata.X == before.X).all() and set(nb_api.adata.uns) == {"cae_setup"}
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"seed": 5}, "seed sets how counts are drawn, but counts are drawn only with sample"),
+        ({"library_size": 100.0}, "library_size sets how counts are drawn"),
+        ({"sample": True, "seed": -3}, "seed is -3: the seed of sampled counts"),
+        (
+            {"sample": True, "seed": 2**70},
+            "seed is 1180591620717411303424: the seed of sampled counts is a whole number",
+        ),
+        ({"sample": True, "seed": 1.5}, "seed is 1.5: the seed of sampled counts"),
+        ({"sample": True, "library_size": float("nan")}, "library_size is nan: the library size"),
+        ({"sample": True, "library_size": -1}, "library_size is -1: the library size"),
+        ({"sample": True, "library_size": "abc"}, "library_size is 'abc': the library size"),
+    ],
+)
+def test_sampling_options_are_refused_by_name(nb_api: cae.CAE, options: dict, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        nb_api.counterfactual(targets={"sex": "female"}, **options)
+    assert says in str(info.value)
+
+
+def test_a_normal_model_refuses_to_draw_counts(tiny, tmp_path, isolated):
+    adata = cells(tiny)
+    cae.CAE.setup_anndata(adata, fields=["sex"], layer="counts")
+    model = cae.CAE(adata, overrides={**QUICK, "data.num_workers": 0})
+    model.train(epochs=1, out_dir=tmp_path / "run", tracking=False, progress=False)
+    with pytest.raises(ConfigError, match=r"trained with model\.likelihood=normal"):
+        model.reconstruct(sample=True)

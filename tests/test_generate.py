@@ -1,9 +1,10 @@
 """`cae generate`: the output keeps the input's cells, obs and var, says what X is, adds layers
-on request, reconstructs without --set, reads the layer asked for and warns about input that
-does not look like counts."""
+on request, reconstructs without --set, reads the layer asked for, warns about input that does
+not look like counts, and with --sample draws counts (a model trained with the count likelihood)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -11,8 +12,11 @@ import anndata
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from cae.cli import main
+from cae.data.store import DataStore
+from cae.generate import Sampling
 from cae.train.checkpoint import TrainedModel, load_checkpoint
 from tests.conftest import load_cells, scverse_cells
 
@@ -25,15 +29,27 @@ def cells_h5ad(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model(cells_h5ad: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _train(data: Path, out: Path) -> Path:
     """One epoch on the counts layer (--layer), untracked."""
-    out = tmp_path_factory.mktemp("model") / "run"
-    argv = ["train", "--data", str(cells_h5ad), "--layer", "counts", "--fields", "cell_type,sex",
+    argv = ["train", "--data", str(data), "--layer", "counts", "--fields", "cell_type,sex",
             "--epochs", "1", "--num-workers", "0", "--latent-dim", "8", "--no-tracking",
             "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def model(cells_h5ad: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch with the normal likelihood (the default)."""
+    return _train(cells_h5ad, tmp_path_factory.mktemp("model") / "run")
+
+
+@pytest.fixture(scope="module")
+def nb_model(cells_h5ad: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One epoch with the count likelihood (model.likelihood=nb)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CAE_MODEL__LIKELIHOOD", "nb")
+        return _train(cells_h5ad, tmp_path_factory.mktemp("nb") / "run")
 
 
 def _generate(model: Path, data: Path, out: Path, *extra: str) -> anndata.AnnData:
@@ -110,3 +126,136 @@ def test_chunk_files_keep_their_metadata_and_name_cells_by_chunk(
     assert list(out.obs_names[:2]) == ["0_0", "0_1"] and out.obs_names.is_unique
     assert out.obs[list(meta.columns)].reset_index(drop=True).astype(str).equals(meta.astype(str))
     assert list(out.var_names) == (tiny / "genes.txt").read_text().split()
+
+
+# --- sampled counts (--sample) ------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _assert_counts(x: np.ndarray) -> None:
+    """Raw counts: float32 whole numbers, >= 0, finite, not all zero."""
+    assert x.dtype == np.float32
+    assert np.isfinite(x).all() and (x >= 0).all() and (x == np.round(x)).all()
+    assert x.sum() > 0
+
+
+def test_sample_draws_counts_around_the_mean_with_each_source_cells_library(
+    nb_model: Path, cells_h5ad: Path, tmp_path: Path
+) -> None:
+    before = _digest(cells_h5ad)
+    argv = ("--set", "sex=female", "--sample", "--seed", "3")
+    out = _generate(nb_model, cells_h5ad, tmp_path / "counts.h5ad", *argv)
+    assert _digest(cells_h5ad) == before  # the input is read, never written
+    _assert_counts(out.X)
+    assert "log1p" not in out.uns  # X is not log1p data: scanpy may normalise it
+    info = out.uns["cae"]
+    assert info["units"] == "counts" and info["mode"] == "counterfactual"
+    assert info["X"] == (
+        "counts drawn from the model's negative binomial around the counterfactual mean "
+        "(layer cae_mean)"
+    )
+    assert info["sampling"] == {"seed": 3, "library_size": "source cell's total counts"}
+    assert set(out.layers) == {"cae_mean"} and set(info["layers"]) == {"cae_mean"}
+    trained = load_checkpoint(nb_model)
+    mean = _expected(trained, cells_h5ad, {"sex": "female"})
+    np.testing.assert_allclose(out.layers["cae_mean"], mean, atol=1e-5)
+    # The draws of the (one) chunk: its mean, each cell's own total counts, chunk 0's seed.
+    counts = anndata.read_h5ad(cells_h5ad).layers["counts"]
+    library = torch.from_numpy(np.asarray(counts.sum(axis=1), dtype=np.float32))
+    drawn = Sampling(3).draw(trained, torch.from_numpy(out.layers["cae_mean"]), library, 0)
+    np.testing.assert_array_equal(out.X, drawn.numpy())
+    again = _generate(nb_model, cells_h5ad, tmp_path / "again.h5ad", *argv)
+    other = _generate(nb_model, cells_h5ad, tmp_path / "other.h5ad", *argv[:-1], "4")
+    np.testing.assert_array_equal(again.X, out.X)
+    assert not np.array_equal(other.X, out.X)
+
+
+def test_every_chunk_draws_with_its_own_seed(nb_model: Path, tiny: Path, tmp_path: Path) -> None:
+    out = _generate(nb_model, tiny, tmp_path / "chunks.h5ad", "--sample", "--seed", "5")
+    _assert_counts(out.X)
+    assert out.uns["cae"]["mode"] == "reconstruction"
+    assert out.uns["cae"]["X"].endswith("around the reconstruction mean (layer cae_mean)")
+    trained = load_checkpoint(nb_model)
+    store = DataStore.open(trained.settings.data.model_copy(update={"path": str(tiny)}))
+    start = 0
+    for index, chunk in enumerate(store.chunks):
+        rows = slice(start, start + chunk.n_cells)
+        meta = store.read_metadata(chunk)[["cell_type", "sex"]].astype(str)
+        _, _, library = trained.prepare(store.read_expression(chunk), meta)
+        mean = torch.from_numpy(out.layers["cae_mean"][rows])
+        np.testing.assert_array_equal(out.X[rows], Sampling(5).draw(trained, mean, library, index))
+        start = rows.stop
+    assert len(store.chunks) == 3 and start == out.n_obs
+    assert len({Sampling(5).chunk_seed(i) for i in range(3)} | {Sampling(6).chunk_seed(0)}) == 4
+
+
+def test_library_size_sets_every_cells_total_counts(
+    nb_model: Path, cells_h5ad: Path, tmp_path: Path
+) -> None:
+    extra = ("--sample", "--library-size", "500")
+    out = _generate(nb_model, cells_h5ad, tmp_path / "l500.h5ad", *extra)
+    _assert_counts(out.X)
+    assert out.uns["cae"]["sampling"] == {"seed": 0, "library_size": 500.0}
+    totals = out.X.sum(axis=1)
+    assert totals.mean() == pytest.approx(500, rel=0.15)
+    given = np.asarray(anndata.read_h5ad(cells_h5ad).layers["counts"].sum(axis=1)).ravel()
+    assert abs(given.mean() - 500) > 0.5 * given.mean()  # so 500 came from --library-size
+
+
+def test_draws_average_to_the_library_times_each_genes_share_of_the_mean(
+    nb_model: Path, cells_h5ad: Path
+) -> None:
+    trained = load_checkpoint(nb_model)
+    mean = torch.from_numpy(_expected(trained, cells_h5ad, {"sex": "male"})[:4])  # (4, G)
+    repeats, library = 5_000, 800.0
+    counts = Sampling(1, library).draw(trained, mean.repeat(repeats, 1), None)
+    average = counts.reshape(repeats, *mean.shape).double().mean(dim=0)
+    rate = torch.expm1(mean.double())
+    expected = library * rate / rate.sum(dim=1, keepdim=True)
+    theta = torch.exp(trained.model.log_theta.detach().double())
+    spread = torch.sqrt((expected + expected**2 / theta) / repeats)  # the average's sd
+    assert ((average - expected).abs() <= 5 * spread + 1e-9).all()
+    np.testing.assert_allclose(average.sum(dim=1), library, rtol=0.02)
+
+
+def test_sample_is_refused_for_a_normal_model_before_any_file_is_written(
+    model: Path, cells_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "--model", str(model), "--input", str(cells_h5ad), "--sample",
+            "--out", str(tmp_path / "counts.h5ad")]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "sampled counts need a model trained with model.likelihood=nb" in error
+    assert "this one was trained with model.likelihood=normal" in error
+    assert list(tmp_path.iterdir()) == []  # no output, no half-written temporary
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--seed", "4"], "--seed sets how counts are drawn, but counts are drawn only with "
+         "--sample: add it, or drop --seed"),
+        (["--library-size", "100"], "--library-size sets how counts are drawn"),
+        (["--sample", "--seed", "-3"], "--seed is -3: the seed of sampled"),
+        (["--sample", "--library-size", "-1"], "--library-size is -1.0: the library"),
+        (["--sample", "--library-size", "nan"], "--library-size is nan: the library size"),
+        (["--sample", "--library-size", "inf"], "--library-size is inf: the library size"),
+        (["--sample", "--library-size", "0"], "a number > 0 and at most 1,000,000,000"),
+    ],
+)  # fmt: skip
+def test_sampling_flags_are_refused_by_name(
+    nb_model: Path,
+    cells_h5ad: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    says: str,
+) -> None:
+    argv = ["generate", "--model", str(nb_model), "--input", str(cells_h5ad),
+            "--out", str(tmp_path / "counts.h5ad"), *extra]  # fmt: skip
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -2,10 +2,11 @@
 
 The README is read when the test runs: its shell blocks (indented or fenced, never ```python)
 give the commands. Each `cae` command is either run, through `cae.cli.main` with the words as
-the shell would pass them, or skipped by a rule below that says why (a long training, SLURM,
-network, data this machine lacks, another test that runs it). A `cae` command that no rule
-skips is run; so a new README command is tested without anyone listing it. Commands of other
-programs (`make`, `mlflow`, `docker`, `python`, ...) are not run here.
+the shell would pass them (and the variables of `NAME=value cae ...` set while it runs), or
+skipped by a rule below that says why (a long training, SLURM, network, data this machine lacks,
+another test that runs it). A `cae` command that no rule skips is run; so a new README command is
+tested without anyone listing it. Commands of other programs (`make`, `mlflow`, `docker`,
+`python`, ...) are not run here.
 
 They run in README order in one temporary folder (a working copy of the repository's
 `experiments/`), on the tiny synthetic data set (90 cells x 12 genes) at `data/demo`, so that
@@ -58,6 +59,21 @@ class Command:
     @property
     def text(self) -> str:
         return shlex.join(self.words)
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """The ``NAME=value`` words before the program: its environment."""
+        names = []
+        for word in self.words:
+            if not re.match(r"^\w+=", word):
+                break
+            names.append(word)
+        return dict(word.split("=", 1) for word in names)
+
+    @property
+    def program(self) -> tuple[str, ...]:
+        """The words from the program on."""
+        return self.words[len(self.variables) :]
 
 
 def shell_blocks(text: str) -> Iterator[tuple[int, str]]:
@@ -170,6 +186,8 @@ def test_parser_on_a_sample() -> None:
         (("X=1", "cae", "h"), 12),
         (("cae", "i"), 12),
     ]
+    prefixed = readme_commands(text)[2]
+    assert prefixed.variables == {"X": "1"} and prefixed.program == ("cae", "h")
 
 
 @pytest.mark.usefixtures("isolated")
@@ -179,18 +197,24 @@ def test_readme_cae_commands_run_as_written(
     shutil.copytree(REPO / "experiments", tmp_path / "experiments")
     shutil.copytree(tiny, tmp_path / "data" / "demo")
     monkeypatch.setenv("CAE_DATA__NUM_WORKERS", "0")  # no loader processes for 90 cells
-    commands = [c for c in readme_commands((REPO / "README.md").read_text()) if c.words[0] == "cae"]
+    commands = [
+        c for c in readme_commands((REPO / "README.md").read_text()) if c.program[0] == "cae"
+    ]
     ran, failures = [], []
     for command in commands:
         if reason := skip_reason(command):
             ran.append(f"skipped  {command.text}: {reason}")
             continue
-        if command.words[1] == "synth":  # the full demo data, away from the small data set
+        if command.program[1] == "synth":  # the full demo data, away from the small data set
             (tmp_path / "synth").mkdir(exist_ok=True)
             monkeypatch.chdir(tmp_path / "synth")
         began = time.monotonic()
         try:
-            code: object = run_cae(fill_placeholders(command), SECONDS_PER_COMMAND)
+            with pytest.MonkeyPatch.context() as environment:  # `NAME=value cae ...`
+                for name, value in command.variables.items():
+                    environment.setenv(name, value)
+                words = fill_placeholders(command)[len(command.variables) :]
+                code: object = run_cae(words, SECONDS_PER_COMMAND)
         except SystemExit as err:  # --help exits through argparse
             code = err.code
         except CommandTimeoutError as err:
@@ -204,7 +228,7 @@ def test_readme_cae_commands_run_as_written(
     assert not failures, "\n".join(failures)
     assert sum(not line.startswith("skipped") for line in ran) >= 12, ran
     # what the commands promise exists
-    assert (tmp_path / "cf.h5ad").is_file()
+    assert (tmp_path / "cf.h5ad").is_file() and (tmp_path / "counts.h5ad").is_file()
     assert (tmp_path / "runs" / "loo" / "report.html").is_file()
     assert len(list((tmp_path / "runs").glob("evaluate-*/report.html"))) == 1
     assert (tmp_path / "synth" / "data" / "demo" / "truth.json").is_file()

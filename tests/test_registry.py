@@ -1,5 +1,6 @@
 """Registered models: register, load by alias, predict counterfactuals (pyfunc, `cae generate`,
-`cae.load_model`), survive the deletion of their training folders, and serve over HTTP."""
+`cae.load_model`), survive the deletion of their training folders, serve over HTTP, and draw
+counts on request (a model trained with the count likelihood)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata
 import mlflow
@@ -28,10 +30,18 @@ import cae
 from cae.cli import main
 from cae.data.synth import expected_expression
 from cae.errors import DataError
-from cae.tracking.pyfunc import example_input, predict_frame, register
-from cae.train import TrainResult
+from cae.generate import Sampling
+from cae.tracking.pyfunc import (
+    MODEL_CODE,
+    CounterfactualModel,
+    example_input,
+    model_signature,
+    predict_frame,
+    register,
+)
+from cae.train import TrainResult, train
 from cae.train.checkpoint import TrainedModel, load_checkpoint
-from tests.conftest import load_cells
+from tests.conftest import load_cells, quick_settings
 from tests.fuzzing import fuzz_settings
 from tests.servers import free_port, running
 from tests.test_train import r2
@@ -245,6 +255,22 @@ def test_http_serving_refuses_values_that_are_not_expression(served, demo_data, 
     assert 'params lack "targets"' in refusal(answer)
 
 
+def test_http_serving_refuses_sampling_it_cannot_do(served, demo_data):
+    x, meta = cells_of(demo_data, {"cell_type": "B"})
+    frame = request_frame(x[:2], meta[:2], cae.load_model("models:/cae-demo@champion").genes)
+    sent = [
+        ({"sample": True}, "this one was trained with model.likelihood=normal"),
+        ({"sample": True, "seed": -3}, '"seed" is -3: the seed of sampled counts'),
+        ({"sample": True, "library_size": float("nan")}, '"library_size" is nan'),
+        ({"sample": "maybe"}, "maybe"),
+        ({"library_size": 500}, '"library_size" sets how counts are drawn'),
+    ]
+    for params, says in sent:
+        status, answer = post(served, frame, {"targets": "sex=female", **params})
+        assert status == 400, (params, answer)
+        assert says in refusal(answer)
+
+
 def assert_refused_or_finite(model, frame: pd.DataFrame, params: object, genes: list[str]) -> str:
     """The serving promise: an MlflowException INVALID_PARAMETER_VALUE (HTTP 400) with a one-line
     reason, or one row of finite values per cell with the model's genes as columns. Returns
@@ -309,7 +335,14 @@ def hostile_requests(
     good = st.fixed_dictionaries({"targets": joined}, optional={"contributions": st.booleans()})
     hostile = st.one_of(
         st.fixed_dictionaries(
-            {"targets": targets}, optional={"contributions": HOSTILE, "target": targets}
+            {"targets": targets},
+            optional={
+                "contributions": HOSTILE,
+                "target": targets,
+                "sample": HOSTILE,
+                "seed": HOSTILE,
+                "library_size": HOSTILE,
+            },
         ),
         st.dictionaries(st.text(max_size=12), HOSTILE, max_size=2),
         st.none(),
@@ -348,3 +381,126 @@ def test_a_model_whose_answer_is_not_finite_refuses_rather_than_serving_nan(demo
     cells = example_input(trained, 3)
     with pytest.raises(DataError, match="the model's answer for row 0 is not finite"):
         predict_frame(trained, cells, {"sex": "female"}, False)
+
+
+# --- sampled counts (params sample, seed, library_size) -------------------------------------------
+
+SAMPLING = st.one_of(st.booleans(), st.integers(-5, 2**64), st.floats(0, 2e9), HOSTILE)
+
+
+@pytest.fixture(scope="module")
+def nb_pyfunc(
+    tiny: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[mlflow.pyfunc.PyFuncModel, CounterfactualModel, TrainedModel, pd.DataFrame]:
+    """A tiny model with the count likelihood: saved with the registered model's code and
+    signature and loaded back as serving loads it (MLflow checks the params), the pyfunc called
+    directly (no MLflow between), the torch model, and a request of every tiny cell."""
+    folder = tmp_path_factory.mktemp("nb_pyfunc")
+    overrides = {"model.likelihood": "nb", "train.epochs": 1, "data.fields": "cell_type,sex"}
+    checkpoint = str(train(quick_settings(tiny, folder / "run", **overrides)).checkpoint)
+    trained = load_checkpoint(checkpoint)
+    mlflow.pyfunc.save_model(
+        str(folder / "model"),
+        python_model=str(MODEL_CODE),
+        artifacts={"checkpoint": checkpoint},
+        signature=model_signature(trained),
+        input_example=(example_input(trained), {"targets": ""}),
+        pip_requirements=[],  # the test's environment: nothing to infer
+    )
+    direct = CounterfactualModel()
+    direct.load_context(SimpleNamespace(artifacts={"checkpoint": checkpoint}))
+    x, meta = load_cells(tiny)
+    frame = request_frame(x, meta[["cell_type", "sex"]], trained.genes)
+    return mlflow.pyfunc.load_model(str(folder / "model")), direct, trained, frame
+
+
+def _whole_counts(values: np.ndarray) -> bool:
+    return bool(
+        np.isfinite(values).all() and (values >= 0).all() and (values == np.round(values)).all()
+    )
+
+
+def test_a_count_model_draws_counts_on_request(nb_pyfunc) -> None:
+    served, direct, trained, frame = nb_pyfunc
+    schema = served.metadata.get_params_schema()
+    assert {p.name: p.default for p in schema.params} == {
+        "targets": None, "contributions": False, "sample": False, "seed": 0, "library_size": None
+    }  # fmt: skip
+    mean = served.predict(frame, params={"targets": "sex=female"})  # defaults: no sampling
+    pd.testing.assert_frame_equal(mean, predict_frame(trained, frame, {"sex": "female"}, False))
+    params = {"targets": "sex=female", "sample": True, "seed": 7}
+    drawn = served.predict(frame, params=params)
+    assert list(drawn.columns) == trained.genes and _whole_counts(drawn.to_numpy())
+    expected = predict_frame(trained, frame, {"sex": "female"}, False, None, Sampling(7))
+    pd.testing.assert_frame_equal(drawn, expected)
+    pd.testing.assert_frame_equal(direct.predict(None, frame, params), drawn)
+    assert not drawn.equals(served.predict(frame, params={**params, "seed": 8}))
+    sized = served.predict(frame, params={**params, "library_size": 1000.0})
+    assert sized.to_numpy().sum(axis=1).mean() == pytest.approx(1000, rel=0.15)
+    both = served.predict(frame, params={**params, "contributions": True})
+    pd.testing.assert_frame_equal(both[trained.genes], drawn)
+    heads = [c for c in both.columns if c.startswith("contrib_l2/")]
+    assert heads == ["contrib_l2/base", "contrib_l2/cell_type", "contrib_l2/sex"]
+    assert np.isfinite(both[heads].to_numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"sample": True, "library_size": -1.0}, ['"library_size" is -1.0: the library size']),
+        ({"sample": True, "library_size": float("nan")}, ['"library_size" is nan: the']),
+        ({"sample": True, "library_size": float("inf")}, ['"library_size" is inf: the']),
+        ({"sample": True, "library_size": 1e300}, ['"library_size" is 1e+300: the library size']),
+        ({"sample": True, "library_size": "abc"}, ["library_size", "abc"]),
+        ({"sample": True, "seed": -3}, ['"seed" is -3: the seed of sampled counts']),
+        ({"sample": True, "seed": 2**70}, ['"seed" is 1180591620717411303424: the seed']),
+        ({"sample": True, "seed": 1.5}, ["seed", "1.5"]),
+        ({"sample": "maybe"}, ["sample", "maybe"]),
+        ({"sample": "true"}, ["sample", "true"]),
+        ({"seed": 4}, ['"seed" sets how counts are drawn', 'only with "sample"']),
+        ({"library_size": 500.0}, ['"library_size" sets how counts are drawn']),
+        ({"contributions": "yes"}, ["contributions", "yes"]),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("route", ["served", "direct"])
+def test_hostile_sampling_params_are_refused_in_one_line(nb_pyfunc, route, params, says) -> None:
+    served, direct, _, frame = nb_pyfunc
+    request = {"targets": "sex=female", **params}
+    with pytest.raises(MlflowException) as info:
+        if route == "served":
+            served.predict(frame, params=request)
+        else:
+            direct.predict(None, frame, request)
+    message = info.value.message
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE" and "\n" not in message.strip()
+    for part in says:
+        assert part in message, message
+
+
+def test_a_normal_model_refuses_to_draw_counts(pyfunc, demo_data) -> None:
+    model, trained = pyfunc
+    x, meta = cells_of(demo_data, {"cell_type": "B"})
+    frame = request_frame(x[:2], meta[:2], trained.genes)
+    with pytest.raises(MlflowException, match=r"model\.likelihood=nb; this one was trained with"):
+        model.predict(frame, params={"targets": "", "sample": True})
+
+
+@pytest.mark.fuzz
+@fuzz_settings()
+@given(data=st.data())
+def test_any_sampling_params_are_refused_or_answered_with_whole_counts(nb_pyfunc, data) -> None:
+    served, direct, trained, frame = nb_pyfunc
+    params = data.draw(
+        st.fixed_dictionaries(
+            {"targets": st.sampled_from(["", "sex=female"])},
+            optional={"sample": SAMPLING, "seed": SAMPLING, "library_size": SAMPLING},
+        )
+    )
+    for model in (
+        served,
+        SimpleNamespace(predict=lambda f, params: direct.predict(None, f, params)),
+    ):
+        outcome = assert_refused_or_finite(model, frame[:5], params, trained.genes)
+        event(outcome)
+        if outcome == "answered" and params.get("sample") is True:
+            assert _whole_counts(model.predict(frame[:5], params=params).to_numpy())

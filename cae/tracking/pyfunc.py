@@ -7,20 +7,27 @@ the ``cae`` package itself (``code_paths``). It never needs the training or data
 Input: a DataFrame with one column per gene (any order; extra columns are ignored with a warning)
 and one column per model field holding each cell's source context. Params: ``targets``
 (``"sex=female;assay=10x 3' v3"``; fields not named keep their source value; ``""`` reconstructs
-the cells), which every request must give, and ``contributions`` (add each head's per-cell L2 norm
-as ``contrib_l2/<head>`` columns). Output: the counterfactual expression, one column per gene
-(log1p counts per 10,000 for the default transform), every value finite.
+the cells), which every request must give; ``contributions`` (add each head's per-cell L2 norm
+as ``contrib_l2/<head>`` columns); and, for a model trained with ``model.likelihood = "nb"``,
+``sample`` (true: draw counts from the model's negative binomial around the mean), ``seed`` (the
+draws' seed, default 0) and ``library_size`` (the total counts every cell is drawn with; absent:
+each request cell's own total counts). Output: the counterfactual expression, one column per gene
+(log1p counts per 10,000 for the default transform), or with ``sample`` the drawn counts (whole
+numbers); every value finite.
 
 Refused with a one-line reason (``MlflowException`` INVALID_PARAMETER_VALUE, HTTP 400 when
 served): a request of more than ``serve.max_rows`` cells (default 10,000); a gene value that is
 not a number, or is NaN, null, infinite, negative or above ``serve.max_value`` (default 1e9, which
 no count or normalised value reaches); a cell with zero total counts under ``log1p_cp10k``; a
 column given twice; missing gene or field columns; unknown target fields or values; params without
-``targets``. ``CAE_SERVE__MAX_ROWS`` / ``CAE_SERVE__MAX_VALUE`` in the serving process override
-the values saved with the model. MLflow itself drops param names other than ``targets`` and
-``contributions`` (with a warning in the server's log) before the model sees them, which is why
-``targets`` has no default: a misspelt ``target`` is refused rather than answered with the cells
-unchanged.
+``targets``; ``sample`` for a model trained with the normal likelihood; a ``sample`` or
+``contributions`` that is not true or false, a ``seed`` that is not a whole number from 0 to
+2**63 - 1, a ``library_size`` that is not a number > 0 and at most 1e9, and ``seed`` or
+``library_size`` without ``sample``. ``CAE_SERVE__MAX_ROWS`` / ``CAE_SERVE__MAX_VALUE`` in the
+serving process override the values saved with the model. MLflow itself drops param names other
+than those (with a warning in the server's log) before the model sees them, and fills in the
+declared defaults of those not given, which is why ``targets`` has no default: a misspelt
+``target`` is refused rather than answered with the cells unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from mlflow.pyfunc import PythonModel
 from cae.config import CheckpointChoice, ServeConfig, serve_settings
 from cae.data.contexts import parse_targets
 from cae.errors import CAEError, CheckpointError, ConfigError, DataError, MetadataError
+from cae.generate import Sampling, is_number, requested_sampling
 from cae.model.cae import contribution_l2
 from cae.train.checkpoint import TrainedModel, load_checkpoint
 
@@ -47,7 +55,7 @@ if TYPE_CHECKING:
 MODEL_NAME_IN_RUN = "counterfactual_model"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-PARAMS = ("targets", "contributions")
+PARAMS = ("targets", "contributions", "sample", "seed", "library_size")
 
 
 def predict_frame(
@@ -56,6 +64,7 @@ def predict_frame(
     targets: dict[str, str],
     contributions: bool,
     limits: ServeConfig | None = None,
+    sample: Sampling | None = None,
 ) -> pd.DataFrame:
     """Counterfactual expression of ``cells`` (gene columns + one source column per field).
 
@@ -66,12 +75,15 @@ def predict_frame(
         contributions: add each head's per-cell L2 norm as ``contrib_l2/<head>`` columns.
         limits: the most rows and the largest value a request may hold (None: the defaults of
             :class:`ServeConfig`).
+        sample: draw counts around the counterfactual mean, each cell with its own total counts
+            unless the sampling gives a library size (None: the mean).
 
     Returns:
-        The counterfactual expression, one column per gene, indexed like ``cells``; every value
-        finite.
+        The counterfactual expression (or the drawn counts), one column per gene, indexed like
+        ``cells``; every value finite.
 
     Raises:
+        ConfigError: ``sample`` for a model trained with the normal likelihood.
         DataError: ``cells`` is not a table, holds more rows than ``limits.max_rows``, names a
             column twice, lacks gene columns, or holds a gene value that is not a number >= 0 and
             at most ``limits.max_value`` (or a cell with zero counts under ``log1p_cp10k``); or the
@@ -83,8 +95,10 @@ def predict_frame(
     _check_request(trained, cells, limits)
     genes, fields = trained.genes, list(trained.vocabularies.fields)
     x = expression_values(cells[genes], limits.max_value, trained.settings.data.transform)
-    out = trained.counterfactual(x, cells[fields].astype(str), targets)
-    frame = pd.DataFrame(out.output.cpu().numpy(), columns=genes, index=cells.index)
+    x_model, source_index, library = trained.prepare(x, cells[fields].astype(str))
+    out = trained.move(x_model, source_index, targets)
+    values = out.output if sample is None else sample.draw(trained, out.output, library)
+    frame = pd.DataFrame(values.cpu().numpy(), columns=genes, index=cells.index)
     if contributions:
         for head, norms in contribution_l2(out).items():
             frame[f"contrib_l2/{head}"] = norms.cpu().numpy()
@@ -163,7 +177,7 @@ def expression_values(genes: pd.DataFrame, max_value: float, transform: str) -> 
     for gene, dtype in genes.dtypes.items():
         if dtype.kind not in "iuf":  # object columns (JSON with nulls, strings, huge integers)
             for row, value in enumerate(genes[gene].tolist()):
-                if value is not None and value is not pd.NA and not _is_number(value):
+                if value is not None and value is not pd.NA and not is_number(value):
                     raise DataError(
                         f"gene column {gene!r} holds {value!r} in row {row}; gene columns take "
                         "numbers (counts, or the normalised values the model was trained on)"
@@ -195,16 +209,11 @@ def expression_values(genes: pd.DataFrame, max_value: float, transform: str) -> 
     return x
 
 
-def _is_number(value: object) -> bool:
-    """A real number, and not a boolean (True is an int to Python, never a count here)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
 def _as_float(value: object) -> float:
     """``value`` as a float; None and integers past float64's range as NaN and infinity."""
     if value is None or value is pd.NA:
         return float("nan")
-    number = cast(numbers.Real, value)  # a number here: the callers checked _is_number
+    number = cast(numbers.Real, value)  # a number here: the callers checked is_number
     try:
         return float(number)
     except OverflowError:
@@ -250,7 +259,8 @@ class CounterfactualModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Move ``model_input``'s cells to ``params["targets"]``; 400 errors for bad input."""
+        """Move ``model_input``'s cells to ``params["targets"]`` (see the module docstring for
+        every param); 400 errors for bad input."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -263,10 +273,34 @@ class CounterfactualModel(PythonModel):
                     f"names other than {' and '.join(PARAMS)}: check their spelling"
                 )
             targets = parse_targets(str(params["targets"]))
-            contributions = bool(params.get("contributions", False))
-            return predict_frame(self.trained, model_input, targets, contributions, self.limits)
+            contributions = _flag(params, "contributions")
+            sample = requested_sampling(
+                _flag(params, "sample"), params.get("seed"), params.get("library_size"), _quoted
+            )
+            return predict_frame(
+                self.trained, model_input, targets, contributions, self.limits, sample
+            )
         except CAEError as err:
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def _flag(params: dict[str, Any], name: str) -> bool:
+    """A true-or-false param (absent or null: false).
+
+    Raises:
+        ConfigError: anything else, a string "true" included (JSON's true is a boolean).
+    """
+    value = params.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool | np.bool_):
+        raise ConfigError(f'"{name}" is {value!r}; give true or false')
+    return bool(value)
+
+
+def _quoted(name: str) -> str:
+    """A param's name as a request spells it."""
+    return f'"{name}"'
 
 
 def example_input(trained: TrainedModel, n_cells: int = 2) -> pd.DataFrame:
@@ -416,7 +450,7 @@ def _log_and_register(
     import mlflow
 
     example = example_input(trained)
-    signature = _signature(predict_frame(trained, example, {}, False))
+    signature = model_signature(trained)
     run = client.get_run(run_id)
     # The run's own experiment is made the active one: starting a run of another experiment
     # than the active one (a training earlier in this process) is refused.
@@ -450,18 +484,26 @@ def _tag_version(
         client.set_model_version_tag(name, version, key, value)
 
 
-def _signature(output: pd.DataFrame) -> Any:
-    """The registered model's signature: its output columns and its params, ``targets`` without a
-    default (see the module docstring). It declares no input schema: MLflow would check the input
-    against one before :func:`predict_frame` sees it, and its refusals print the whole request and
-    schema (megabytes for 60,000 genes) without naming the value to fix; ``input_example`` shows
-    the input's columns instead."""
+def model_signature(trained: TrainedModel) -> Any:
+    """The registered model's signature: its output columns (those of :func:`predict_frame`'s
+    answer to :func:`example_input`) and its params (:data:`PARAMS`),
+    ``targets`` and ``library_size`` without a default (see the module docstring). It declares no
+    input schema: MLflow would check the input against one before :func:`predict_frame` sees it,
+    and its refusals print the whole request and schema (megabytes for 60,000 genes) without
+    naming the value to fix; ``input_example`` shows the input's columns instead."""
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     params = ParamSchema(
-        [ParamSpec("targets", "string", None), ParamSpec("contributions", "boolean", False)]
+        [
+            ParamSpec("targets", "string", None),
+            ParamSpec("contributions", "boolean", False),
+            ParamSpec("sample", "boolean", False),
+            ParamSpec("seed", "long", 0),
+            ParamSpec("library_size", "double", None),
+        ]
     )
+    output = predict_frame(trained, example_input(trained), {}, False)
     return ModelSignature(outputs=infer_signature(output).inputs, params=params)
 
 

@@ -430,19 +430,30 @@ class TrainedModel:
             ConfigError: the model was trained with the normal likelihood (it has no dispersion
                 to draw with), or no library size is known or the one given is not > 0.
         """
-        if self.model.log_theta is None:
-            raise ConfigError(
-                "sampled counts need a model trained with model.likelihood=nb; this one was "
-                f"trained with model.likelihood={self.settings.model.likelihood}: use its mean "
-                "output, or retrain with --set model.likelihood=nb"
-            )
+        log_theta = self.check_sampling()
         if library is None:
             raise ConfigError("sampled counts need a library size: give one (total counts)")
         if not isinstance(library, torch.Tensor):
             if not (math.isfinite(library) and library > 0):
                 raise ConfigError(f"library size {library!r}: give a number of counts > 0")
             library = torch.full((x_model.shape[0], 1), float(library), device=x_model.device)
-        return sample_counts(x_model, library, self.model.log_theta, seed)
+        return sample_counts(x_model, library, log_theta, seed)
+
+    def check_sampling(self) -> torch.Tensor:
+        """The model's (G,) log inverse dispersion, which drawing counts needs.
+
+        Raises:
+            ConfigError: the model was trained with the normal likelihood (it has no dispersion
+                to draw with).
+        """
+        if self.model.log_theta is None:
+            raise ConfigError(
+                "sampled counts need a model trained with model.likelihood=nb; this one was "
+                f"trained with model.likelihood={self.settings.model.likelihood}: use its mean "
+                "output, or retrain with model.likelihood=nb (CAE_MODEL__LIKELIHOOD=nb cae train "
+                '..., or likelihood = "nb" under [model] in the --config file)'
+            )
+        return self.model.log_theta
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

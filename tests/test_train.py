@@ -17,7 +17,7 @@ from cae.data.synth import expected_expression
 from cae.errors import CheckpointError, ConfigError, MetadataError
 from cae.model.contributions import CONTEXT_COLUMNS
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
-from cae.train.trainer import TrainResult, train
+from cae.train.trainer import Trainer, TrainResult, train
 from tests.conftest import demo_settings, load_cells, quick_settings
 
 
@@ -196,13 +196,19 @@ def test_ema_is_what_is_evaluated_and_loaded_and_resumes_exactly(small_data: Pat
         )
 
 
-def test_a_context_means_table_too_large_is_refused(
+def test_a_context_means_table_too_large_is_refused_or_left_for_the_batches(
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    """``data`` refuses a table over the limit; ``auto`` (the default) compares with all training
+    cells' means where the table fits, and with each batch's cells where it does not."""
+    term = {"train.weights.context_means": 1.0}
+    assert Trainer(quick_settings(small_data, tmp_path / "fits", **term)).reference is not None
     monkeypatch.setattr("cae.train.trainer._REFERENCE_LIMIT", 1000)
+    exact = {**term, "train.context_means_reference": "data"}
     with pytest.raises(ConfigError, match="needs a table of every combination"):
-        train(quick_settings(small_data, tmp_path / "run", **{"train.weights.context_means": 1.0}))
+        train(quick_settings(small_data, tmp_path / "run", **exact))
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert Trainer(quick_settings(small_data, tmp_path / "auto", **term)).reference is None
 
 
 def test_same_seed_same_model_other_seed_other_model(small_data: Path, tmp_path: Path):

@@ -1,0 +1,154 @@
+"""The count likelihood: the negative binomial, its draws, and the model and loss built on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from cae.config import load_settings
+from cae.errors import ConfigError
+from cae.model.cae import CAE, contribution_l2
+from cae.model.likelihood import counts_from_expression, expression, nb_nll, sample_counts
+from cae.train.cycle import generator_losses
+from cae.train.passes import FusedPasses
+from cae.types import CP10K
+
+SIZES = {"cell_type": 4, "sex": 3}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 5000), min_size=1, max_size=6),
+    log_theta=st.floats(-4.0, 6.0),
+    log_mean=st.floats(-6.0, 8.0),
+)
+def test_nb_nll_is_scipys_negative_binomial(counts, log_theta, log_mean):
+    """Mean -log pmf of scipy's nbinom(n=theta, p=theta/(theta+mu)), for any counts, mean and
+    dispersion (the gamma functions and the stable log(theta + mu) included)."""
+    c = torch.tensor(counts, dtype=torch.float64).unsqueeze(0)
+    library = torch.tensor([[1000.0]], dtype=torch.float64)
+    log_rate = torch.full_like(c, log_mean - np.log(1000.0))
+    theta_log = torch.full((c.shape[1],), log_theta, dtype=torch.float64)
+    theta, mu = np.exp(log_theta), np.exp(log_mean)
+    expected = -stats.nbinom.logpmf(counts, theta, theta / (theta + mu)).mean()
+    assert nb_nll(c, log_rate, library, theta_log).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_expression_and_counts_undo_each_other():
+    counts = torch.tensor([[0.0, 3.0, 97.0], [10.0, 0.0, 0.0]])
+    library = counts.sum(dim=1, keepdim=True)
+    x = torch.log1p(counts / library * CP10K)  # the loader's log1p_cp10k
+    torch.testing.assert_close(counts_from_expression(x, library), counts)
+    torch.testing.assert_close(expression(torch.log(counts / library)), x)
+
+
+def test_draws_are_counts_around_the_library_times_the_share_and_repeat_with_the_seed():
+    x = torch.log1p(torch.tensor([[0.0, 1.0, 3.0, 60.0]]) * 100).repeat(20_000, 1)
+    library = torch.full((20_000, 1), 500.0)
+    theta = torch.tensor([1.0, 2.0, 5.0, 50.0])
+    counts = sample_counts(x, library, theta.log(), seed=7)
+    assert torch.equal(counts, counts.round()) and (counts >= 0).all()
+    assert counts[:, 0].sum() == 0  # a share of 0 draws no count
+    share = torch.expm1(x[0]) / torch.expm1(x[0]).sum()
+    mean = 500 * share
+    torch.testing.assert_close(counts.mean(dim=0), mean, rtol=0.03, atol=0.02)
+    variance = mean + mean**2 / theta  # the negative binomial's
+    torch.testing.assert_close(counts.var(dim=0)[1:], variance[1:], rtol=0.08, atol=0.0)
+    assert torch.equal(sample_counts(x, library, theta.log(), seed=7), counts)
+    assert not torch.equal(sample_counts(x, library, theta.log(), seed=8), counts)
+
+
+def test_draws_leave_torchs_random_state_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    sample_counts(torch.ones(2, 3), torch.full((2, 1), 10.0), torch.zeros(3), seed=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def _count_model() -> CAE:
+    torch.manual_seed(0)
+    model = CAE(12, 5, SIZES, logit_scale=0.5, context_offsets=True, likelihood="nb")
+    with torch.no_grad():
+        for head in model.heads:
+            head.context_maps.add_(torch.rand_like(head.context_maps))
+            assert head.offsets is not None
+            head.offsets.normal_()
+    return model
+
+
+def _contexts(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(1, k, (n,), generator=generator) for k in SIZES.values()], 1)
+
+
+def test_the_count_models_output_is_the_mean_of_the_softmax_of_the_heads_sum():
+    model = _count_model()
+    x = torch.log1p(torch.rand(6, 12) * 50)
+    out = model(x, _contexts(6, 0))
+    assert out.log_rate is not None
+    total = out.base + sum(out.fields.values())
+    torch.testing.assert_close(out.log_rate, torch.log_softmax(total, dim=1))
+    torch.testing.assert_close(out.output, torch.log1p(CP10K * torch.softmax(total, dim=1)))
+    torch.testing.assert_close(torch.expm1(out.output).sum(dim=1), torch.full((6,), CP10K))
+
+
+def test_count_contributions_and_effects_ignore_a_per_cell_constant():
+    """The softmax ignores a term's constant over genes: contributions and effects are read on
+    gene-centred terms, so adding a constant to every offset changes neither (nor the output)."""
+    model = _count_model()
+    x, source = torch.log1p(torch.rand(6, 12) * 50), _contexts(6, 1)
+    before = model(x, source)
+    norms, effects = contribution_l2(before), model.field_effects(before)
+    with torch.no_grad():
+        for head in model.heads:
+            assert head.offsets is not None
+            head.offsets.add_(torch.arange(len(head.offsets)).unsqueeze(1) * 3.0)
+    after = model(x, source)
+    torch.testing.assert_close(after.output, before.output)
+    for name, value in contribution_l2(after).items():
+        torch.testing.assert_close(value, norms[name])
+    for name, value in model.field_effects(after).items():
+        torch.testing.assert_close(value, effects[name])
+
+
+def test_projection_leaves_the_gene_bias_and_dispersion_signed():
+    model = CAE(12, 5, SIZES, logit_scale=0.5, nonnegative="all", likelihood="nb")
+    assert model.gene_bias is not None and model.log_theta is not None
+    with torch.no_grad():
+        model.gene_bias.fill_(-2.0)
+        model.log_theta.fill_(-1.0)
+        model.base.sub_(1.0)
+    model.project_nonnegative()
+    assert (model.gene_bias == -2.0).all() and (model.log_theta == -1.0).all()
+    assert (model.base >= 0).all()
+
+
+def test_the_count_loss_scores_the_counts_and_needs_the_library():
+    model = _count_model()
+    counts = torch.poisson(torch.rand(8, 12) * 20)
+    counts[:, 0] += 1  # no empty cell
+    library = counts.sum(dim=1, keepdim=True)
+    x = torch.log1p(counts / library * CP10K)
+    source, target = _contexts(8, 2), _contexts(8, 3)
+    passes = FusedPasses(model)(x, source, target)
+    classifier = torch.nn.Module()
+    classifier.forward = lambda cells: []  # type: ignore[method-assign]  # no fields to read
+    weights = load_settings(None, {}).train.weights
+    losses = generator_losses(passes, classifier, x, source, target, weights, library=library)
+    assert passes.cycle2_log_rate is not None and model.log_theta is not None
+    expected = nb_nll(counts, passes.cycle2_log_rate, library, model.log_theta)
+    torch.testing.assert_close(losses.reconstruction, expected)
+    with pytest.raises(ValueError, match="library sizes"):
+        generator_losses(passes, classifier, x, source, target, weights)
+
+
+def test_the_count_likelihood_refuses_values_that_are_already_normalised():
+    with pytest.raises(
+        ConfigError, match=r"model.likelihood = 'nb' scores raw counts.*log1p_cp10k"
+    ):
+        load_settings(None, {"model.likelihood": "nb", "data.transform": "none"})

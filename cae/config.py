@@ -245,10 +245,10 @@ class ModelConfig(_Section):
     """Shape of the cycle autoencoder and its context classifier."""
 
     latent_dim: int = Field(
-        64, ge=1, le=16_384, description="Latent size L of every head (at most 16,384)."
+        128, ge=1, le=16_384, description="Latent size L of every head (at most 16,384)."
     )
     logit_scale: float = Field(
-        0.0159, gt=0.0, description="Scale s of every field head's output (the seed's 0.0159)."
+        1.0, gt=0.0, description="Scale s of every field head's output (the seed's: 0.0159)."
     )
     context_offsets: bool = Field(
         True,
@@ -256,7 +256,7 @@ class ModelConfig(_Section):
         "(False = the seed's design).",
     )
     nonnegative: Nonnegative = Field(
-        "all",
+        "base",
         description="Parameters kept >= 0: all (the seed's design) or base (the base head only; "
         "field heads take either sign, so a field's change can depend on the cell both ways).",
     )
@@ -264,14 +264,14 @@ class ModelConfig(_Section):
         128, ge=1, le=65_536, description="Hidden width of the context classifier."
     )
     likelihood: Likelihood = Field(
-        "normal",
+        "nb",
         description="nb: a negative binomial of the raw counts whose log mean is the heads' sum "
         "(library size observed, dispersion per gene; needs data.transform=log1p_cp10k), and "
         "counterfactuals can be drawn as counts; normal: mean squared error of the log-normalised "
         "values (the seed's design).",
     )
     counterfactual: Literal["decode", "residual"] = Field(
-        "decode",
+        "residual",
         description="decode: a counterfactual is the model's output in the target contexts (the "
         "seed's design); residual: the cell plus the change of the moved fields' terms.",
     )
@@ -294,7 +294,7 @@ class LossWeights(_Section):
         description="Penalty on the field heads' squared output (0 = the seed's design exactly).",
     )
     context_means: float = Field(
-        0.0,
+        30.0,
         ge=0.0,
         description="Mean of cells moved to a context combination vs the real cells there "
         "(ties the size of a shift to real cells; 0 = off, the seed's design).",
@@ -306,7 +306,7 @@ class TrainConfig(_Section):
     """Optimisation and the training loop."""
 
     epochs: int = Field(10, ge=1, description="Total epochs (a resumed run continues up to this).")
-    batch_size: int = Field(128, ge=1, description="Cells per mini-batch.")
+    batch_size: int = Field(256, ge=1, description="Cells per mini-batch.")
     lr: float = Field(3e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
     classifier_lr: float = Field(1e-3, gt=0.0, description="Learning rate of the classifier.")
     ema: float = Field(

@@ -240,11 +240,8 @@ def generator_losses(
     reference: ContextMeans | None = None,
     library: torch.Tensor | None = None,
 ) -> GeneratorLosses:
-    """Weigh the autoencoder's loss terms of one batch's passes.
-
-    Reconstruction and self reconstruction score ``x`` by mean squared error, or with the count
-    likelihood (``passes`` has log rates) by the negative binomial's negative log likelihood of
-    the cells' counts (:func:`cae.model.likelihood.nb_nll`, mean over cells and genes).
+    """Weigh the autoencoder's loss terms of one batch's passes (reconstructions by mean squared
+    error, or with the count likelihood by :func:`cae.model.likelihood.nb_nll` of the counts).
 
     The classifier's parameters must be frozen by the caller (``requires_grad_(False)``): its
     output steers the autoencoder but it does not learn from generated cells.
@@ -260,8 +257,7 @@ def generator_losses(
         residual: counterfactuals are residual (``model.counterfactual``; context-means term).
         reference: the training cells' combination means for the context-means term; None
             compares with the real cells of the batch.
-        library: (B, 1) the cells' library sizes (total counts), needed with the count
-            likelihood: ``x`` is then log1p counts per 10,000 of them.
+        library: (B, 1) the cells' total counts, needed with the count likelihood.
 
     Returns:
         The :class:`GeneratorLosses`; ``total`` is what to back-propagate.
@@ -398,9 +394,7 @@ def training_step(
         passes: what computes the step's passes: ``FusedPasses(model)`` (default) or it wrapped.
         forward_classifier: the classifier wrapped (DistributedDataParallel), or None.
         autocast: the autocast context of the forward passes (none by default).
-        residual: counterfactuals are residual (see :func:`generator_losses`).
-        reference: the context-means term's reference (see :func:`generator_losses`).
-        library: (B, 1) library sizes, for the count likelihood (see :func:`generator_losses`).
+        residual, reference, library: as for :func:`generator_losses`.
 
     Returns:
         ``(losses, classifier_loss)``.

@@ -264,11 +264,11 @@ class ModelConfig(_Section):
         128, ge=1, le=65_536, description="Hidden width of the context classifier."
     )
     likelihood: Likelihood = Field(
-        "nb",
-        description="nb: a negative binomial of the raw counts whose log mean is the heads' sum "
-        "(library size observed, dispersion per gene; needs data.transform=log1p_cp10k), and "
-        "counterfactuals can be drawn as counts; normal: mean squared error of the log-normalised "
-        "values (the seed's design).",
+        "normal",
+        description="normal: mean squared error of the log-normalised values (the seed's, and the "
+        "better means on Kang: docs/results/kang.md); nb: a negative binomial of the raw counts "
+        "whose log mean is the heads' sum (library size observed, dispersion per gene; needs "
+        "data.transform=log1p_cp10k), whose counterfactuals can also be drawn as counts.",
     )
     counterfactual: Literal["decode", "residual"] = Field(
         "residual",

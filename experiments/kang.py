@@ -7,9 +7,11 @@
 For each cell type c: the stimulated cells of c are held out; the 2,000 most variable genes are
 chosen on the training cells (all but the held-out ones) by scanpy's ``highly_variable_genes``
 (flavour ``seurat``, on counts normalised to 10,000 per cell and log1p'd, as scGen's and CPA's Kang
-preprocessing does); a fold data set of those genes' raw counts is written (the preset's
-``transform = "log1p_cp10k"`` normalises them over those genes, and the count likelihood scores
-them); the model is trained on it with the held-out cells excluded
+preprocessing does); a fold data set of those genes is written: their log-normalised values
+(normalised over all genes; ``transform = "none"``) for the normal likelihood, their raw counts for
+the count likelihood (``model.likelihood = "nb"``, ``transform = "log1p_cp10k"``, which normalises
+them over those genes: scVI's library size; the baselines are scored in the same space); the
+model is trained on it with the held-out cells excluded
 (``data.exclude``), moves the control cells of c to stimulated, and is scored by ``cae.evaluate``
 beside identity, mean shift and cell-type-averaged mean shift. Development folds: B, CD4+ T cells,
 CD8+ T cells, NK cells, T; test folds (never used to choose anything): CD14+ Monocytes, CD16+
@@ -74,8 +76,8 @@ def top_variable(x: sp.csr_matrix, n: int) -> np.ndarray:
 
 
 def write_fold(folder: Path, x: sp.csr_matrix, meta: pd.DataFrame, genes: list[str]) -> None:
-    """One fold's data set: the raw counts of its genes, in chunks of 2,000 cells, in the
-    file's own order (sorted by condition): the loader's shuffle windows mix the chunks."""
+    """One fold's data set: the values of its genes, in chunks of 2,000 cells, in the file's own
+    order (sorted by condition): the loader's shuffle windows mix the chunks."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -238,6 +240,9 @@ def main() -> None:
         ignore_index=True,
     ).astype(str)
     x = log_normalise(counts)
+    counted = settings.model.likelihood == "nb"  # the count likelihood reads raw counts
+    values = counts if counted else x
+    overrides["data.transform"] = "log1p_cp10k" if counted else "none"
     folds = args.folds.split(",") if args.folds else DEVELOPMENT + TEST
     rows, started = [], time.time()
     for cell_type in folds:
@@ -245,7 +250,7 @@ def main() -> None:
         training = ~holdout.held_out.mask(meta)
         genes = top_variable(x[np.flatnonzero(training)], N_GENES)
         fold = args.out / "folds" / slug(holdout.name)
-        write_fold(fold / "data", counts[:, genes], meta, [store.genes[g] for g in genes])
+        write_fold(fold / "data", values[:, genes], meta, [store.genes[g] for g in genes])
         for seed in seeds:
             seed_started = time.time()
             scores = score_fold(args, overrides, holdout, fold, seed)

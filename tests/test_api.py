@@ -272,7 +272,8 @@ def test_sampling_options_are_refused_by_name(nb_api: cae.CAE, options: dict, sa
 def test_a_normal_model_refuses_to_draw_counts(tiny, tmp_path, isolated):
     adata = cells(tiny)
     cae.CAE.setup_anndata(adata, fields=["sex"], layer="counts")
-    model = cae.CAE(adata, overrides={**QUICK, "data.num_workers": 0})
+    normal = {**QUICK, "data.num_workers": 0, "model.likelihood": "normal"}
+    model = cae.CAE(adata, overrides=normal)
     model.train(epochs=1, out_dir=tmp_path / "run", tracking=False, progress=False)
     with pytest.raises(ConfigError, match=r"trained with model\.likelihood=normal"):
         model.reconstruct(sample=True)

@@ -40,8 +40,10 @@ def _train(data: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model(cells_h5ad: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch with the normal likelihood (the default)."""
-    return _train(cells_h5ad, tmp_path_factory.mktemp("model") / "run")
+    """One epoch with the normal likelihood (mean squared error; it cannot draw counts)."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CAE_MODEL__LIKELIHOOD", "normal")
+        return _train(cells_h5ad, tmp_path_factory.mktemp("model") / "run")
 
 
 @pytest.fixture(scope="module")

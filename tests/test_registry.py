@@ -477,12 +477,15 @@ def test_hostile_sampling_params_are_refused_in_one_line(nb_pyfunc, route, param
         assert part in message, message
 
 
-def test_a_normal_model_refuses_to_draw_counts(pyfunc, demo_data) -> None:
-    model, trained = pyfunc
-    x, meta = cells_of(demo_data, {"cell_type": "B"})
-    frame = request_frame(x[:2], meta[:2], trained.genes)
+def test_a_normal_model_refuses_to_draw_counts(tiny: Path, tmp_path: Path) -> None:
+    overrides = {"model.likelihood": "normal", "train.epochs": 1, "data.fields": "cell_type,sex"}
+    checkpoint = str(train(quick_settings(tiny, tmp_path / "run", **overrides)).checkpoint)
+    model = CounterfactualModel()
+    model.load_context(SimpleNamespace(artifacts={"checkpoint": checkpoint}))
+    x, meta = load_cells(tiny)
+    frame = request_frame(x[:2], meta[["cell_type", "sex"]][:2], model.trained.genes)
     with pytest.raises(MlflowException, match=r"model\.likelihood=nb; this one was trained with"):
-        model.predict(frame, params={"targets": "", "sample": True})
+        model.predict(None, frame, params={"targets": "", "sample": True})
 
 
 @pytest.mark.fuzz

@@ -33,31 +33,29 @@ def log1p_cp10k(x: np.ndarray) -> np.ndarray:
 # --- learning (one demo training per session, shared) -------------------------------------------
 
 
-def test_validation_reconstruction_falls_well_below_the_first_epoch(demo_run: TrainResult):
-    curve = [epoch["val/reconstruction"] for epoch in demo_run.history]
-    assert curve[-1] < 0.6 * curve[0], curve
-
-
-# The model options of experiments/kang.toml (the best preset on real data), on the demo preset.
-KANG_OPTIONS = {
-    "model.nonnegative": "base",
-    "model.counterfactual": "residual",
-    "model.logit_scale": 1.0,
-    "train.weights.context_means": 30.0,
-    "train.context_means_reference": "data",
-}
-
-
 @pytest.fixture(scope="module")
-def options_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
-    """The demo preset with Kang's model options, on the demo data."""
-    return train(demo_settings(demo_data, tmp_path_factory.mktemp("options_run"), **KANG_OPTIONS))
+def counts_run(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """The demo preset with the count likelihood (``model.likelihood = "nb"``), on the demo
+    data's counts."""
+    counts = {"model.likelihood": "nb"}
+    return train(demo_settings(demo_data, tmp_path_factory.mktemp("counts_run"), **counts))
 
 
-@pytest.fixture(params=["demo", "kang_options"])
+@pytest.fixture(params=["demo", "counts"])
 def run(request: pytest.FixtureRequest) -> TrainResult:
-    """Each preset's training: the demo preset, and the same with Kang's model options."""
-    return request.getfixturevalue("demo_run" if request.param == "demo" else "options_run")
+    """Each likelihood's training: the demo preset (the normal likelihood, the default), and the
+    same with the count likelihood."""
+    return request.getfixturevalue("demo_run" if request.param == "demo" else "counts_run")
+
+
+def test_validation_reconstruction_falls_below_the_first_epoch(run: TrainResult):
+    """The mean squared error falls by far; the count likelihood's negative log likelihood holds
+    the counts' own noise, which no model removes, so it falls by less (measured on the demo:
+    about 7% after the first epoch)."""
+    curve = [epoch["val/reconstruction"] for epoch in run.history]
+    likelihood = json.loads((run.out_dir / "settings.json").read_text())["model"]["likelihood"]
+    factor = 0.6 if likelihood == "normal" else 0.98
+    assert curve[-1] < factor * curve[0], curve
 
 
 def ranked_fields(demo_data: Path, result: TrainResult, metric: str) -> tuple[list, list]:
@@ -76,11 +74,11 @@ def test_effect_ranking_matches_the_true_effect_sizes(demo_data: Path, run: Trai
     assert ranked == truth == ["cell_type", "assay", "sex"]
 
 
-def test_contribution_ranking_matches_the_true_effect_sizes(demo_data: Path, demo_run):
-    """The per-cell L2 of each head's term too, with the demo preset's non-negative heads (with
-    Kang's signed heads at logit scale 1 every head also carries part of the cells' own variation,
-    and assay and sex can swap: docs/results/kang.md)."""
-    ranked, truth = ranked_fields(demo_data, demo_run, "contrib_l2")
+def test_contribution_ranking_matches_the_true_effect_sizes(demo_data: Path, counts_run):
+    """The per-cell L2 of each head's term too, with the count likelihood (its terms are read
+    centred over genes). With the normal likelihood, signed field heads at logit scale 1 also
+    carry part of the cells' own variation, and assay and sex can swap (docs/results/kang.md)."""
+    ranked, truth = ranked_fields(demo_data, counts_run, "contrib_l2")
     assert ranked == truth == ["cell_type", "assay", "sex"]
 
 
@@ -141,8 +139,13 @@ def test_two_epochs_plus_resume_equals_three_epochs(small_data: Path, tmp_path: 
 def test_best_checkpoint_is_kept_beside_the_last(tiny: Path, tmp_path: Path):
     """best.pt holds the epoch with the lowest val/<output.best_by> (integration here: on this
     data it is lowest at epoch 1 of 2), last.pt the final one; a resumed training goes on
-    comparing with the epochs before it; best_by = none keeps no best.pt."""
-    best_by = {"output.best_by": "integration"}
+    comparing with the epochs before it; best_by = none keeps no best.pt. (With the model of the
+    earlier defaults, under which this data's integration loss rises at epoch 2.)"""
+    best_by = {
+        "output.best_by": "integration", "model.likelihood": "normal", "model.nonnegative": "all",
+        "model.logit_scale": 0.0159, "model.counterfactual": "decode",
+        "train.weights.context_means": 0.0, "train.batch_size": 64,
+    }  # fmt: skip
     out = tmp_path / "run"
     first = train(quick_settings(tiny, out, **best_by, **{"train.epochs": 2}))
     curve = [e["val/integration"] for e in first.history]

@@ -10,7 +10,8 @@ chosen on the training cells (all but the held-out ones) by scanpy's ``highly_va
 preprocessing does); a fold data set of those genes is written: their log-normalised values
 (normalised over all genes; ``transform = "none"``) for the normal likelihood, their raw counts for
 the count likelihood (``model.likelihood = "nb"``, ``transform = "log1p_cp10k"``, which normalises
-them over those genes: scVI's library size; the baselines are scored in the same space); the
+them over those genes: scVI's library size; the baselines are scored in the same space), or for
+either with ``--set data.transform=log1p_cp10k``; the
 model is trained on it with the held-out cells excluded
 (``data.exclude``), moves the control cells of c to stimulated, and is scored by ``cae.evaluate``
 beside identity, mean shift and cell-type-averaged mean shift. Development folds: B, CD4+ T cells,
@@ -240,7 +241,9 @@ def main() -> None:
         ignore_index=True,
     ).astype(str)
     x = log_normalise(counts)
-    counted = settings.model.likelihood == "nb"  # the count likelihood reads raw counts
+    # the count likelihood reads raw counts; --set data.transform=log1p_cp10k gives them to any
+    asked = overrides.get("data.transform") == "log1p_cp10k"
+    counted = settings.model.likelihood == "nb" or asked
     values = counts if counted else x
     overrides["data.transform"] = "log1p_cp10k" if counted else "none"
     folds = args.folds.split(",") if args.folds else DEVELOPMENT + TEST

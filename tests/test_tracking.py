@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from cae.cli import main
 from cae.tracking.callbacks import DEFAULT_TRACKING_URI, tracked, tracking_uri
 from cae.train import Callback, train
-from tests.conftest import quick_settings
+from tests.conftest import EARLIER_MODEL, quick_settings
 from tests.servers import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,13 +278,16 @@ def test_training_logs_to_a_tracking_server_over_http(small_data, tmp_path, trac
 
 
 def test_register_takes_the_best_or_the_last_checkpoint_with_pinned_requirements(
-    tiny: Path, tmp_path: Path, capsys
+    tiny: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ):
     """`cae register --checkpoint best` logs best.pt (tagged with the choice and its epoch; on
-    this data the first of two), its requirements pinned to the installed versions; a run
-    without best.pt says so."""
+    this data, with the earlier defaults' model, the first of two), its requirements pinned to
+    the installed versions; a run without best.pt says so."""
     import mlflow
     from packaging.version import Version
+
+    for name, value in EARLIER_MODEL.items():
+        monkeypatch.setenv("CAE_" + name.upper().replace(".", "__"), str(value))
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
     argv = ["train", "--data", str(tiny), "--epochs", "2", *SMALL_MODEL, "--tracking-uri", uri]

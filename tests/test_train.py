@@ -18,7 +18,7 @@ from cae.errors import CheckpointError, ConfigError, MetadataError
 from cae.model.contributions import CONTEXT_COLUMNS
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
 from cae.train.trainer import Trainer, TrainResult, train
-from tests.conftest import demo_settings, load_cells, quick_settings
+from tests.conftest import EARLIER_MODEL, demo_settings, load_cells, quick_settings
 
 
 def r2(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -49,13 +49,14 @@ def run(request: pytest.FixtureRequest) -> TrainResult:
 
 
 def test_validation_reconstruction_falls_below_the_first_epoch(run: TrainResult):
-    """The mean squared error falls by far; the count likelihood's negative log likelihood holds
-    the counts' own noise, which no model removes, so it falls by less (measured on the demo:
-    about 7% after the first epoch)."""
+    """The best epoch's mean squared error is well below the first's; the count likelihood's
+    negative log likelihood holds the counts' own noise, which no model removes, so it falls by
+    less (measured on the demo: about 7% after the first epoch). The last epoch is below the first
+    too (with the context-means term the curve goes up and down a little)."""
     curve = [epoch["val/reconstruction"] for epoch in run.history]
     likelihood = json.loads((run.out_dir / "settings.json").read_text())["model"]["likelihood"]
     factor = 0.6 if likelihood == "normal" else 0.98
-    assert curve[-1] < factor * curve[0], curve
+    assert min(curve) < factor * curve[0] and curve[-1] < curve[0], curve
 
 
 def ranked_fields(demo_data: Path, result: TrainResult, metric: str) -> tuple[list, list]:
@@ -141,11 +142,7 @@ def test_best_checkpoint_is_kept_beside_the_last(tiny: Path, tmp_path: Path):
     data it is lowest at epoch 1 of 2), last.pt the final one; a resumed training goes on
     comparing with the epochs before it; best_by = none keeps no best.pt. (With the model of the
     earlier defaults, under which this data's integration loss rises at epoch 2.)"""
-    best_by = {
-        "output.best_by": "integration", "model.likelihood": "normal", "model.nonnegative": "all",
-        "model.logit_scale": 0.0159, "model.counterfactual": "decode",
-        "train.weights.context_means": 0.0, "train.batch_size": 64,
-    }  # fmt: skip
+    best_by = {"output.best_by": "integration", **EARLIER_MODEL, "model.latent_dim": 8}
     out = tmp_path / "run"
     first = train(quick_settings(tiny, out, **best_by, **{"train.epochs": 2}))
     curve = [e["val/integration"] for e in first.history]

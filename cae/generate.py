@@ -173,11 +173,15 @@ class Sampling:
             (n, G) float32 whole counts, >= 0 and finite.
 
         Raises:
-            ConfigError: the model was trained with the normal likelihood.
+            ConfigError: the model was trained with the normal likelihood, or neither a library
+                size nor the source cells' total counts are known.
             DataError: the draws overflowed (source cells with far more counts than real cells).
         """
-        size = library if self.library_size is None else self.library_size
-        counts = model.sample_counts(mean, size, self.chunk_seed(chunk))
+        if self.library_size is not None:
+            library = torch.full((len(mean), 1), self.library_size, device=mean.device)
+        if library is None:  # (plan_generation refuses such a model first)
+            raise ConfigError("sampled counts need each cell's total counts: give a library size")
+        counts = model.sample_counts(mean, library, self.chunk_seed(chunk))
         if not bool(((counts >= 0) & torch.isfinite(counts)).all()):
             raise DataError(
                 "drawing counts overflowed: the source cells hold far more counts than real cells "

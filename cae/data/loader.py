@@ -318,9 +318,18 @@ def apply_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
     Returns:
         (B, G) model-space expression.
     """
+    return transform_with_library(x, transform)[0]
+
+
+def transform_with_library(
+    x: torch.Tensor, transform: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`apply_transform`, and under ``log1p_cp10k`` the (B, 1) library sizes it normalised
+    by (:func:`library_sizes`, summed once); None for values used as stored."""
     if transform == "none":
-        return x
-    return torch.log1p(x * (CP10K / library_sizes(x)))
+        return x, None
+    library = library_sizes(x)
+    return torch.log1p(x * (CP10K / library)), library
 
 
 def library_sizes(x: torch.Tensor) -> torch.Tensor:
@@ -373,8 +382,8 @@ def iter_batches(
         x = densify(block, device)  # (B, G)
         # numpy, not torch, indexing: tiny, and torch's can wait on a busy machine's other thread
         host = torch.from_numpy(np.concatenate([chunk.contexts[part] for chunk, part in parts]))
-        library = library_sizes(x) if transform == "log1p_cp10k" else None
-        yield Batch(apply_transform(x, transform), to_device(host, device), host, library)
+        x_model, library = transform_with_library(x, transform)
+        yield Batch(x_model, to_device(host, device), host, library)
 
 
 def single_value_batches(contexts: torch.Tensor) -> np.ndarray:

@@ -10,7 +10,6 @@ A model never needs the data or preprocessing folder it was trained from.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 from cae import __version__
 from cae.config import CheckpointChoice, Settings, settings_from_dict
 from cae.data.atomic import atomic_write
-from cae.data.loader import apply_transform, library_sizes
+from cae.data.loader import transform_with_library
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
@@ -402,25 +401,20 @@ class TrainedModel:
         device = next(self.model.parameters()).device
         source_index = self.encode_contexts(source, tensor.shape[0])
         self.model.eval()
-        transform = self.settings.data.transform
-        tensor = tensor.to(device)
-        library = library_sizes(tensor) if transform == "log1p_cp10k" else None
-        return apply_transform(tensor, transform), source_index, library
+        x_model, library = transform_with_library(tensor.to(device), self.settings.data.transform)
+        return x_model, source_index, library
 
     @torch.no_grad()
     def sample_counts(
-        self,
-        x_model: torch.Tensor,
-        library: torch.Tensor | float | None,
-        seed: int,
+        self, x_model: torch.Tensor, library: torch.Tensor, seed: int
     ) -> torch.Tensor:
         """Draw counts around model-space means (counterfactuals, reconstructions) from the
         model's negative binomial (:func:`cae.model.likelihood.sample_counts`).
 
         Args:
             x_model: (n, G) model-space means, e.g. :meth:`counterfactual`'s ``output``.
-            library: (n, 1) library sizes (the source cells', from :meth:`prepare`), or one
-                size for every cell.
+            library: (n, 1) library sizes: the source cells' (from :meth:`prepare`), or one
+                size for every cell (:class:`cae.generate.Sampling` checks a size given).
             seed: the draws' seed.
 
         Returns:
@@ -428,16 +422,9 @@ class TrainedModel:
 
         Raises:
             ConfigError: the model was trained with the normal likelihood (it has no dispersion
-                to draw with), or no library size is known or the one given is not > 0.
+                to draw with).
         """
-        log_theta = self.check_sampling()
-        if library is None:
-            raise ConfigError("sampled counts need a library size: give one (total counts)")
-        if not isinstance(library, torch.Tensor):
-            if not (math.isfinite(library) and library > 0):
-                raise ConfigError(f"library size {library!r}: give a number of counts > 0")
-            library = torch.full((x_model.shape[0], 1), float(library), device=x_model.device)
-        return sample_counts(x_model, library, log_theta, seed)
+        return sample_counts(x_model, library, self.check_sampling(), seed)
 
     def check_sampling(self) -> torch.Tensor:
         """The model's (G,) log inverse dispersion, which drawing counts needs.

@@ -187,7 +187,7 @@ class CAE:
         seed: int = 0,
         library_size: float | None = None,
     ) -> anndata.AnnData:
-        """Move every cell to the target contexts; the mean, or counts drawn around it.
+        """Move every cell to the target contexts; the mean, or whole counts.
 
         Args:
             adata: the cells (default: the set-up AnnData), in the units the model was trained
@@ -199,12 +199,15 @@ class CAE:
                 ``.X``).
             add_input: add the input in model space as layer ``cae_input``.
             add_reconstruction: add the reconstruction as layer ``cae_reconstruction``.
-            sample: draw counts from the model's negative binomial around the counterfactual
-                mean into ``.X`` (the mean goes to layer ``cae_mean``); a model trained with
-                ``model.likelihood = "nb"`` only.
+            sample: whole counts into ``.X`` instead of the mean (which goes to layer
+                ``cae_mean``): under the residual design each cell's own counts moved to its
+                counterfactual (either likelihood); a reconstruction, or the decode design, drawn
+                from the negative binomial of a model trained with ``model.likelihood = "nb"``.
+                The model must read counts (``data.transform = "log1p_cp10k"``).
             seed: the draws' seed, 0 to 2**63 - 1 (each ``batch_size`` block of cells draws with
                 its own seed derived from it: the same seed and batch size give the same counts).
-            library_size: the total counts every cell is drawn with (None: each cell's own).
+            library_size: the total counts every cell is drawn with, in mean (None: each cell's
+                depth).
 
         Returns:
             An AnnData with ``adata``'s obs_names, ``.obs`` (plus ``source_<field>`` and
@@ -215,8 +218,8 @@ class CAE:
             data as scanpy does.
 
         Raises:
-            ConfigError: ``sample`` for a model trained with the normal likelihood, a seed or
-                library size that is not one (or given without ``sample``).
+            ConfigError: ``sample`` the model cannot draw (``TrainedModel.sampling_refusal``),
+                a seed or library size that is not one (or given without ``sample``).
             DataError: missing genes, repeated cell names, NaN or negative values.
             MetadataError: an unknown field or value.
         """
@@ -239,7 +242,8 @@ class CAE:
         library_size: float | None = None,
     ) -> anndata.AnnData:
         """The cells decoded in their own contexts: :meth:`counterfactual` without targets (with
-        ``sample``, counts drawn around the reconstruction)."""
+        ``sample``, counts drawn around the reconstruction: a model trained with
+        ``model.likelihood = "nb"`` only)."""
         return self.counterfactual(
             adata, None, batch_size=batch_size, layer=layer, sample=sample, seed=seed,
             library_size=library_size,

@@ -436,7 +436,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )  # fmt: skip
     what = "counterfactuals" if targets else "reconstructions"
     if sample is not None:
-        what = f"counts (seed {sample.seed}) drawn around the {what}"
+        what = f"counts (seed {sample.seed}) of the {what}"
     if targets:
         moved = ", ".join(f"{k}={v}" for k, v in targets.items())
         print(f"wrote {what} ({moved}) to {out}")
@@ -455,7 +455,7 @@ def _add_generate(commands: _Commands) -> None:
         help="write counterfactuals of many cells to an .h5ad",
         description="Move every cell of the input to other contexts and write an .h5ad whose .X "
         "is the counterfactual expression (without --set: the reconstruction) in model space, "
-        "or with --sample counts drawn around it (a model trained with model.likelihood=nb), "
+        "or with --sample whole counts (see --sample), "
         "whose cells, .obs and .var are the input's (with source_<field> and target_<field> "
         "added to .obs), and whose .uns['cae'] says what .X holds.",
     )
@@ -485,9 +485,11 @@ def _add_generate(commands: _Commands) -> None:
         help="add the reconstruction as layer cae_reconstruction",
     )  # fmt: skip
     generate.add_argument(
-        "--sample", action="store_true", help="draw counts from the model's negative binomial "
-        "around the mean into .X (raw counts, whole numbers); the mean goes to layer cae_mean. "
-        "Needs a model trained with model.likelihood=nb",
+        "--sample", action="store_true", help="whole counts into .X instead of the mean (which "
+        "goes to layer cae_mean): under the residual design each cell's own counts moved to its "
+        "counterfactual; reconstructions and the decode design are drawn from the negative "
+        "binomial of a model trained with model.likelihood=nb. Needs a model that reads counts "
+        "(data.transform=log1p_cp10k)",
     )  # fmt: skip
     generate.add_argument(
         "--seed", type=int, metavar="N", help="the seed of --sample's draws (default 0; each "

@@ -7,8 +7,10 @@ The output AnnData:
 * ``.X``: the counterfactual expression, or without targets the reconstruction (the cells
   decoded in their own contexts), in model space: log1p counts per 10,000 for the default
   transform ``log1p_cp10k``; or, with sampling (:class:`Sampling`, ``cae generate --sample``),
-  counts drawn from the model's negative binomial around that mean (raw counts, float32 whole
-  numbers; only for a model trained with ``model.likelihood = "nb"``);
+  whole counts (float32; :meth:`TrainedModel.sample_counts`): under the residual design a
+  counterfactual keeps the cell, its own counts moved to the counterfactual's mean with the least
+  added noise, while a reconstruction or a decoded counterfactual is drawn around its mean from
+  the negative binomial of a model trained with ``model.likelihood = "nb"``;
 * ``obs_names`` and ``.obs``: the input's cell names and obs columns (chunk files name their
   cells ``<chunk id>_<row>``, a SOMA experiment by ``soma_joinid``), with ``source_<field>`` and
   ``target_<field>`` added for every field of the model;
@@ -22,7 +24,8 @@ The output AnnData:
 
 Sampled counts are drawn per chunk, chunk ``i`` with the seed derived from ``(seed, i)``: the same
 seed and chunking give the same counts, every chunk its own independent draws. Each cell is drawn
-with its source cell's total counts as library size, or with one size given for every cell.
+with its source cell's total counts as library size, or with one size given for every cell (in
+mean: a moved cell's counts follow the target's distribution at that size).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ from cae.data.store import (
     select_fields,
 )
 from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
-from cae.train.checkpoint import TrainedModel, load_checkpoint
+from cae.model.cae import CAEOutput
+from cae.train.checkpoint import PreparedCells, TrainedModel, load_checkpoint
 
 if TYPE_CHECKING:
     import anndata
@@ -60,7 +64,7 @@ log = logging.getLogger(__name__)
 
 INPUT_LAYER = "cae_input"  # the input in model space
 RECONSTRUCTION_LAYER = "cae_reconstruction"  # the cells decoded in their own contexts
-MEAN_LAYER = "cae_mean"  # with sampling: the mean the counts in X were drawn around
+MEAN_LAYER = "cae_mean"  # with sampling: the mean the counts in X were drawn for
 MAX_SEED = 2**63 - 1  # seeds fit a signed 64-bit integer (MLflow's "long", an .h5ad attribute)
 MAX_LIBRARY_SIZE = 1e9  # counts per cell: real cells hold thousands; draws stay far from overflow
 SOURCE_LIBRARY = "source cell's total counts"
@@ -129,12 +133,12 @@ def open_input(
 
 @dataclass(frozen=True)
 class Sampling:
-    """Counts drawn around the model's mean, from its negative binomial.
+    """Whole counts instead of the model's mean (:meth:`TrainedModel.sample_counts`).
 
     Args:
         seed: the draws' seed, a whole number from 0 to :data:`MAX_SEED`.
-        library_size: the total counts every cell is drawn with, > 0 and at most
-            :data:`MAX_LIBRARY_SIZE`; None: each source cell's own total counts.
+        library_size: the total counts every cell is drawn with (in mean), > 0 and at most
+            :data:`MAX_LIBRARY_SIZE`; None: each source cell's depth.
 
     Raises:
         ConfigError: a seed or library size that is not such a number (the message names it).
@@ -156,32 +160,35 @@ class Sampling:
     def draw(
         self,
         model: TrainedModel,
-        mean: torch.Tensor,
-        library: torch.Tensor | None,
+        cells: PreparedCells,
+        out: CAEOutput,
         chunk: int = 0,
+        moved: bool = True,
     ) -> torch.Tensor:
-        """Counts around a chunk's means.
+        """A chunk's counts (:meth:`TrainedModel.sample_counts`: a residual counterfactual keeps
+        the cells' own counts where the move leaves them, a decoded pass is drawn around its
+        mean).
 
         Args:
-            model: a model trained with ``model.likelihood = "nb"``.
-            mean: (n, G) the chunk's means in model space.
-            library: (n, 1) its source cells' total counts (from :meth:`TrainedModel.prepare`),
-                used unless :attr:`library_size` is given.
+            model: a model that draws such counts (:meth:`TrainedModel.sampling_refusal`).
+            cells: the chunk, from :meth:`TrainedModel.prepare`.
+            out: a pass of it: :meth:`TrainedModel.move`'s counterfactual, or a decoded pass.
             chunk: which chunk (see :meth:`chunk_seed`).
+            moved: ``out`` is a counterfactual (False: a decoded pass, e.g. a reconstruction).
 
         Returns:
-            (n, G) float32 whole counts, >= 0 and finite.
+            (n, G) float32 whole counts, >= 0 and finite; with :attr:`library_size` that many
+            counts per cell in mean, else at each source cell's depth.
 
         Raises:
-            ConfigError: the model was trained with the normal likelihood, or neither a library
-                size nor the source cells' total counts are known.
+            ConfigError: counts the model cannot draw
+                (:meth:`TrainedModel.sampling_refusal`).
             DataError: the draws overflowed (source cells with far more counts than real cells).
         """
+        library = None
         if self.library_size is not None:
-            library = torch.full((len(mean), 1), self.library_size, device=mean.device)
-        if library is None:  # (plan_generation refuses such a model first)
-            raise ConfigError("sampled counts need each cell's total counts: give a library size")
-        counts = model.sample_counts(mean, library, self.chunk_seed(chunk))
+            library = torch.full((len(out.output), 1), self.library_size, device=out.output.device)
+        counts = model.sample_counts(cells, out, self.chunk_seed(chunk), library, moved)
         if not bool(((counts >= 0) & torch.isfinite(counts)).all()):
             raise DataError(
                 "drawing counts overflowed: the source cells hold far more counts than real cells "
@@ -295,13 +302,13 @@ def plan_generation(
             is the mean.
 
     Raises:
-        ConfigError: ``sample`` for a model trained with the normal likelihood.
+        ConfigError: ``sample`` that the model cannot draw (:meth:`TrainedModel.sampling_refusal`).
         DataError: missing genes, cell names that repeat.
         MetadataError: an unknown field or value (in the input or the targets), or an obs
             column the output would add (``source_<field>``, ``target_<field>``).
     """
     if sample is not None:
-        model.check_sampling()
+        model.check_sampling(moved=bool(targets))
         layers = (MEAN_LAYER, *layers)
     columns = gene_positions(store.genes, model.genes, str(store.path), "the model's")
     if len(store.genes) > len(model.genes):
@@ -361,7 +368,7 @@ def _output_uns(
         "the cells decoded in their own contexts"
     )  # fmt: skip
     what = {
-        MEAN_LAYER: f"the mean the counts in X were drawn around, {mean} ({units})",
+        MEAN_LAYER: f"the mean the counts in X were drawn for, {mean} ({units})",
         INPUT_LAYER: f"the input, in model space ({units})",
         RECONSTRUCTION_LAYER: f"the cells decoded in their own contexts ({units})",
     }
@@ -377,9 +384,10 @@ def _output_uns(
         "version": __version__,
     }
     if sample is not None:
-        info["X"] = (
-            "counts drawn from the model's negative binomial around the "
-            f"{'counterfactual' if targets else 'reconstruction'} mean (layer {MEAN_LAYER})"
+        info["X"] = f"whole counts with the mean of layer {MEAN_LAYER}: " + (
+            "the cells' own counts moved to the counterfactual (the residual design)"
+            if targets and model.settings.model.counterfactual == "residual"
+            else "drawn from the model's negative binomial"
         )
         info["units"] = "counts"
         info["sampling"] = sample.describe()
@@ -411,18 +419,23 @@ def generated_blocks(plan: Generation, progress: bool = False) -> Iterator[dict[
     for index, (chunk, source) in enumerate(bar):
         expression = store.read_expression(chunk)[:, plan.columns]
         doubts.check(expression)
-        x_model, source_index, library = model.prepare(expression, source)
+        cells = model.prepare(expression, source)
         block: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            if not plan.targets or RECONSTRUCTION_LAYER in plan.layers:
-                own = model.model(x_model, source_index.to(x_model.device)).output
-                block[RECONSTRUCTION_LAYER] = block["X"] = own
+            source_index = cells.source_index.to(cells.x_model.device)
             if plan.targets:
-                block["X"] = model.move(x_model, source_index, plan.targets).output
+                out = model.move(cells.x_model, cells.source_index, plan.targets)
+                if RECONSTRUCTION_LAYER in plan.layers:
+                    own = model.model(cells.x_model, source_index).output
+                    block[RECONSTRUCTION_LAYER] = own
+            else:
+                out = model.model(cells.x_model, source_index)
+                block[RECONSTRUCTION_LAYER] = out.output
+        block["X"] = out.output
         if plan.sampling is not None:
             block[MEAN_LAYER] = block["X"]
-            block["X"] = plan.sampling.draw(model, block["X"], library, index)
-        block[INPUT_LAYER] = x_model
+            block["X"] = plan.sampling.draw(model, cells, out, index, moved=bool(plan.targets))
+        block[INPUT_LAYER] = cells.x_model
         yield {key: block[key].cpu().numpy() for key in ("X", *plan.layers)}
     doubts.finish()
 
@@ -472,7 +485,7 @@ def generate(
         ``out``.
 
     Raises:
-        ConfigError: ``sample`` for a model trained with the normal likelihood (before ``out``
+        ConfigError: ``sample`` the model cannot draw (before ``out``
             is started).
         DataError: unreadable input, missing genes, repeated cell names, or ``out`` exists
             without ``overwrite``.

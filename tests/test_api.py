@@ -269,11 +269,18 @@ def test_sampling_options_are_refused_by_name(nb_api: cae.CAE, options: dict, sa
     assert says in str(info.value)
 
 
-def test_a_normal_model_refuses_to_draw_counts(tiny, tmp_path, isolated):
+def test_a_normal_model_draws_counterfactual_counts_but_not_reconstructions(
+    tiny, tmp_path, isolated
+):
     adata = cells(tiny)
     cae.CAE.setup_anndata(adata, fields=["sex"], layer="counts")
     normal = {**QUICK, "data.num_workers": 0, "model.likelihood": "normal"}
     model = cae.CAE(adata, overrides=normal)
     model.train(epochs=1, out_dir=tmp_path / "run", tracking=False, progress=False)
-    with pytest.raises(ConfigError, match=r"trained with model\.likelihood=normal"):
+    drawn = model.counterfactual(targets={"sex": "female"}, sample=True)
+    assert _whole_counts(drawn.X)
+    female = (adata.obs["sex"] == "female").to_numpy()
+    given = adata.layers["counts"].toarray()
+    np.testing.assert_array_equal(drawn.X[female], given[female])  # not moved: kept as given
+    with pytest.raises(ConfigError, match=r"trained with model\.likelihood=normal: give targets"):
         model.reconstruct(sample=True)

@@ -205,8 +205,10 @@ def test_leave_one_out_beats_identity_and_ranks_fields_as_the_truth(loo: tuple) 
         assert scores.loc[(context, "mean_shift"), "auc_two_sample"] < 0.8
     assert result.scores["auc_two_sample"].between(0, 1).all()
     medians = result.facts["overview"]
-    # sampled counts are scored beside the mean when the model has the count likelihood
-    sampled = {"model_sampled"} if settings.model.likelihood == "nb" else set()
+    # sampled counts are scored beside the mean when the model can draw them: it reads counts
+    # and either moves cells residually or has the count likelihood
+    draws = settings.model.likelihood == "nb" or settings.model.counterfactual == "residual"
+    sampled = {"model_sampled"} if settings.data.transform == "log1p_cp10k" and draws else set()
     assert set(medians) == set(METHODS) - {"model_sampled"} | sampled
     assert set(medians["model"]) == {
         "r2_mean_top100_median", "r2_mean_top100_mean", "r2_var_median",
@@ -243,11 +245,13 @@ def test_leave_one_out_report_renders_with_png_figures(loo: tuple) -> None:
     assert set(genes["field"]) == {"cell_type", "assay", "sex"}
     umap = pd.read_csv(folder / "umap.csv")
     assert set(umap["context"]) == {"sex=female", "sex=male"}
-    assert set(umap["kind"]) == {"real", "reconstructed", "moved"}
+    # the demo model reads counts and moves residually, so its moved cells come as counts too
+    kinds = {"real", "reconstructed", "moved", "moved_sampled"}
+    assert set(umap["kind"]) == kinds
     assert np.isfinite(umap[["umap_1", "umap_2"]].to_numpy()).all()
     for facts in result.facts["contexts"].values():
         mix = facts["umap_neighbour_mix"]
-        assert set(mix) == {"real", "reconstructed", "moved"}
+        assert set(mix) == kinds
         for row in mix.values():
             assert sum(row.values()) == pytest.approx(1.0)
     assert not list(folder.glob(".report.*"))  # no staging folder left behind

@@ -1,6 +1,7 @@
 """`cae generate`: the output keeps the input's cells, obs and var, says what X is, adds layers
 on request, reconstructs without --set, reads the layer asked for, warns about input that does
-not look like counts, and with --sample draws counts (a model trained with the count likelihood)."""
+not look like counts, and with --sample writes whole counts (a residual counterfactual keeps the
+cell's counts, a decoded pass is drawn from the count likelihood)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import anndata
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def _train(data: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model(cells_h5ad: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One epoch with the normal likelihood (mean squared error; it cannot draw counts)."""
+    """One epoch with the normal likelihood (mean squared error; no dispersion to draw with)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CAE_MODEL__LIKELIHOOD", "normal")
         return _train(cells_h5ad, tmp_path_factory.mktemp("model") / "run")
@@ -144,94 +146,94 @@ def _assert_counts(x: np.ndarray) -> None:
     assert x.sum() > 0
 
 
-def test_sample_draws_counts_around_the_mean_with_each_source_cells_library(
-    nb_model: Path, cells_h5ad: Path, tmp_path: Path
+def _source(data: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    """The h5ad's counts and source contexts."""
+    adata = anndata.read_h5ad(data)
+    return adata.layers["counts"].toarray(), adata.obs[["cell_type", "sex"]].astype(str)
+
+
+def test_sampled_counterfactuals_keep_each_cells_counts_where_the_move_leaves_them(
+    model: Path, cells_h5ad: Path, tmp_path: Path
 ) -> None:
+    """Under the residual design either likelihood gives counts: the cell's own, moved to the
+    counterfactual's mean with the least noise; here the normal likelihood."""
     before = _digest(cells_h5ad)
     argv = ("--set", "sex=female", "--sample", "--seed", "3")
-    out = _generate(nb_model, cells_h5ad, tmp_path / "counts.h5ad", *argv)
+    out = _generate(model, cells_h5ad, tmp_path / "counts.h5ad", *argv)
     assert _digest(cells_h5ad) == before  # the input is read, never written
     _assert_counts(out.X)
     assert "log1p" not in out.uns  # X is not log1p data: scanpy may normalise it
     info = out.uns["cae"]
     assert info["units"] == "counts" and info["mode"] == "counterfactual"
     assert info["X"] == (
-        "counts drawn from the model's negative binomial around the counterfactual mean "
-        "(layer cae_mean)"
+        "whole counts with the mean of layer cae_mean: the cells' own counts moved to the "
+        "counterfactual (the residual design)"
     )
     assert info["sampling"] == {"seed": 3, "library_size": "source cell's total counts"}
     assert set(out.layers) == {"cae_mean"} and set(info["layers"]) == {"cae_mean"}
-    trained = load_checkpoint(nb_model)
+    trained = load_checkpoint(model)
     mean = _expected(trained, cells_h5ad, {"sex": "female"})
     np.testing.assert_allclose(out.layers["cae_mean"], mean, atol=1e-5)
-    # The draws of the (one) chunk: its mean, each cell's own total counts, chunk 0's seed.
-    counts = anndata.read_h5ad(cells_h5ad).layers["counts"]
-    library = torch.from_numpy(np.asarray(counts.sum(axis=1), dtype=np.float32))
-    drawn = Sampling(3).draw(trained, torch.from_numpy(out.layers["cae_mean"]), library, 0)
-    np.testing.assert_array_equal(out.X, drawn.numpy())
-    again = _generate(nb_model, cells_h5ad, tmp_path / "again.h5ad", *argv)
-    other = _generate(nb_model, cells_h5ad, tmp_path / "other.h5ad", *argv[:-1], "4")
+    counts, source = _source(cells_h5ad)
+    female = (source["sex"] == "female").to_numpy()
+    assert 0 < female.sum() < len(female)
+    np.testing.assert_array_equal(out.X[female], counts[female])  # no move: the cells as given
+    # the moved cells' counts are next to the mean's counts, at the source cells' depth
+    library = counts.sum(axis=1, keepdims=True)
+    expected = np.expm1(mean.astype(np.float64)) * library / 1e4
+    assert (np.abs(out.X - expected) < 1 + 1e-3 * expected).all()
+    assert not np.array_equal(out.X[~female], counts[~female])
+    again = _generate(model, cells_h5ad, tmp_path / "again.h5ad", *argv)
+    other = _generate(model, cells_h5ad, tmp_path / "other.h5ad", *argv[:-1], "4")
     np.testing.assert_array_equal(again.X, out.X)
     assert not np.array_equal(other.X, out.X)
 
 
 def test_every_chunk_draws_with_its_own_seed(nb_model: Path, tiny: Path, tmp_path: Path) -> None:
+    """Reconstructions are decoded cells: drawn around their mean from the negative binomial."""
     out = _generate(nb_model, tiny, tmp_path / "chunks.h5ad", "--sample", "--seed", "5")
     _assert_counts(out.X)
     assert out.uns["cae"]["mode"] == "reconstruction"
-    assert out.uns["cae"]["X"].endswith("around the reconstruction mean (layer cae_mean)")
+    assert out.uns["cae"]["X"].endswith("drawn from the model's negative binomial")
     trained = load_checkpoint(nb_model)
     store = DataStore.open(trained.settings.data.model_copy(update={"path": str(tiny)}))
     start = 0
     for index, chunk in enumerate(store.chunks):
         rows = slice(start, start + chunk.n_cells)
         meta = store.read_metadata(chunk)[["cell_type", "sex"]].astype(str)
-        _, _, library = trained.prepare(store.read_expression(chunk), meta)
-        mean = torch.from_numpy(out.layers["cae_mean"][rows])
-        np.testing.assert_array_equal(out.X[rows], Sampling(5).draw(trained, mean, library, index))
+        cells = trained.prepare(store.read_expression(chunk), meta)
+        with torch.no_grad():
+            decoded = trained.model(cells.x_model, cells.source_index)
+        np.testing.assert_array_equal(out.layers["cae_mean"][rows], decoded.output.numpy())
+        drawn = Sampling(5).draw(trained, cells, decoded, index, moved=False)
+        np.testing.assert_array_equal(out.X[rows], drawn.numpy())
         start = rows.stop
     assert len(store.chunks) == 3 and start == out.n_obs
     assert len({Sampling(5).chunk_seed(i) for i in range(3)} | {Sampling(6).chunk_seed(0)}) == 4
 
 
+@pytest.mark.parametrize(("which", "moved"), [("model", True), ("nb_model", False)])
 def test_library_size_sets_every_cells_total_counts(
-    nb_model: Path, cells_h5ad: Path, tmp_path: Path
+    which: str, moved: bool, request: pytest.FixtureRequest, cells_h5ad: Path, tmp_path: Path
 ) -> None:
-    extra = ("--sample", "--library-size", "500")
-    out = _generate(nb_model, cells_h5ad, tmp_path / "l500.h5ad", *extra)
+    extra = ("--sample", "--library-size", "500", *(("--set", "sex=male") if moved else ()))
+    out = _generate(request.getfixturevalue(which), cells_h5ad, tmp_path / "l500.h5ad", *extra)
     _assert_counts(out.X)
     assert out.uns["cae"]["sampling"] == {"seed": 0, "library_size": 500.0}
-    totals = out.X.sum(axis=1)
-    assert totals.mean() == pytest.approx(500, rel=0.15)
-    given = np.asarray(anndata.read_h5ad(cells_h5ad).layers["counts"].sum(axis=1)).ravel()
+    assert out.X.sum(axis=1).mean() == pytest.approx(500, rel=0.15)
+    given = _source(cells_h5ad)[0].sum(axis=1)
     assert abs(given.mean() - 500) > 0.5 * given.mean()  # so 500 came from --library-size
 
 
-def test_draws_average_to_the_library_times_each_genes_share_of_the_mean(
-    nb_model: Path, cells_h5ad: Path
-) -> None:
-    trained = load_checkpoint(nb_model)
-    mean = torch.from_numpy(_expected(trained, cells_h5ad, {"sex": "male"})[:4])  # (4, G)
-    repeats, library = 5_000, 800.0
-    counts = Sampling(1, library).draw(trained, mean.repeat(repeats, 1), None)
-    average = counts.reshape(repeats, *mean.shape).double().mean(dim=0)
-    rate = torch.expm1(mean.double())
-    expected = library * rate / rate.sum(dim=1, keepdim=True)
-    theta = torch.exp(trained.model.log_theta.detach().double())
-    spread = torch.sqrt((expected + expected**2 / theta) / repeats)  # the average's sd
-    assert ((average - expected).abs() <= 5 * spread + 1e-9).all()
-    np.testing.assert_allclose(average.sum(dim=1), library, rtol=0.02)
-
-
-def test_sample_is_refused_for_a_normal_model_before_any_file_is_written(
+def test_sampled_reconstructions_of_a_normal_model_are_refused_before_any_file_is_written(
     model: Path, cells_h5ad: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["generate", "--model", str(model), "--input", str(cells_h5ad), "--sample",
             "--out", str(tmp_path / "counts.h5ad")]  # fmt: skip
     assert main(argv) == 2
     error = capsys.readouterr().err
-    assert "sampled counts need a model trained with model.likelihood=nb" in error
-    assert "this one was trained with model.likelihood=normal" in error
+    assert "sampled counts of a decoded pass (a reconstruction" in error
+    assert "trained with model.likelihood=normal: give targets" in error
     assert list(tmp_path.iterdir()) == []  # no output, no half-written temporary
 
 

@@ -1,4 +1,5 @@
-"""The count likelihood: the negative binomial, its draws, and the model and loss built on it."""
+"""The count likelihood: the negative binomial, its draws, rounded counts, and the model and loss
+built on it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy import stats
 
 from cae.config import load_settings
 from cae.errors import ConfigError
 from cae.model.cae import CAE, contribution_l2
-from cae.model.likelihood import counts_from_expression, expression, nb_nll, sample_counts
+from cae.model.likelihood import (
+    counts_from_expression,
+    expression,
+    nb_nll,
+    round_counts,
+    sample_counts,
+)
 from cae.train.cycle import generator_losses
 from cae.train.passes import FusedPasses
 from cae.types import CP10K
@@ -67,7 +75,33 @@ def test_draws_leave_torchs_random_state_alone():
     expected = torch.rand(3)
     torch.manual_seed(0)
     sample_counts(torch.ones(2, 3), torch.full((2, 1), 10.0), torch.zeros(3), seed=1)
+    round_counts(torch.full((2, 3), 0.5), seed=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    means=hnp.arrays(np.float32, (3, 4), elements=st.floats(0, 1e4, width=32)),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_rounded_counts_are_whole_next_to_the_mean_and_keep_whole_means(means, seed):
+    mean = torch.from_numpy(means)
+    counts = round_counts(mean, seed)
+    assert torch.equal(counts, counts.round())
+    assert ((counts - mean).abs() < 1.0 + 1e-3 * mean).all()  # floor or ceiling (float32)
+    assert torch.equal(round_counts(mean, seed), counts)
+    whole = mean.round()
+    off = torch.tensor([1e-4, -1e-4]).repeat(6)[: whole.numel()].reshape(whole.shape)
+    # counts that went through log1p_cp10k and back come back as they were
+    assert torch.equal(round_counts((whole + off).clamp_min(0), seed), whole)
+
+
+def test_rounded_counts_average_to_the_mean():
+    mean = torch.tensor([[0.0, 0.02, 0.5, 3.25, 17.9]]).repeat(40_000, 1)
+    counts = round_counts(mean, seed=3)
+    torch.testing.assert_close(counts.mean(dim=0), mean[0], rtol=0.0, atol=0.01)
+    assert counts[:, 0].sum() == 0 and set(counts[:, 3].unique().tolist()) == {3.0, 4.0}
+    assert not torch.equal(round_counts(mean, seed=4), counts)
 
 
 def _count_model() -> CAE:

@@ -255,11 +255,14 @@ def test_http_serving_refuses_values_that_are_not_expression(served, demo_data, 
     assert 'params lack "targets"' in refusal(answer)
 
 
-def test_http_serving_refuses_sampling_it_cannot_do(served, demo_data):
+def test_http_serving_draws_counts_and_refuses_hostile_sampling(served, demo_data):
     x, meta = cells_of(demo_data, {"cell_type": "B"})
     frame = request_frame(x[:2], meta[:2], cae.load_model("models:/cae-demo@champion").genes)
+    # the demo model (normal likelihood, residual design) gives counterfactual counts
+    status, answer = post(served, frame, {"targets": "sex=female", "sample": True, "seed": 1})
+    assert status == 200, answer
+    assert _whole_counts(pd.DataFrame(answer["predictions"]).to_numpy(dtype=np.float64))
     sent = [
-        ({"sample": True}, "this one was trained with model.likelihood=normal"),
         ({"sample": True, "seed": -3}, '"seed" is -3: the seed of sampled counts'),
         ({"sample": True, "library_size": float("nan")}, '"library_size" is nan'),
         ({"sample": "maybe"}, "maybe"),
@@ -477,14 +480,19 @@ def test_hostile_sampling_params_are_refused_in_one_line(nb_pyfunc, route, param
         assert part in message, message
 
 
-def test_a_normal_model_refuses_to_draw_counts(tiny: Path, tmp_path: Path) -> None:
-    overrides = {"model.likelihood": "normal", "train.epochs": 1, "data.fields": "cell_type,sex"}
+def test_a_model_of_values_as_stored_refuses_to_draw_counts(tiny: Path, tmp_path: Path) -> None:
+    overrides = {
+        "model.likelihood": "normal", "data.transform": "none", "train.epochs": 1,
+        "data.fields": "cell_type,sex",
+    }  # fmt: skip
     checkpoint = str(train(quick_settings(tiny, tmp_path / "run", **overrides)).checkpoint)
     model = CounterfactualModel()
     model.load_context(SimpleNamespace(artifacts={"checkpoint": checkpoint}))
     x, meta = load_cells(tiny)
     frame = request_frame(x[:2], meta[["cell_type", "sex"]][:2], model.trained.genes)
-    with pytest.raises(MlflowException, match=r"model\.likelihood=nb; this one was trained with"):
+    assert model.predict(None, frame, params={"targets": ""}).shape == (2, len(model.trained.genes))
+    says = r"need a model that reads counts \(data.transform=log1p_cp10k\); this one reads values"
+    with pytest.raises(MlflowException, match=says):
         model.predict(None, frame, params={"targets": "", "sample": True})
 
 

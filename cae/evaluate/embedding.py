@@ -5,8 +5,9 @@ The kinds of one held-out context:
 * ``real``: real held-out cells (the target context);
 * ``reconstructed``: the model's pass of the source cells in their own contexts (source -> source);
 * ``moved``: the model's counterfactual of the same source cells to the target context (its mean);
-* ``moved_sampled``: with the count likelihood, counts drawn around ``moved`` with each source
-  cell's library size, log-normalised: what a user who asks for sampled cells gets.
+* ``moved_sampled``: for a model that draws counts (``TrainedModel.sampling_refusal``), the
+  counts of ``moved`` at each source cell's depth, log-normalised: what a user who asks for
+  sampled cells gets.
 
 Moved cells are compared with reconstructions, not raw cells: both are the model's output, so a
 gap between moved and real cells that reconstructions share is the decoder's smoothing, and a gap

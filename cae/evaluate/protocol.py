@@ -323,9 +323,9 @@ def moved_cells(
     targets: Mapping[str, str],
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Cells moved to ``targets`` in model space: the model's mean and, for a model with the
-    count likelihood, counts drawn around it with each source cell's library size and
-    log-normalised (None otherwise).
+    """Cells moved to ``targets`` in model space: the model's mean and, for a model that draws
+    counts (:meth:`TrainedModel.sampling_refusal`), its counts log-normalised (each cell at its
+    source cell's depth, :meth:`TrainedModel.sample_counts`; None otherwise).
 
     Args:
         trained: the model.
@@ -343,21 +343,22 @@ def moved_cells(
                 f"the model cannot move '{name}': it was trained on "
                 f"{', '.join(trained.vocabularies.fields)}"
             )
-    x_model, source_index, library = trained.prepare(raw, meta[list(trained.vocabularies.fields)])
-    moved = trained.move(x_model, source_index, targets).output
-    if trained.model.log_theta is None or library is None:
-        return moved.cpu().numpy(), None
-    counts = trained.sample_counts(moved, library, seed)
-    return moved.cpu().numpy(), apply_transform(counts, "log1p_cp10k").cpu().numpy()
+    cells = trained.prepare(raw, meta[list(trained.vocabularies.fields)])
+    moved = trained.move(cells.x_model, cells.source_index, targets)
+    mean = moved.output.cpu().numpy()
+    if trained.sampling_refusal() is not None:
+        return mean, None
+    counts = trained.sample_counts(cells, moved, seed)
+    return mean, apply_transform(counts, "log1p_cp10k").cpu().numpy()
 
 
 def predictions(
     trained: TrainedModel | None, cells: EvalCells, holdout: Holdout, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Every method's predicted cells in model space, ``{method: (n, G)}`` in :data:`METHODS`
-    order: the model's mean (``model``), with the count likelihood counts drawn around it with
-    ``seed`` (``model_sampled``, log-normalised), then the baselines (alone when ``trained`` is
-    None).
+    order: the model's mean (``model``), for a model that draws counts its counts with ``seed``
+    (``model_sampled``, log-normalised; :func:`moved_cells`), then the baselines (alone when
+    ``trained`` is None).
 
     Raises:
         ConfigError: a moved field is not one of the model's fields.

@@ -309,8 +309,8 @@ def _model_views_html(views: ModelViews) -> str:
         "<p>Loss terms per epoch (training and validation). UMAP (scanpy: PCA, neighbours, "
         "umap; fitted on all kinds together) of real held-out cells, the model's "
         "reconstruction of the source cells (source to source), the same source cells moved "
-        "to the held-out context (the model's mean) and, with the count likelihood, counts drawn "
-        "around the moved mean with each source cell's library size (moved_sampled). Moved "
+        "to the held-out context (the model's mean) and, for a model that draws counts, the "
+        "moved cells as counts at each source cell's depth (moved_sampled). Moved "
         "cells beside reconstructions but apart from real cells show what the model's output "
         "misses; the table gives, per kind, the fraction of each "
         "cell's graph neighbours of each kind.</p>",

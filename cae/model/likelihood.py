@@ -13,11 +13,24 @@ cycle's second pass read the same units either way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from cae.types import CP10K
 
-__all__ = ["counts_from_expression", "expression", "nb_nll", "sample_counts"]
+WHOLE = 1e-3
+"""How close to a whole number a mean count is taken as that number (:func:`round_counts`)."""
+
+__all__ = [
+    "WHOLE",
+    "counts_from_expression",
+    "expression",
+    "nb_nll",
+    "round_counts",
+    "sample_counts",
+]
 
 
 def expression(log_rate: torch.Tensor) -> torch.Tensor:
@@ -81,7 +94,37 @@ def sample_counts(
     log_mu = torch.log(share * library.float())  # -inf where the share is 0: no counts
     theta = torch.exp(log_theta.float()).expand_as(log_mu)
     distribution = torch.distributions.NegativeBinomial(theta, logits=log_mu - theta.log())
-    devices = [x.device] if x.device.type == "cuda" else []
+    with _seeded(seed, x.device):
+        return distribution.sample()
+
+
+def round_counts(mean: torch.Tensor, seed: int) -> torch.Tensor:
+    """Whole counts with the given means and the least added noise (stochastic rounding):
+    ``floor(m) + Bernoulli(m - floor(m))``, so a whole mean comes back unchanged.
+
+    A mean within :data:`WHOLE` of a whole number is that number (counts that went through
+    ``log1p_cp10k`` and back carry float rounding), so it too comes back unchanged.
+
+    Args:
+        mean: (B, G) mean counts, >= 0 and finite.
+        seed: the draws' seed (torch's global random state is left as it was).
+
+    Returns:
+        (B, G) float32 whole counts, each ``floor(m)`` or ``floor(m) + 1``, with mean ``m``.
+    """
+    mean = mean.float()
+    nearest = torch.round(mean)
+    snapped = (mean - nearest).abs() < WHOLE
+    whole = torch.where(snapped, nearest, torch.floor(mean))
+    with _seeded(seed, mean.device):
+        up = torch.rand(mean.shape, device=mean.device) < (mean - whole)
+    return whole + (up & ~snapped).float()
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw from torch's generator seeded with ``seed``, restoring its state after."""
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return distribution.sample()
+        yield

@@ -8,10 +8,12 @@ Input: a DataFrame with one column per gene (any order; extra columns are ignore
 and one column per model field holding each cell's source context. Params: ``targets``
 (``"sex=female;assay=10x 3' v3"``; fields not named keep their source value; ``""`` reconstructs
 the cells), which every request must give; ``contributions`` (add each head's per-cell L2 norm
-as ``contrib_l2/<head>`` columns); and, for a model trained with ``model.likelihood = "nb"``,
-``sample`` (true: draw counts from the model's negative binomial around the mean), ``seed`` (the
-draws' seed, default 0) and ``library_size`` (the total counts every cell is drawn with; absent:
-each request cell's own total counts). Output: the counterfactual expression, one column per gene
+as ``contrib_l2/<head>`` columns); and, for a model that reads counts (``data.transform =
+"log1p_cp10k"``), ``sample`` (true: whole counts instead of the mean: under the residual design
+each cell's own counts moved to its counterfactual, with the decode design counts drawn from the
+negative binomial of a model trained with ``model.likelihood = "nb"``), ``seed`` (the draws'
+seed, default 0) and ``library_size`` (the total counts every cell is drawn with in mean;
+absent: each request cell's depth). Output: the counterfactual expression, one column per gene
 (log1p counts per 10,000 for the default transform), or with ``sample`` the drawn counts (whole
 numbers); every value finite.
 
@@ -20,7 +22,8 @@ served): a request of more than ``serve.max_rows`` cells (default 10,000); a gen
 not a number, or is NaN, null, infinite, negative or above ``serve.max_value`` (default 1e9, which
 no count or normalised value reaches); a cell with zero total counts under ``log1p_cp10k``; a
 column given twice; missing gene or field columns; unknown target fields or values; params without
-``targets``; ``sample`` for a model trained with the normal likelihood; a ``sample`` or
+``targets``; ``sample`` that the model cannot draw (values used as stored, or the decode design
+with the normal likelihood); a ``sample`` or
 ``contributions`` that is not true or false, a ``seed`` that is not a whole number from 0 to
 2**63 - 1, a ``library_size`` that is not a number > 0 and at most 1e9, and ``seed`` or
 ``library_size`` without ``sample``. ``CAE_SERVE__MAX_ROWS`` / ``CAE_SERVE__MAX_VALUE`` in the
@@ -75,15 +78,15 @@ def predict_frame(
         contributions: add each head's per-cell L2 norm as ``contrib_l2/<head>`` columns.
         limits: the most rows and the largest value a request may hold (None: the defaults of
             :class:`ServeConfig`).
-        sample: draw counts around the counterfactual mean, each cell with its own total counts
-            unless the sampling gives a library size (None: the mean).
+        sample: whole counts instead of the mean (:meth:`TrainedModel.sample_counts`), at each
+            cell's depth unless the sampling gives a library size (None: the mean).
 
     Returns:
         The counterfactual expression (or the drawn counts), one column per gene, indexed like
         ``cells``; every value finite.
 
     Raises:
-        ConfigError: ``sample`` for a model trained with the normal likelihood.
+        ConfigError: ``sample`` the model cannot draw (:meth:`TrainedModel.sampling_refusal`).
         DataError: ``cells`` is not a table, holds more rows than ``limits.max_rows``, names a
             column twice, lacks gene columns, or holds a gene value that is not a number >= 0 and
             at most ``limits.max_value`` (or a cell with zero counts under ``log1p_cp10k``); or the
@@ -95,9 +98,9 @@ def predict_frame(
     _check_request(trained, cells, limits)
     genes, fields = trained.genes, list(trained.vocabularies.fields)
     x = expression_values(cells[genes], limits.max_value, trained.settings.data.transform)
-    x_model, source_index, library = trained.prepare(x, cells[fields].astype(str))
-    out = trained.move(x_model, source_index, targets)
-    values = out.output if sample is None else sample.draw(trained, out.output, library)
+    prepared = trained.prepare(x, cells[fields].astype(str))
+    out = trained.move(prepared.x_model, prepared.source_index, targets)
+    values = out.output if sample is None else sample.draw(trained, prepared, out)
     frame = pd.DataFrame(values.cpu().numpy(), columns=genes, index=cells.index)
     if contributions:
         for head, norms in contribution_l2(out).items():

@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
-from cae.model.likelihood import sample_counts
+from cae.model.likelihood import counts_from_expression, round_counts, sample_counts
 from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT
 from cae.train.networks import build_networks
 
@@ -222,6 +222,16 @@ class Checkpoint:
         return {k.removeprefix(prefix): v for k, v in self.averaged.items() if k.startswith(prefix)}
 
 
+class PreparedCells(NamedTuple):
+    """Cells checked and turned into what the networks take (:meth:`TrainedModel.prepare`)."""
+
+    x_model: torch.Tensor  # (n, G) model-space expression on the model's device
+    source_index: torch.Tensor  # (n, F) the source categories, on the host
+    # (n, 1) library sizes (total counts) beside x_model under log1p_cp10k; None for values
+    # used as stored
+    library: torch.Tensor | None
+
+
 @dataclass
 class TrainedModel:
     """A trained CAE and everything needed to use it: vocabularies, specs, genes, settings."""
@@ -373,13 +383,11 @@ class TrainedModel:
         self,
         x: np.ndarray | sp.spmatrix | torch.Tensor,
         source: pd.DataFrame | Mapping[str, Sequence[str] | str],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> PreparedCells:
         """Check cells and turn them into what the networks take.
 
         Returns:
-            ``(x_model, source_index, library)``: (n, G) model-space expression on the model's
-            device, the (n, F) source categories on the host, and under ``log1p_cp10k`` the (n, 1)
-            library sizes (total counts) beside ``x_model`` (None for values used as stored).
+            The :class:`PreparedCells`.
 
         Raises:
             As :meth:`counterfactual`.
@@ -402,45 +410,99 @@ class TrainedModel:
         source_index = self.encode_contexts(source, tensor.shape[0])
         self.model.eval()
         x_model, library = transform_with_library(tensor.to(device), self.settings.data.transform)
-        return x_model, source_index, library
+        return PreparedCells(x_model, source_index, library)
 
     @torch.no_grad()
     def sample_counts(
-        self, x_model: torch.Tensor, library: torch.Tensor, seed: int
+        self,
+        cells: PreparedCells,
+        out: CAEOutput,
+        seed: int,
+        library: torch.Tensor | None = None,
+        moved: bool = True,
     ) -> torch.Tensor:
-        """Draw counts around model-space means (counterfactuals, reconstructions) from the
-        model's negative binomial (:func:`cae.model.likelihood.sample_counts`).
+        """Whole counts for a pass of ``cells``.
+
+        A residual counterfactual (``model.counterfactual = "residual"``, ``moved``) is the cell
+        plus the move, so its counts are the cell's own counts moved to the counterfactual's
+        mean with the least added noise (:func:`cae.model.likelihood.round_counts`): a gene the
+        move leaves alone keeps the cell's count, and the noise the cell already holds is not
+        drawn again. Either likelihood can do this. A decoded pass (the decode design, or a
+        reconstruction) is a new cell: its counts are drawn around its mean from the model's
+        negative binomial (:func:`cae.model.likelihood.sample_counts`), which only the count
+        likelihood has.
 
         Args:
-            x_model: (n, G) model-space means, e.g. :meth:`counterfactual`'s ``output``.
-            library: (n, 1) library sizes: the source cells' (from :meth:`prepare`), or one
-                size for every cell (:class:`cae.generate.Sampling` checks a size given).
+            cells: from :meth:`prepare`, under ``data.transform = "log1p_cp10k"`` (the counts).
+            out: a pass of these cells: :meth:`move`'s counterfactual, or a decoded pass.
             seed: the draws' seed.
+            library: (n, 1) total counts to draw each cell with (in mean); None: the source
+                cell's depth (a moved cell's total then changes by what the move adds or removes).
+                :class:`cae.generate.Sampling` checks a size given.
+            moved: ``out`` is :meth:`move`'s counterfactual (False: a decoded pass).
 
         Returns:
-            (n, G) float32 counts on ``x_model``'s device.
+            (n, G) float32 whole counts on the model's device.
 
         Raises:
-            ConfigError: the model was trained with the normal likelihood (it has no dispersion
-                to draw with).
+            ConfigError: as :meth:`check_sampling` says.
         """
-        return sample_counts(x_model, library, self.check_sampling(), seed)
+        self.check_sampling(moved)
+        source_library = cast(torch.Tensor, cells.library)  # (check_sampling: log1p_cp10k)
+        if not self._keeps_cell(moved):
+            drawn_with = source_library if library is None else library
+            log_theta = cast(torch.Tensor, self.model.log_theta)  # (check_sampling: nb)
+            return sample_counts(out.output, drawn_with, log_theta, seed)
+        mean = counts_from_expression(out.output.float(), source_library)
+        if library is not None:
+            mean = mean * (library / mean.sum(dim=1, keepdim=True).clamp_min(1e-30))
+        return round_counts(mean, seed)
 
-    def check_sampling(self) -> torch.Tensor:
-        """The model's (G,) log inverse dispersion, which drawing counts needs.
+    def _keeps_cell(self, moved: bool) -> bool:
+        """Whether counts of such a pass keep the cell: a residual counterfactual."""
+        return moved and self.settings.model.counterfactual == "residual"
+
+    def check_sampling(self, moved: bool = True) -> None:
+        """Refuse to draw counts this model cannot give (:meth:`sample_counts`).
+
+        Args:
+            moved: counts of counterfactuals (False: of decoded passes, e.g. reconstructions).
 
         Raises:
-            ConfigError: the model was trained with the normal likelihood (it has no dispersion
-                to draw with).
+            ConfigError: :meth:`sampling_refusal`'s reason, when there is one.
         """
-        if self.model.log_theta is None:
-            raise ConfigError(
-                "sampled counts need a model trained with model.likelihood=nb; this one was "
-                f"trained with model.likelihood={self.settings.model.likelihood}: use its mean "
-                "output, or retrain with model.likelihood=nb (CAE_MODEL__LIKELIHOOD=nb cae train "
-                '..., or likelihood = "nb" under [model] in the --config file)'
+        reason = self.sampling_refusal(moved)
+        if reason is not None:
+            raise ConfigError(reason)
+
+    def sampling_refusal(self, moved: bool = True) -> str | None:
+        """Why this model cannot draw counts of such passes, or None when it can.
+
+        It cannot when it does not read counts (``data.transform = "none"``: the cells' total
+        counts are unknown), or, for a pass that does not keep the cell (a reconstruction, or
+        the decode design), when it was trained with the normal likelihood (it has no dispersion
+        to draw with). The reason says what to do.
+
+        Args:
+            moved: counts of counterfactuals (False: of decoded passes, e.g. reconstructions).
+        """
+        transform = self.settings.data.transform
+        if transform != "log1p_cp10k":
+            return (
+                "sampled counts need a model that reads counts (data.transform=log1p_cp10k); this "
+                f"one reads values as stored (data.transform={transform}), so the cells' total "
+                "counts are unknown: use its mean output, or retrain it on raw counts"
             )
-        return self.model.log_theta
+        if self.model.log_theta is None and not self._keeps_cell(moved):
+            return (
+                "sampled counts of a decoded pass (a reconstruction, or a counterfactual under "
+                "model.counterfactual=decode) are drawn from the count likelihood, and this model "
+                "was trained with model.likelihood=normal: give targets to a model with "
+                "model.counterfactual=residual, use the mean output, or retrain with "
+                "model.likelihood=nb (CAE_MODEL__LIKELIHOOD=nb cae train ..., or "
+                'likelihood = "nb" under [model] in the --config file)'
+            )
+        return None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:

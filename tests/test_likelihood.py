@@ -17,6 +17,7 @@ from cae.model.cae import CAE, contribution_l2
 from cae.model.likelihood import (
     counts_from_expression,
     expression,
+    median_ratio,
     nb_nll,
     round_counts,
     sample_counts,
@@ -94,6 +95,14 @@ def test_rounded_counts_are_whole_next_to_the_mean_and_keep_whole_means(means, s
     off = torch.tensor([1e-4, -1e-4]).repeat(6)[: whole.numel()].reshape(whole.shape)
     # counts that went through log1p_cp10k and back come back as they were
     assert torch.equal(round_counts((whole + off).clamp_min(0), seed), whole)
+
+
+def test_median_ratio_is_the_typical_expressed_genes_change():
+    counts = torch.tensor([[2.0, 0.0, 4.0, 1.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    moved = torch.tensor([[1.0, 9.0, 2.0, 5.0], [1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 0.0]])
+    # row 0: ratios 0.5, 0.5, 5 over its expressed genes (the unexpressed gene is not one);
+    # row 1 expresses nothing and row 2's median is 0: both keep their depth (1)
+    torch.testing.assert_close(median_ratio(moved, counts), torch.tensor([[0.5], [1.0], [1.0]]))
 
 
 def test_rounded_counts_average_to_the_mean():

@@ -27,6 +27,7 @@ __all__ = [
     "WHOLE",
     "counts_from_expression",
     "expression",
+    "median_ratio",
     "nb_nll",
     "round_counts",
     "sample_counts",
@@ -119,6 +120,23 @@ def round_counts(mean: torch.Tensor, seed: int) -> torch.Tensor:
     with _seeded(seed, mean.device):
         up = torch.rand(mean.shape, device=mean.device) < (mean - whole)
     return whole + (up & ~snapped).float()
+
+
+def median_ratio(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """How much a move changed each cell's typical gene: the median, over the genes the cell
+    expresses, of moved over observed counts (DESeq2's median-of-ratios size factor).
+
+    Args:
+        moved: (B, G) mean counts of the moved cells.
+        counts: (B, G) the cells' observed counts.
+
+    Returns:
+        (B, 1) float32 factors; 1 for a cell with no expressed gene or a median that is not > 0.
+    """
+    ratio = moved.float() / counts.float()
+    ratio = torch.where(counts > 0, ratio, torch.full_like(ratio, float("nan")))
+    median = torch.nanmedian(ratio, dim=1, keepdim=True).values
+    return torch.where(median > 0, median, torch.ones_like(median))
 
 
 @contextmanager

@@ -29,7 +29,12 @@ from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
 from cae.model.classifier import ContextClassifier
-from cae.model.likelihood import counts_from_expression, round_counts, sample_counts
+from cae.model.likelihood import (
+    counts_from_expression,
+    median_ratio,
+    round_counts,
+    sample_counts,
+)
 from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT
 from cae.train.networks import build_networks
 
@@ -425,9 +430,13 @@ class TrainedModel:
 
         A residual counterfactual (``model.counterfactual = "residual"``, ``moved``) is the cell
         plus the move, so its counts are the cell's own counts moved to the counterfactual's
-        mean with the least added noise (:func:`cae.model.likelihood.round_counts`): a gene the
-        move leaves alone keeps the cell's count, and the noise the cell already holds is not
-        drawn again. Either likelihood can do this. A decoded pass (the decode design, or a
+        mean with the least added noise (:func:`cae.model.likelihood.round_counts`): the noise
+        the cell already holds is not drawn again. Model space is counts per 10,000, so a move
+        that raises some genes lowers the share of all others; at the cell's depth the mean is
+        scaled so that the cell's typical expressed gene keeps its count
+        (:func:`cae.model.likelihood.median_ratio`), as real cells keep the genes a stimulus does
+        not touch and grow by what it adds, and a cell the move leaves alone keeps its counts.
+        Either likelihood can do this. A decoded pass (the decode design, or a
         reconstruction) is a new cell: its counts are drawn around its mean from the model's
         negative binomial (:func:`cae.model.likelihood.sample_counts`), which only the count
         likelihood has.
@@ -437,7 +446,8 @@ class TrainedModel:
             out: a pass of these cells: :meth:`move`'s counterfactual, or a decoded pass.
             seed: the draws' seed.
             library: (n, 1) total counts to draw each cell with (in mean); None: the source
-                cell's depth (a moved cell's total then changes by what the move adds or removes).
+                cell's depth (a moved cell's total then changes by what the move adds or removes;
+                a decoded cell is drawn with the source cell's total).
                 :class:`cae.generate.Sampling` checks a size given.
             moved: ``out`` is :meth:`move`'s counterfactual (False: a decoded pass).
 
@@ -454,7 +464,10 @@ class TrainedModel:
             log_theta = cast(torch.Tensor, self.model.log_theta)  # (check_sampling: nb)
             return sample_counts(out.output, drawn_with, log_theta, seed)
         mean = counts_from_expression(out.output.float(), source_library)
-        if library is not None:
+        if library is None:  # the cell's depth: its typical expressed gene keeps its count
+            counts = counts_from_expression(cells.x_model.float(), source_library).round()
+            mean = mean / median_ratio(mean, counts)
+        else:
             mean = mean * (library / mean.sum(dim=1, keepdim=True).clamp_min(1e-30))
         return round_counts(mean, seed)
 

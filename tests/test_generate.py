@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from cae.cli import main
 from cae.data.store import DataStore
@@ -55,6 +58,12 @@ def nb_model(cells_h5ad: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CAE_MODEL__LIKELIHOOD", "nb")
         return _train(cells_h5ad, tmp_path_factory.mktemp("nb") / "run")
+
+
+@pytest.fixture(scope="module")
+def normal_trained(model: Path) -> TrainedModel:
+    """The normal-likelihood model, loaded once (hypothesis runs a test many times)."""
+    return load_checkpoint(model)
 
 
 def _generate(model: Path, data: Path, out: Path, *extra: str) -> anndata.AnnData:
@@ -190,6 +199,25 @@ def test_sampled_counterfactuals_keep_each_cells_counts_where_the_move_leaves_th
     other = _generate(model, cells_h5ad, tmp_path / "other.h5ad", *argv[:-1], "4")
     np.testing.assert_array_equal(again.X, out.X)
     assert not np.array_equal(other.X, out.X)
+
+
+@settings(deadline=None, max_examples=40)
+@given(data=st.data(), seed=st.integers(0, 2**63 - 1))
+def test_cells_not_moved_come_back_as_their_own_counts(
+    normal_trained: TrainedModel, data, seed: int
+) -> None:
+    """Any counts, up to a million per gene: a residual counterfactual that moves nothing gives
+    the cells' counts back exactly."""
+    trained = normal_trained
+    rows = data.draw(st.integers(1, 6))
+    shape = (rows, len(trained.genes))
+    counts = data.draw(hnp.arrays(np.int64, shape, elements=st.integers(0, 10**6)))
+    counts[:, 0] += 1  # a cell with no counts is refused
+    source = pd.DataFrame({"cell_type": ["B"] * 6, "sex": ["female", "male"] * 3})[:rows]
+    cells = trained.prepare(counts.astype(np.float32), source)
+    moved = trained.move(cells.x_model, cells.source_index, {})
+    drawn = trained.sample_counts(cells, moved, seed)
+    np.testing.assert_array_equal(drawn.numpy(), counts.astype(np.float32))
 
 
 def test_every_chunk_draws_with_its_own_seed(nb_model: Path, tiny: Path, tmp_path: Path) -> None:

@@ -251,7 +251,8 @@ class CAE(nn.Module):
         if not residual:
             return moved
         own = self(x, source)
-        return moved._replace(output=(x + moved.output - own.output).clamp_min(0.0))
+        # the change first, so that a cell the move leaves alone is x exactly
+        return moved._replace(output=(x + (moved.output - own.output)).clamp_min(0.0))
 
     def field_effects(self, out: CAEOutput) -> dict[str, torch.Tensor]:
         """What each field's value changes: every field head's term minus its mean over the

@@ -235,6 +235,9 @@ class PreparedCells(NamedTuple):
     # (n, 1) library sizes (total counts) beside x_model under log1p_cp10k; None for values
     # used as stored
     library: torch.Tensor | None
+    # (n, G) the cells' counts as given, on the model's device, under log1p_cp10k (None for
+    # values used as stored): exact, where x_model carries float rounding
+    counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -345,8 +348,8 @@ class TrainedModel:
             DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``.
             ValueError: ``x`` does not have the model's gene count.
         """
-        x_model, source_index, _ = self.prepare(x, source)
-        return self.move(x_model, source_index, targets)
+        cells = self.prepare(x, source)
+        return self.move(cells.x_model, cells.source_index, targets)
 
     @torch.no_grad()
     def move(
@@ -381,8 +384,8 @@ class TrainedModel:
         Raises:
             As :meth:`counterfactual`.
         """
-        x_model, source_index, _ = self.prepare(x, source)
-        return self.model(x_model, source_index.to(x_model.device))
+        cells = self.prepare(x, source)
+        return self.model(cells.x_model, cells.source_index.to(cells.x_model.device))
 
     def prepare(
         self,
@@ -414,8 +417,9 @@ class TrainedModel:
         device = next(self.model.parameters()).device
         source_index = self.encode_contexts(source, tensor.shape[0])
         self.model.eval()
-        x_model, library = transform_with_library(tensor.to(device), self.settings.data.transform)
-        return PreparedCells(x_model, source_index, library)
+        tensor = tensor.to(device)
+        x_model, library = transform_with_library(tensor, self.settings.data.transform)
+        return PreparedCells(x_model, source_index, library, None if library is None else tensor)
 
     @torch.no_grad()
     def sample_counts(
@@ -458,14 +462,19 @@ class TrainedModel:
             ConfigError: as :meth:`check_sampling` says.
         """
         self.check_sampling(moved)
-        source_library = cast(torch.Tensor, cells.library)  # (check_sampling: log1p_cp10k)
+        # (check_sampling: log1p_cp10k, so prepare gave the library sizes and counts)
+        source_library = cast(torch.Tensor, cells.library)
         if not self._keeps_cell(moved):
             drawn_with = source_library if library is None else library
             log_theta = cast(torch.Tensor, self.model.log_theta)  # (check_sampling: nb)
             return sample_counts(out.output, drawn_with, log_theta, seed)
-        mean = counts_from_expression(out.output.float(), source_library)
+        counts = cast(torch.Tensor, cells.counts).float().round()
+        # the cell's counts plus the move's change: exactly the cell's where nothing moved
+        change = counts_from_expression(out.output.float(), source_library) - (
+            counts_from_expression(cells.x_model.float(), source_library)
+        )
+        mean = (counts + change).clamp_min(0.0)
         if library is None:  # the cell's depth: its typical expressed gene keeps its count
-            counts = counts_from_expression(cells.x_model.float(), source_library).round()
             mean = mean / median_ratio(mean, counts)
         else:
             mean = mean * (library / mean.sum(dim=1, keepdim=True).clamp_min(1e-30))

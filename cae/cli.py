@@ -497,7 +497,7 @@ def _add_generate(commands: _Commands) -> None:
     )  # fmt: skip
     generate.add_argument(
         "--library-size", type=float, metavar="L", help="the total counts every cell is drawn "
-        "with by --sample (default: each source cell's own total counts)",
+        "with by --sample, in mean (default: each source cell's depth)",
     )  # fmt: skip
     generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -23,9 +23,10 @@ The output AnnData:
   optionally the layers ``cae_input`` (the input in model space) and ``cae_reconstruction``.
 
 Sampled counts are drawn per chunk, chunk ``i`` with the seed derived from ``(seed, i)``: the same
-seed and chunking give the same counts, every chunk its own independent draws. Each cell is drawn
-with its source cell's total counts as library size, or with one size given for every cell (in
-mean: a moved cell's counts follow the target's distribution at that size).
+seed and chunking give the same counts, every chunk its own independent draws. Each cell keeps
+its source cell's depth (a residual counterfactual: the typical gene the cell expresses keeps its
+count; a decoded cell: drawn with the source cell's total counts), or is drawn with one size given
+for every cell (its total counts in mean).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ RECONSTRUCTION_LAYER = "cae_reconstruction"  # the cells decoded in their own co
 MEAN_LAYER = "cae_mean"  # with sampling: the mean the counts in X were drawn for
 MAX_SEED = 2**63 - 1  # seeds fit a signed 64-bit integer (MLflow's "long", an .h5ad attribute)
 MAX_LIBRARY_SIZE = 1e9  # counts per cell: real cells hold thousands; draws stay far from overflow
-SOURCE_LIBRARY = "source cell's total counts"
+SOURCE_LIBRARY = "source cell's depth"
 UNITS = {"log1p_cp10k": "log1p counts per 10,000", "none": "as the input (transform none)"}
 
 
@@ -252,7 +253,7 @@ def _checked_sampling(
         raise ConfigError(
             f"{name('library_size')} is {library_size!r}: the library size of sampled counts is "
             f"the total counts every cell is drawn with, a number > 0 and at most "
-            f"{MAX_LIBRARY_SIZE:,.0f} (or none: each source cell's own total counts)"
+            f"{MAX_LIBRARY_SIZE:,.0f} (or none: each source cell's depth)"
         )
     return int(cast(int, seed)), number
 

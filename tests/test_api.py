@@ -231,7 +231,7 @@ def test_counterfactual_and_reconstruct_draw_counts_on_request(nb_api: cae.CAE) 
     np.testing.assert_array_equal(drawn.layers["cae_mean"], mean.X)
     assert "log1p" in mean.uns and "log1p" not in drawn.uns
     assert drawn.uns["cae"]["units"] == "counts"
-    assert drawn.uns["cae"]["sampling"] == {"seed": 2, "library_size": "source cell's total counts"}
+    assert drawn.uns["cae"]["sampling"] == {"seed": 2, "library_size": "source cell's depth"}
     assert list(drawn.obs_names) == list(before.obs_names) and drawn.var.equals(before.var)
     again = nb_api.counterfactual(targets={"sex": "female"}, sample=True, seed=2)
     np.testing.assert_array_equal(again.X, drawn.X)

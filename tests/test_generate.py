@@ -179,7 +179,7 @@ def test_sampled_counterfactuals_keep_each_cells_counts_where_the_move_leaves_th
         "whole counts with the mean of layer cae_mean: the cells' own counts moved to the "
         "counterfactual (the residual design)"
     )
-    assert info["sampling"] == {"seed": 3, "library_size": "source cell's total counts"}
+    assert info["sampling"] == {"seed": 3, "library_size": "source cell's depth"}
     assert set(out.layers) == {"cae_mean"} and set(info["layers"]) == {"cae_mean"}
     trained = load_checkpoint(model)
     mean = _expected(trained, cells_h5ad, {"sex": "female"})

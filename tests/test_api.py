@@ -284,3 +284,15 @@ def test_a_normal_model_draws_counterfactual_counts_but_not_reconstructions(
     np.testing.assert_array_equal(drawn.X[female], given[female])  # not moved: kept as given
     with pytest.raises(ConfigError, match=r"trained with model\.likelihood=normal: give targets"):
         model.reconstruct(sample=True)
+
+
+def test_a_normal_model_of_the_decode_design_draws_no_counts(tiny, tmp_path, isolated):
+    """A decoded counterfactual is a new cell: its counts need the count likelihood."""
+    adata = cells(tiny)
+    cae.CAE.setup_anndata(adata, fields=["sex"], layer="counts")
+    decode = {**QUICK, "data.num_workers": 0, "model.likelihood": "normal"}
+    model = cae.CAE(adata, overrides={**decode, "model.counterfactual": "decode"})
+    model.train(epochs=1, out_dir=tmp_path / "run", tracking=False, progress=False)
+    assert model.counterfactual(targets={"sex": "female"}).X.shape == adata.shape
+    with pytest.raises(ConfigError, match=r"counterfactual under model\.counterfactual=decode"):
+        model.counterfactual(targets={"sex": "female"}, sample=True)

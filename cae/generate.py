@@ -385,10 +385,15 @@ def _output_uns(
         "version": __version__,
     }
     if sample is not None:
-        info["X"] = f"whole counts with the mean of layer {MEAN_LAYER}: " + (
-            "the cells' own counts moved to the counterfactual (the residual design)"
-            if targets and model.settings.model.counterfactual == "residual"
-            else "drawn from the model's negative binomial"
+        kept = bool(targets) and model.settings.model.counterfactual == "residual"
+        info["X"] = (
+            f"whole counts whose log1p counts per 10,000 average to layer {MEAN_LAYER}"
+            if kept and model.settings.model.likelihood == "normal"
+            else f"whole counts with the mean of layer {MEAN_LAYER}"
+        ) + (
+            ": the cells' own counts moved to the counterfactual (the residual design)"
+            if kept
+            else ": drawn from the model's negative binomial"
         )
         info["units"] = "counts"
         info["sampling"] = sample.describe()

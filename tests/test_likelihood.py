@@ -20,6 +20,7 @@ from cae.model.likelihood import (
     median_ratio,
     nb_nll,
     round_counts,
+    round_log_counts,
     sample_counts,
 )
 from cae.train.cycle import generator_losses
@@ -77,6 +78,7 @@ def test_draws_leave_torchs_random_state_alone():
     torch.manual_seed(0)
     sample_counts(torch.ones(2, 3), torch.full((2, 1), 10.0), torch.zeros(3), seed=1)
     round_counts(torch.full((2, 3), 0.5), seed=1)
+    round_log_counts(torch.full((2, 3), 0.5), torch.full((2, 1), 10.0), seed=1)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -111,6 +113,37 @@ def test_rounded_counts_average_to_the_mean():
     torch.testing.assert_close(counts.mean(dim=0), mean[0], rtol=0.0, atol=0.01)
     assert counts[:, 0].sum() == 0 and set(counts[:, 3].unique().tolist()) == {3.0, 4.0}
     assert not torch.equal(round_counts(mean, seed=4), counts)
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    counts=hnp.arrays(np.float64, (3, 4), elements=st.floats(0, 1e6)),
+    library=hnp.arrays(np.float64, (3, 1), elements=st.floats(1.0, 1e7)),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_log_rounded_counts_are_whole_next_to_the_count_and_keep_whole_counts(
+    counts, library, seed
+):
+    k, depth = torch.from_numpy(counts), torch.from_numpy(library)
+    drawn = round_log_counts(k, depth, seed)
+    assert drawn.dtype == torch.float32 and torch.equal(drawn, drawn.round())
+    assert ((drawn.double() - k).abs() <= 1.0 + 1e-6 * k).all()  # floor or ceiling
+    assert torch.equal(round_log_counts(k, depth, seed), drawn)
+    whole = k.round()
+    assert torch.equal(round_log_counts(whole + 1e-4, depth, seed).double(), whole)
+
+
+def test_log_rounded_counts_average_to_the_log_normalised_value():
+    # at 40 counts per 10,000 a count: a mean of 1.1 in model space is a count in 30% of cells
+    library = torch.full((40_000, 1), 250.0)
+    value = torch.tensor([[0.0, 1.1, 4.0, 6.5]]).expand(40_000, -1)
+    k = counts_from_expression(value.double(), library.double())
+    drawn = round_log_counts(k, library, seed=5)
+    log_normalised = torch.log1p(drawn.double() * CP10K / library)
+    torch.testing.assert_close(log_normalised.mean(dim=0), value[0].double(), rtol=0, atol=0.02)
+    assert abs(float((drawn[:, 1] == 1).double().mean()) - 1.1 / np.log1p(40.0)) < 0.01
+    # the same mean count rounded on the count scale gives a count in 5% of cells
+    assert float(round_counts(k[:, 1:2], seed=5).mean()) == pytest.approx(0.05, abs=0.01)
 
 
 def _count_model() -> CAE:

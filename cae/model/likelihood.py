@@ -30,6 +30,7 @@ __all__ = [
     "median_ratio",
     "nb_nll",
     "round_counts",
+    "round_log_counts",
     "sample_counts",
 ]
 
@@ -120,6 +121,38 @@ def round_counts(mean: torch.Tensor, seed: int) -> torch.Tensor:
     with _seeded(seed, mean.device):
         up = torch.rand(mean.shape, device=mean.device) < (mean - whole)
     return whole + (up & ~snapped).float()
+
+
+def round_log_counts(counts: torch.Tensor, library: torch.Tensor, seed: int) -> torch.Tensor:
+    """Whole counts whose log-normalised values keep, in expectation, those of fractional counts:
+    ``floor(k)`` or ``floor(k) + 1``, the upper one with the probability that makes the mean of
+    ``log1p(CP10K * count / library)`` equal ``log1p(CP10K * k / library)``.
+
+    The normal likelihood's mean is a mean of log-normalised values, not of counts: a gene that
+    rises from 0 to a mean of 1.1 in model space, at 40 counts per 10,000 a count, is a count of 1
+    in 30% of cells (``1.1 / log1p(40)``), where rounding its mean count (``expm1(1.1) / 40`` =
+    0.05) gives one in 5%. As in :func:`round_counts`, a count within :data:`WHOLE` of a whole
+    number is that number and comes back unchanged.
+
+    Args:
+        counts: (B, G) fractional counts ``k`` (``expm1(x) * library / CP10K`` of model-space
+            values ``x``), >= 0 and finite.
+        library: (B, 1) the depth the values are normalised at, > 0.
+        seed: the draws' seed (torch's global random state is left as it was).
+
+    Returns:
+        (B, G) float32 whole counts.
+    """
+    k = counts.double()
+    nearest = torch.round(k)
+    snapped = (k - nearest).abs() < WHOLE
+    low = torch.where(snapped, nearest, torch.floor(k))
+    per_count = CP10K / library.double()
+    value, below = torch.log1p(k * per_count), torch.log1p(low * per_count)
+    chance = (value - below) / (torch.log1p((low + 1) * per_count) - below)
+    with _seeded(seed, k.device):
+        up = torch.rand(k.shape, device=k.device, dtype=torch.float64) < chance
+    return (low + (up & ~snapped).double()).float()
 
 
 def median_ratio(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from cae.model.likelihood import (
     counts_from_expression,
     median_ratio,
     round_counts,
+    round_log_counts,
     sample_counts,
 )
 from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT
@@ -434,24 +435,32 @@ class TrainedModel:
 
         A residual counterfactual (``model.counterfactual = "residual"``, ``moved``) is the cell
         plus the move, so its counts are the cell's own counts moved to the counterfactual's
-        mean with the least added noise (:func:`cae.model.likelihood.round_counts`): the noise
-        the cell already holds is not drawn again. Model space is counts per 10,000, so a move
-        that raises some genes lowers the share of all others; at the cell's depth the mean is
-        scaled so that the cell's typical expressed gene keeps its count
-        (:func:`cae.model.likelihood.median_ratio`), as real cells keep the genes a stimulus does
-        not touch and grow by what it adds, and a cell the move leaves alone keeps its counts.
-        Either likelihood can do this. A decoded pass (the decode design, or a
-        reconstruction) is a new cell: its counts are drawn around its mean from the model's
-        negative binomial (:func:`cae.model.likelihood.sample_counts`), which only the count
-        likelihood has.
+        mean with the least added noise: the noise the cell already holds is not drawn again,
+        a gene the move leaves alone keeps its count, and a cell it leaves alone comes back as
+        given. The mean kept is the one the likelihood models:
+
+        - normal (a mean of log-normalised values): each gene's count is rounded on the log
+          scale (:func:`cae.model.likelihood.round_log_counts`), so the counts' log1p counts per
+          10,000 at the cell's depth (or at ``library``) average to the counterfactual;
+        - nb (a mean count): each gene's mean count is rounded
+          (:func:`cae.model.likelihood.round_counts`). Model space is counts per 10,000, so a
+          move that raises some genes lowers the share of all others; at the cell's depth the
+          mean is scaled so that the cell's typical expressed gene keeps its count
+          (:func:`cae.model.likelihood.median_ratio`), as real cells keep the genes a stimulus
+          does not touch and grow by what it adds.
+
+        A decoded pass (the decode design, or a reconstruction) is a new cell: its counts are
+        drawn around its mean from the model's negative binomial
+        (:func:`cae.model.likelihood.sample_counts`), which only the count likelihood has.
 
         Args:
             cells: from :meth:`prepare`, under ``data.transform = "log1p_cp10k"`` (the counts).
             out: a pass of these cells: :meth:`move`'s counterfactual, or a decoded pass.
             seed: the draws' seed.
-            library: (n, 1) total counts to draw each cell with (in mean); None: the source
-                cell's depth (a moved cell's total then changes by what the move adds or removes;
-                a decoded cell is drawn with the source cell's total).
+            library: (n, 1) the depth to give each cell: the total its counts are normalised by
+                (normal; their total is then about that), or the total it is drawn with (nb);
+                None: the source cell's depth (a moved cell's total then changes by what the
+                move adds or removes; a decoded cell is drawn with the source cell's total).
                 :class:`cae.generate.Sampling` checks a size given.
             moved: ``out`` is :meth:`move`'s counterfactual (False: a decoded pass).
 
@@ -468,12 +477,19 @@ class TrainedModel:
             drawn_with = source_library if library is None else library
             log_theta = cast(torch.Tensor, self.model.log_theta)  # (check_sampling: nb)
             return sample_counts(out.output, drawn_with, log_theta, seed)
-        counts = cast(torch.Tensor, cells.counts).float().round()
+        normal = self.settings.model.likelihood == "normal"
+        if normal and library is not None:
+            return round_log_counts(
+                counts_from_expression(out.output.double(), library), library, seed
+            )
+        counts = cast(torch.Tensor, cells.counts).double().round()
         # the cell's counts plus the move's change: exactly the cell's where nothing moved
-        change = counts_from_expression(out.output.float(), source_library) - (
-            counts_from_expression(cells.x_model.float(), source_library)
+        change = counts_from_expression(out.output.double(), source_library) - (
+            counts_from_expression(cells.x_model.double(), source_library)
         )
         mean = (counts + change).clamp_min(0.0)
+        if normal:
+            return round_log_counts(mean, source_library, seed)
         if library is None:  # the cell's depth: its typical expressed gene keeps its count
             mean = mean / median_ratio(mean, counts)
         else:

@@ -85,6 +85,7 @@ class CAE:
         fields: Sequence[str],
         layer: str | None = None,
         genes: Sequence[str] | None = None,
+        library_key: str | None = None,
     ) -> None:
         """Check an AnnData for training and register its fields, layer and genes in
         ``adata.uns["cae_setup"]`` (nothing else of it changes; nothing is copied or written).
@@ -96,21 +97,28 @@ class CAE:
             layer: the layer holding raw counts (for the default ``log1p_cp10k`` transform);
                 None reads ``.X``.
             genes: the genes to train on, in this order; None for every gene.
+            library_key: the ``.obs`` column of each cell's total counts over all its genes
+                (``data.library_key``, scvi-tools' ``size_factor_key``), to normalise a subset
+                of genes as the whole cell was; None: the sum over the genes trained on.
 
         Raises:
             DataError: ``adata`` is a view or backed, has no such layer, no cells, repeated or
                 missing gene names, repeated cell names, or lacks some of ``genes``.
-            MetadataError: ``.obs`` lacks a field (the message lists its columns).
+            MetadataError: ``.obs`` lacks a field or the library column (the message lists its
+                columns).
         """
         if isinstance(fields, str):
             fields = [f.strip() for f in fields.split(",")]
         DataStore.from_anndata(adata, layer, genes)
-        select_fields(adata.obs, fields, "adata.obs")
+        select_fields(
+            adata.obs, [*fields, *([] if library_key is None else [library_key])], "adata.obs"
+        )
         check_cell_names(adata.obs_names, "adata")
         adata.uns[SETUP_KEY] = {
             "fields": list(fields),
             "layer": layer,
             "genes": None if genes is None else list(genes),
+            "library_key": library_key,
         }
 
     def settings(self, **values: Any) -> Settings:
@@ -121,6 +129,7 @@ class CAE:
         setup = self._require_setup()
         data = {"data.path": "AnnData", "data.fields": setup["fields"]}
         data["data.h5ad_layer"] = setup["layer"]
+        data["data.library_key"] = setup["library_key"]
         return load_settings(self.config, {**self.overrides, **data, **values})
 
     def train(
@@ -366,6 +375,7 @@ def _read_setup(adata: anndata.AnnData) -> dict[str, Any]:
         "fields": [str(f) for f in setup["fields"]],
         "layer": setup.get("layer"),
         "genes": None if genes is None else [str(g) for g in genes],
+        "library_key": setup.get("library_key"),
     }
 
 

@@ -54,6 +54,7 @@ _DATA_FLAGS = [
 _TRAIN_FLAGS = [
     *_DATA_FLAGS,
     Flag("--transform", "data.transform", str, "log1p_cp10k (raw counts) or none (normalised)"),
+    Flag("--library-key", "data.library_key", str, "obs column of cell totals, e.g. raw_sum"),
     Flag("--val-fraction", "data.val_fraction", float, "fraction of each chunk held out"),
     Flag("--val-chunks", "data.val_chunks", str, "comma-separated chunk ids held out whole"),
     Flag("--exclude", "data.exclude", str, "contexts kept out of training: 'f=v,g=w;f=u'"),
@@ -496,8 +497,8 @@ def _add_generate(commands: _Commands) -> None:
         "chunk draws with its own seed derived from it)",
     )  # fmt: skip
     generate.add_argument(
-        "--library-size", type=float, metavar="L", help="the total counts every cell is drawn "
-        "with by --sample, in mean (default: each source cell's depth)",
+        "--library-size", type=float, metavar="L", help="the depth (total counts) --sample "
+        "gives every cell (default: each source cell's depth)",
     )  # fmt: skip
     generate.add_argument("--out", required=True, type=Path, help="the .h5ad to write")
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out")

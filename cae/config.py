@@ -139,6 +139,14 @@ class DataConfig(_Section):
         description="log1p_cp10k: raw counts in, normalised to 10,000 per cell then log1p; "
         "none: values are used as stored (already normalised, like Census chunks).",
     )
+    library_key: str | None = Field(
+        None,
+        description="Obs column of each cell's total counts over all its genes (the Census's "
+        "raw_sum, scanpy's total_counts): log1p_cp10k divides by it instead of the sum over the "
+        "genes read, so a subset of genes is normalised as the whole cell was (scVI's "
+        "size_factor_key). Needs raw counts (transform log1p_cp10k) and the normal likelihood; "
+        "every cell sent to the model then carries it.",
+    )
     h5ad_layer: str | None = Field(None, description="Layer of an .h5ad to read instead of .X.")
     h5ad_chunk_size: int = Field(
         20_000, ge=1, description="Rows per chunk when reading an .h5ad or a SOMA experiment."
@@ -239,6 +247,17 @@ class DataConfig(_Section):
         if repeated:
             raise ValueError(f"field(s) listed twice: {', '.join(repeated)}")
         return [check_field_name(field, "field") for field in fields]
+
+    @model_validator(mode="after")
+    def _library_is_not_a_field(self) -> DataConfig:
+        if self.library_key is not None:
+            check_field_name(self.library_key, "library_key")
+            if self.library_key in self.fields:
+                raise ValueError(
+                    f"library_key '{self.library_key}' is also a field; the column of total "
+                    "counts is a number per cell, not a context: drop it from fields"
+                )
+        return self
 
 
 class ModelConfig(_Section):
@@ -647,12 +666,26 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _counts_for_counts(self) -> Settings:
-        """The count likelihood reads raw counts: it needs ``data.transform = log1p_cp10k``."""
+        """The count likelihood and a library column (``data.library_key``) read raw counts
+        (``data.transform = log1p_cp10k``); the count likelihood normalises by its own genes."""
         if self.model.likelihood == "nb" and self.data.transform != "log1p_cp10k":
             raise ValueError(
                 f"model.likelihood = 'nb' scores raw counts, but data.transform = "
                 f"'{self.data.transform}' reads values that are already normalised; give the raw "
                 "counts with data.transform=log1p_cp10k, or use model.likelihood=normal"
+            )
+        key = self.data.library_key
+        if key is not None and self.data.transform != "log1p_cp10k":
+            raise ValueError(
+                f"data.library_key = '{key}' gives the totals that raw counts are normalised by, "
+                f"but data.transform = '{self.data.transform}' reads values already normalised; "
+                "give the raw counts with data.transform=log1p_cp10k, or drop data.library_key"
+            )
+        if key is not None and self.model.likelihood == "nb":
+            raise ValueError(
+                f"data.library_key = '{key}' normalises by each cell's total over all its genes, "
+                "but model.likelihood = 'nb' shares the counts of the genes it reads among them; "
+                "use model.likelihood=normal, or drop data.library_key"
             )
         return self
 

@@ -138,7 +138,7 @@ class Sampling:
 
     Args:
         seed: the draws' seed, a whole number from 0 to :data:`MAX_SEED`.
-        library_size: the total counts every cell is drawn with (in mean), > 0 and at most
+        library_size: the depth (total counts) every cell is given, > 0 and at most
             :data:`MAX_LIBRARY_SIZE`; None: each source cell's depth.
 
     Raises:
@@ -178,8 +178,8 @@ class Sampling:
             moved: ``out`` is a counterfactual (False: a decoded pass, e.g. a reconstruction).
 
         Returns:
-            (n, G) float32 whole counts, >= 0 and finite; with :attr:`library_size` that many
-            counts per cell in mean, else at each source cell's depth.
+            (n, G) float32 whole counts, >= 0 and finite; with :attr:`library_size` about that
+            many counts per cell, else at each source cell's depth.
 
         Raises:
             ConfigError: counts the model cannot draw
@@ -278,7 +278,7 @@ class Generation:
     targets: dict[str, str]
     layers: tuple[str, ...]  # of MEAN_LAYER (with sampling), INPUT_LAYER, RECONSTRUCTION_LAYER
     columns: np.ndarray  # (G,) the model's genes among the input's
-    sources: list[pd.DataFrame]  # per chunk, the model's fields as text
+    sources: list[pd.DataFrame]  # per chunk, the model's metadata columns (fields as text)
     obs: pd.DataFrame
     var: pd.DataFrame
     uns: dict[str, Any]
@@ -319,11 +319,12 @@ def plan_generation(
     frames = [store.read_metadata(c) for c in store.chunks]
     sources = []
     for chunk, frame in zip(store.chunks, frames, strict=True):  # fail early, naming the chunk
-        source = select_fields(frame, fields, chunk.metadata_name)
+        source = select_fields(frame, model.metadata_columns, chunk.metadata_name)
         model.vocabularies.encode(
-            source, model.settings.data.null_values, source=chunk.metadata_name
+            source[fields], model.settings.data.null_values, source=chunk.metadata_name
         )
-        sources.append(source.astype(str).reset_index(drop=True))
+        # the fields as text; a library column (data.library_key) stays numbers
+        sources.append(source.astype(dict.fromkeys(fields, str)).reset_index(drop=True))
     obs = _output_obs(store, frames, sources, targets, fields)
     var = store.var.iloc[columns].set_axis(pd.Index(model.genes))
     uns = _output_uns(model, targets, layers, sample)
@@ -363,8 +364,8 @@ def _output_uns(
     sample: Sampling | None,
 ) -> dict[str, Any]:
     """What the output's X and layers hold (``uns["cae"]``), and scanpy's ``uns["log1p"]``."""
-    transform = model.settings.data.transform
-    units = UNITS[transform]
+    transform, key = model.settings.data.transform, model.settings.data.library_key
+    units = UNITS[transform] + ("" if key is None else f" of obs '{key}'")
     mean = "counterfactual: the cells moved to the targets" if targets else (
         "the cells decoded in their own contexts"
     )  # fmt: skip

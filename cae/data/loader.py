@@ -20,6 +20,7 @@ import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cae.data.contexts import Selection, any_selected, selection_fields
 from cae.data.store import DataStore
 from cae.data.vocabulary import Vocabularies
+from cae.errors import DataError
 from cae.types import CP10K
 
 
@@ -41,6 +43,7 @@ class LoadedChunk:
     contexts: np.ndarray  # (n_cells, F) int64 vocabulary indices, 0 = <unk>
     train_rows: np.ndarray  # int64 row indices used for training
     val_rows: np.ndarray  # int64 row indices held out for validation
+    library: np.ndarray | None = None  # (n_cells,) float64 totals of data.library_key, if set
 
     def __reduce__(self) -> tuple:
         """Pickle the arrays as torch tensors: between a loader worker and the training process
@@ -49,7 +52,8 @@ class LoadedChunk:
         arrays = (matrix.data, matrix.indices, matrix.indptr, self.contexts)
         rows = (self.train_rows, self.val_rows)
         tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (*arrays, *rows))
-        return _rebuild_chunk, (self.chunk_id, matrix.shape, *tensors)
+        library = None if self.library is None else torch.from_numpy(self.library)
+        return _rebuild_chunk, (self.chunk_id, matrix.shape, *tensors, library)
 
 
 def _rebuild_chunk(
@@ -61,10 +65,13 @@ def _rebuild_chunk(
     contexts: torch.Tensor,
     train_rows: torch.Tensor,
     val_rows: torch.Tensor,
+    library: torch.Tensor | None,
 ) -> LoadedChunk:
     """The inverse of :meth:`LoadedChunk.__reduce__` (numpy views of the received tensors)."""
     matrix = sp.csr_matrix((data.numpy(), indices.numpy(), indptr.numpy()), shape=shape)
-    return LoadedChunk(chunk_id, matrix, contexts.numpy(), train_rows.numpy(), val_rows.numpy())
+    totals = None if library is None else library.numpy()
+    rows = (train_rows.numpy(), val_rows.numpy())
+    return LoadedChunk(chunk_id, matrix, contexts.numpy(), *rows, totals)
 
 
 @dataclass
@@ -128,8 +135,10 @@ class ChunkDataset(Dataset[LoadedChunk]):
         val_fraction: float,
         seed: int,
         exclude: Sequence[Selection] = (),
+        library_key: str | None = None,
     ) -> None:
         self.store = store
+        self.library_key = library_key
         self.vocabularies = vocabularies
         self.null_values = tuple(null_values)
         self.val_chunks = {int(c) for c in val_chunks}
@@ -144,8 +153,9 @@ class ChunkDataset(Dataset[LoadedChunk]):
         chunk = self.store.chunks[index]
         expression = self.store.read_expression(chunk)
         fields = self.vocabularies.fields
+        key = [] if self.library_key is None else [self.library_key]
         frame = self.store.read_metadata(
-            chunk, list(dict.fromkeys([*fields, *selection_fields(self.exclude)]))
+            chunk, list(dict.fromkeys([*fields, *selection_fields(self.exclude), *key]))
         )
         contexts = self.vocabularies.encode(
             frame[list(fields)], self.null_values, source=chunk.metadata_name
@@ -158,7 +168,14 @@ class ChunkDataset(Dataset[LoadedChunk]):
             held_out=int(chunk.chunk_id) in self.val_chunks,
             excluded=any_selected(frame, self.exclude) if self.exclude else None,
         )
-        return LoadedChunk(chunk.chunk_id, expression, contexts, train_rows, val_rows)
+        library = None
+        if self.library_key is not None:
+            library = cell_totals(
+                frame[self.library_key].to_numpy(),
+                np.asarray(expression.sum(axis=1)).ravel(),
+                f"{chunk.metadata_name} column '{self.library_key}' (data.library_key)",
+            )
+        return LoadedChunk(chunk.chunk_id, expression, contexts, train_rows, val_rows, library)
 
 
 def balanced_windows(n_items: int, size: int) -> list[int]:
@@ -322,14 +339,54 @@ def apply_transform(x: torch.Tensor, transform: str) -> torch.Tensor:
 
 
 def transform_with_library(
-    x: torch.Tensor, transform: str
+    x: torch.Tensor, transform: str, library: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`apply_transform`, and under ``log1p_cp10k`` the (B, 1) library sizes it normalised
-    by (:func:`library_sizes`, summed once); None for values used as stored."""
+    by: ``library`` when given (each cell's total over all its genes, ``data.library_key``),
+    else :func:`library_sizes` (summed once); None for values used as stored."""
     if transform == "none":
         return x, None
-    library = library_sizes(x)
+    if library is None:
+        library = library_sizes(x)
+    library = library.to(device=x.device, dtype=x.dtype)
     return torch.log1p(x * (CP10K / library)), library
+
+
+def cell_totals(values: np.ndarray, row_sums: np.ndarray, source: str) -> np.ndarray:
+    """Each cell's total counts over all its genes, read from a metadata column
+    (``data.library_key``), checked against the counts of the genes read.
+
+    Args:
+        values: (n,) the column's values.
+        row_sums: (n,) each cell's sum over the genes read.
+        source: where the column is, for messages (file and column).
+
+    Returns:
+        (n,) float64 totals.
+
+    Raises:
+        DataError: a value is not a number, not finite, not > 0, or below the cell's sum over
+            the genes read (a total over all genes cannot be); the message names the row and
+            value.
+    """
+    try:
+        totals = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{source} holds values that are not numbers (e.g. {values[0]!r}); it must give each "
+            "cell's total counts over all its genes"
+        ) from None
+    sums = np.asarray(row_sums, dtype=np.float64).reshape(-1)
+    bad = ~np.isfinite(totals) | (totals <= 0) | (totals < sums * (1 - 1e-6) - 1e-6)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(
+            f"{source} row {row} holds {totals[row]:g} but the cell's counts of the genes read "
+            f"sum to {sums[row]:g}; it must give each cell's total counts over all its genes "
+            "(> 0 and at least that sum), e.g. scanpy's total_counts computed before the genes "
+            "were subset"
+        )
+    return totals
 
 
 def library_sizes(x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +439,11 @@ def iter_batches(
         x = densify(block, device)  # (B, G)
         # numpy, not torch, indexing: tiny, and torch's can wait on a busy machine's other thread
         host = torch.from_numpy(np.concatenate([chunk.contexts[part] for chunk, part in parts]))
-        x_model, library = transform_with_library(x, transform)
+        totals = None
+        if chunks[0].library is not None:  # data.library_key: every chunk has its totals
+            own = np.concatenate([cast(np.ndarray, c.library)[part] for c, part in parts])
+            totals = torch.from_numpy(own)[:, None]
+        x_model, library = transform_with_library(x, transform, totals)
         yield Batch(x_model, to_device(host, device), host, library)
 
 

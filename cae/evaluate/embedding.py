@@ -117,7 +117,7 @@ def model_cells(
     rng = np.random.default_rng([config.seed, 17])
     rows = sample_rows(len(cells.source), config.umap_cells, rng)
     raw = cells.source_raw[rows]
-    meta = cells.source_meta.iloc[rows][list(trained.vocabularies.fields)]
+    meta = cells.source_meta.iloc[rows][trained.metadata_columns]
     reconstructed, _ = moved_cells(trained, raw, meta, {}, config.seed)
     moved, sampled = moved_cells(trained, raw, meta, holdout.targets, config.seed)
     real = cells.real[sample_rows(len(cells.real), config.umap_cells, rng)]

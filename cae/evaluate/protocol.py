@@ -31,7 +31,7 @@ import torch
 
 from cae.config import EvaluateConfig, Settings
 from cae.data.contexts import Selection
-from cae.data.loader import apply_transform
+from cae.data.loader import cell_totals, transform_with_library
 from cae.data.store import DataStore
 from cae.data.synth import expected_expression
 from cae.data.vocabulary import UNK
@@ -134,7 +134,8 @@ class EvalCells:
 
     Attributes:
         source_raw: (n, G) the moved cells as stored (the model's input).
-        source_meta: their metadata (the model's fields and the holdout's).
+        source_meta: their metadata (the model's fields, the holdout's and the library
+            column).
         source: (n, G) the moved cells, log-normalised (model space).
         real: (m, G) the real held-out cells, model space.
         shift: (G,) pooled target-minus-source mean over all other contexts.
@@ -159,12 +160,21 @@ class EvalCells:
     sample: np.ndarray
 
 
-def _model_space(matrix: sp.csr_matrix, transform: str) -> np.ndarray:
-    """Densify rows in blocks and apply the input transform: (n, G) float32 model space."""
+def _model_space(
+    matrix: sp.csr_matrix, transform: str, meta: pd.DataFrame, library_key: str | None
+) -> np.ndarray:
+    """Densify rows in blocks and apply the input transform, normalising by ``meta``'s column
+    ``library_key`` when there is one: (n, G) float32 model space."""
+    totals = None
+    if library_key is not None:
+        row_sums = np.asarray(matrix.sum(axis=1)).ravel()
+        source = f"metadata column '{library_key}' (data.library_key)"
+        totals = torch.from_numpy(cell_totals(meta[library_key].to_numpy(), row_sums, source))
     out = np.empty(matrix.shape, dtype=np.float32)
     for start in range(0, matrix.shape[0], _BLOCK):
         block = torch.from_numpy(matrix[start : start + _BLOCK].toarray())
-        out[start : start + _BLOCK] = apply_transform(block, transform).numpy()
+        library = None if totals is None else totals[start : start + _BLOCK, None]
+        out[start : start + _BLOCK] = transform_with_library(block, transform, library)[0].numpy()
     return out
 
 
@@ -212,6 +222,7 @@ def collect_cells(
     holdout: Holdout,
     fields: Sequence[str],
     config: EvaluateConfig,
+    library_key: str | None = None,
 ) -> EvalCells:
     """Read the cells one held-out context needs, in one pass over the chunks.
 
@@ -221,6 +232,8 @@ def collect_cells(
         holdout: what is held out and moved.
         fields: the model's fields (their metadata goes with the cells).
         config: the evaluation settings (``max_cells``, ``seed``).
+        library_key: the metadata column of each cell's total counts that ``log1p_cp10k``
+            normalises by (the model's ``data.library_key``; None: the sum over the genes).
 
     Returns:
         The :class:`EvalCells`.
@@ -230,7 +243,8 @@ def collect_cells(
             baselines from.
         MetadataError: a field is missing from the metadata.
     """
-    columns = list(dict.fromkeys([*fields, *holdout.held_out.fields]))
+    key = [] if library_key is None else [library_key]
+    columns = list(dict.fromkeys([*fields, *holdout.held_out.fields, *key]))
     context_fields = holdout.context.fields
     rng = np.random.default_rng([config.seed, 11])
     sample_rate = min(1.0, 2 * config.max_cells / max(store.n_cells, 1))
@@ -253,16 +267,19 @@ def collect_cells(
         for side, rows in (("source", is_source), ("target", is_target)):
             for start in range(0, int(rows.sum()), _BLOCK):
                 index = np.flatnonzero(rows)[start : start + _BLOCK]
-                sums.add(side, keys[index], _model_space(matrix[index], transform))
+                x = _model_space(matrix[index], transform, meta.iloc[index], library_key)
+                sums.add(side, keys[index], x)
         if in_source.any():
             parts["source"].append(matrix[np.flatnonzero(in_source)])
             parts["source_meta"].append(meta[in_source])
         if in_real.any():
-            parts["real"].append(_model_space(matrix[np.flatnonzero(in_real)], transform))
+            real = np.flatnonzero(in_real)
+            x = _model_space(matrix[real], transform, meta.iloc[real], library_key)
+            parts["real"].append(x)
         if sampled.any():
             parts["sample"].append(matrix[np.flatnonzero(sampled)])
             parts["sample_meta"].append(meta[sampled])
-    return _assemble(store, transform, holdout, config, parts, sums, rng)
+    return _assemble(store, transform, library_key, holdout, config, parts, sums, rng)
 
 
 def _side_masks(
@@ -281,6 +298,7 @@ def _side_masks(
 def _assemble(
     store: DataStore,
     transform: str,
+    library_key: str | None,
     holdout: Holdout,
     config: EvaluateConfig,
     parts: Mapping[str, list[Any]],
@@ -298,17 +316,18 @@ def _assemble(
     if sample_raw.shape[0] > 2 * config.max_cells:
         keep = np.sort(rng.choice(sample_raw.shape[0], 2 * config.max_cells, replace=False))
         sample_raw, sample_meta = sample_raw[keep], sample_meta.iloc[keep].reset_index(drop=True)
+    source_meta = pd.concat(parts["source_meta"], ignore_index=True)
     return EvalCells(
         source_raw=source_raw,
-        source_meta=pd.concat(parts["source_meta"], ignore_index=True),
-        source=_model_space(source_raw, transform),
+        source_meta=source_meta,
+        source=_model_space(source_raw, transform, source_meta, library_key),
         real=np.concatenate(parts["real"]),
         shift=shift,
         group_shift=group_shift,
         n_groups=n_groups,
         sample_raw=sample_raw,
         sample_meta=sample_meta,
-        sample=_model_space(sample_raw, transform),
+        sample=_model_space(sample_raw, transform, sample_meta, library_key),
     )
 
 
@@ -330,7 +349,7 @@ def moved_cells(
     Args:
         trained: the model.
         raw: (n, G) the source cells as stored.
-        meta: their metadata (the model's fields at least).
+        meta: their metadata (:attr:`TrainedModel.metadata_columns` at least).
         targets: ``{field: value}``; empty reconstructs.
         seed: the draws' seed.
 
@@ -343,13 +362,15 @@ def moved_cells(
                 f"the model cannot move '{name}': it was trained on "
                 f"{', '.join(trained.vocabularies.fields)}"
             )
-    cells = trained.prepare(raw, meta[list(trained.vocabularies.fields)])
+    cells = trained.prepare(raw, meta[trained.metadata_columns])
     moved = trained.move(cells.x_model, cells.source_index, targets)
     mean = moved.output.cpu().numpy()
     if trained.sampling_refusal() is not None:
         return mean, None
     counts = trained.sample_counts(cells, moved, seed)
-    return mean, apply_transform(counts, "log1p_cp10k").cpu().numpy()
+    # with a library column, at the source cell's total (the cell's other genes kept)
+    kept = cells.library if trained.settings.data.library_key is not None else None
+    return mean, transform_with_library(counts, "log1p_cp10k", kept)[0].cpu().numpy()
 
 
 def predictions(
@@ -502,7 +523,7 @@ def contributions(
     Args:
         trained: the model.
         x: (n, G) cells as stored.
-        meta: their metadata (the model's fields).
+        meta: their metadata (:attr:`TrainedModel.metadata_columns`).
         report_genes: genes per field in the top-genes table.
 
     Returns:
@@ -513,9 +534,8 @@ def contributions(
     device = next(trained.model.parameters()).device
     table = ContextTable(trained.vocabularies, len(trained.genes), device)
     genes = GeneContributions(trained.vocabularies, trained.genes, device)
-    fields = list(trained.vocabularies.fields)
     for start in range(0, x.shape[0], _BLOCK):
-        block = meta.iloc[start : start + _BLOCK][fields]
+        block = meta.iloc[start : start + _BLOCK][trained.metadata_columns]
         out = trained.counterfactual(x[start : start + _BLOCK], block, {})
         contexts = trained.encode_contexts(block, len(block)).to(device)
         table.add(contexts, contribution_l2(out), trained.model.field_effects(out))

@@ -135,9 +135,10 @@ def _score_one(
             f"{len(trained.genes)}; missing e.g. {missing}); evaluate on the data it was "
             "trained on"
         )
+    data = trained.settings.data
     cells = collect_cells(
-        store, trained.settings.data.transform, holdout, trained.vocabularies.fields,
-        settings.evaluate,
+        store, data.transform, holdout, trained.vocabularies.fields, settings.evaluate,
+        data.library_key,
     )  # fmt: skip
     scores = score_holdout(trained, cells, holdout, settings.evaluate, truth)
     per_context, genes = contributions(

@@ -98,7 +98,8 @@ def predict_frame(
     _check_request(trained, cells, limits)
     genes, fields = trained.genes, list(trained.vocabularies.fields)
     x = expression_values(cells[genes], limits.max_value, trained.settings.data.transform)
-    prepared = trained.prepare(x, cells[fields].astype(str))
+    source = cells[trained.metadata_columns].astype(dict.fromkeys(fields, str))
+    prepared = trained.prepare(x, source)
     out = trained.move(prepared.x_model, prepared.source_index, targets)
     values = out.output if sample is None else sample.draw(trained, prepared, out)
     frame = pd.DataFrame(values.cpu().numpy(), columns=genes, index=cells.index)
@@ -137,12 +138,13 @@ def _check_request(trained: TrainedModel, cells: object, limits: ServeConfig) ->
             f"input has the column {twice[0]!r} more than once; send each gene and field once"
         )
     genes = trained.genes
-    fields = list(trained.vocabularies.fields)
+    fields = trained.metadata_columns
     missing_fields = [f for f in fields if f not in cells.columns]
     if missing_fields:
         raise MetadataError(
             f"input lacks the context column(s) {', '.join(missing_fields)}; the model needs one "
             f"column per field: {', '.join(fields)}"
+            + _library_note(trained.settings.data.library_key)
         )
     present = set(cells.columns)
     missing = [g for g in genes if g not in present]
@@ -307,11 +309,21 @@ def _quoted(name: str) -> str:
 
 
 def example_input(trained: TrainedModel, n_cells: int = 2) -> pd.DataFrame:
-    """A small valid input: unit expression for every gene, the first known value of each field."""
+    """A small valid input: unit expression for every gene, the first known value of each field
+    and, with ``data.library_key``, a total of twice the genes' sum."""
     frame = pd.DataFrame(np.ones((n_cells, len(trained.genes))), columns=trained.genes)
     for field in trained.vocabularies.fields:
         frame[field] = trained.vocabularies.by_field[field].values[0]
+    if (key := trained.settings.data.library_key) is not None:
+        frame[key] = 2.0 * len(trained.genes)
     return frame
+
+
+def _library_note(key: str | None) -> str:
+    """What a request's library column is, for a message (empty without one)."""
+    if key is None:
+        return ""
+    return f" ('{key}' is each cell's total counts over all its genes, data.library_key)"
 
 
 def pip_requirements() -> list[str]:

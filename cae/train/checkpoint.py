@@ -24,7 +24,7 @@ import torch
 from cae import __version__
 from cae.config import CheckpointChoice, Settings, settings_from_dict
 from cae.data.atomic import atomic_write
-from cae.data.loader import transform_with_library
+from cae.data.loader import cell_totals, transform_with_library
 from cae.data.vocabulary import UNK, FieldSpec, Vocabularies
 from cae.errors import CheckpointError, ConfigError, DataError, MetadataError
 from cae.model.cae import CAE, CAEOutput
@@ -256,6 +256,37 @@ class TrainedModel:
     checkpoint: Path | None = None  # the file it was loaded from
     origin: str | None = None  # what it was loaded by: a path, or a models:/ URI
 
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The metadata every cell sent to the model carries: its fields and, with
+        ``data.library_key``, the column of each cell's total counts."""
+        key = self.settings.data.library_key
+        return [*self.vocabularies.fields, *([] if key is None else [key])]
+
+    def _library(
+        self, source: pd.DataFrame | Mapping[str, Any], counts: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(n, 1) each cell's total from ``source``'s ``data.library_key`` column (None without
+        one: the counts' own sums)."""
+        key = self.settings.data.library_key
+        if key is None:
+            return None
+        if key not in source:
+            raise MetadataError(
+                f"no column '{key}' in the source cells: this model normalises each cell by its "
+                f"total counts over all its genes (data.library_key = '{key}'); send it with "
+                f"the cells, beside {', '.join(self.vocabularies.fields)}"
+            )
+        values = np.asarray(source[key], dtype=object)
+        if values.ndim == 0:  # one total for every cell, as a field may give one value
+            values = np.full(counts.shape[0], values.item(), dtype=object)
+        if values.shape != (counts.shape[0],):
+            raise MetadataError(
+                f"column '{key}' has {values.size:,} values for {counts.shape[0]:,} cells"
+            )
+        totals = cell_totals(values, counts.sum(dim=1).cpu().numpy(), f"column '{key}'")
+        return torch.from_numpy(totals)[:, None]
+
     def encode_contexts(
         self, contexts: pd.DataFrame | Mapping[str, Sequence[str] | str], n_cells: int
     ) -> torch.Tensor:
@@ -335,7 +366,8 @@ class TrainedModel:
         Args:
             x: (n, G) expression in the units the model was trained on (raw counts for
                 ``log1p_cp10k``), genes in the model's order (:attr:`genes`).
-            source: each cell's context values, one entry per model field.
+            source: each cell's context values, one entry per model field, and with
+                ``data.library_key`` each cell's total counts over all its genes (that column).
             targets: new values for some fields (one value for all cells, or one per cell); fields
                 not named keep their source value.
 
@@ -345,8 +377,10 @@ class TrainedModel:
             each head's contribution.
 
         Raises:
-            MetadataError: unknown fields or values in ``source`` or ``targets``.
-            DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``.
+            MetadataError: unknown fields or values in ``source`` or ``targets``, or no total
+                (``data.library_key``) for each cell.
+            DataError: a value of ``x`` is not finite, negative or above ``serve.max_value``, or
+                a total is not a number at least the cell's sum over the model's genes.
             ValueError: ``x`` does not have the model's gene count.
         """
         cells = self.prepare(x, source)
@@ -419,7 +453,8 @@ class TrainedModel:
         source_index = self.encode_contexts(source, tensor.shape[0])
         self.model.eval()
         tensor = tensor.to(device)
-        x_model, library = transform_with_library(tensor, self.settings.data.transform)
+        totals = self._library(source, tensor)
+        x_model, library = transform_with_library(tensor, self.settings.data.transform, totals)
         return PreparedCells(x_model, source_index, library, None if library is None else tensor)
 
     @torch.no_grad()

@@ -374,6 +374,7 @@ class Trainer:
             val_fraction=cfg.data.val_fraction,
             seed=cfg.train.seed,
             exclude=cfg.data.exclusions,
+            library_key=cfg.data.library_key,
         )
         train_idx, val_idx, self.n_train_cells, self.n_val_cells = self._split_counts()
         if not train_idx:

@@ -7,11 +7,11 @@
 For each cell type c: the stimulated cells of c are held out; the 2,000 most variable genes are
 chosen on the training cells (all but the held-out ones) by scanpy's ``highly_variable_genes``
 (flavour ``seurat``, on counts normalised to 10,000 per cell and log1p'd, as scGen's and CPA's Kang
-preprocessing does); a fold data set of those genes is written: their log-normalised values
-(normalised over all genes; ``transform = "none"``) for the normal likelihood, their raw counts for
-the count likelihood (``model.likelihood = "nb"``, ``transform = "log1p_cp10k"``, which normalises
-them over those genes: scVI's library size; the baselines are scored in the same space), or for
-either with ``--set data.transform=log1p_cp10k``; the
+preprocessing does); a fold data set of those genes is written: their raw counts and each cell's
+total over all genes (obs ``total_counts``). The normal likelihood normalises them by that total
+(``data.library_key = "total_counts"``: as the genes were chosen, and the model's moved cells can
+be given as counts); the count likelihood (``model.likelihood = "nb"``) by their sum over the
+fold's genes (scVI's library size). The baselines are scored in the model's space. The
 model is trained on it with the held-out cells excluded
 (``data.exclude``), moves the control cells of c to stimulated, and is scored by ``cae.evaluate``
 beside identity, mean shift and cell-type-averaged mean shift. Development folds: B, CD4+ T cells,
@@ -50,6 +50,8 @@ DEVELOPMENT = ["B", "CD4+ T cells", "CD8+ T cells", "NK cells", "T"]
 TEST = ["CD14+ Monocytes", "CD16+ Monocytes", "DC"]
 N_GENES = 2000
 METRIC = "r2_mean_top100"
+LIBRARY = "total_counts"
+"""The fold's obs column of each cell's total counts over all of Kang's genes."""
 REPORTED = [METRIC, "r2_var", "energy_distance", "auc_two_sample"]
 """The metrics results.md tabulates: the headline (means) first, then the distribution ones."""
 
@@ -77,8 +79,9 @@ def top_variable(x: sp.csr_matrix, n: int) -> np.ndarray:
 
 
 def write_fold(folder: Path, x: sp.csr_matrix, meta: pd.DataFrame, genes: list[str]) -> None:
-    """One fold's data set: the values of its genes, in chunks of 2,000 cells, in the file's own
-    order (sorted by condition): the loader's shuffle windows mix the chunks."""
+    """One fold's data set: the counts of its genes and the cells' metadata, in chunks of 2,000
+    cells, in the file's own order (sorted by condition): the loader's shuffle windows mix the
+    chunks."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -152,7 +155,7 @@ def score_fold(
         cells = collect_cells(
             DataStore.open(fold_settings.data), fold_settings.data.transform, holdout,
             ["condition", "cell_type"],
-            fold_settings.evaluate,
+            fold_settings.evaluate, fold_settings.data.library_key,
         )  # fmt: skip
         return score_holdout(None, cells, holdout, fold_settings.evaluate)
     result = train(fold_settings)
@@ -241,11 +244,12 @@ def main() -> None:
         ignore_index=True,
     ).astype(str)
     x = log_normalise(counts)
-    # the count likelihood reads raw counts; --set data.transform=log1p_cp10k gives them to any
-    asked = overrides.get("data.transform") == "log1p_cp10k"
-    counted = settings.model.likelihood == "nb" or asked
-    values = counts if counted else x
-    overrides["data.transform"] = "log1p_cp10k" if counted else "none"
+    # every fold holds raw counts and each cell's total over all genes (scanpy's total_counts);
+    # the normal likelihood normalises by that total, the count likelihood by its own genes
+    meta[LIBRARY] = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    overrides["data.transform"] = "log1p_cp10k"
+    if settings.model.likelihood == "normal":
+        overrides.setdefault("data.library_key", LIBRARY)
     folds = args.folds.split(",") if args.folds else DEVELOPMENT + TEST
     rows, started = [], time.time()
     for cell_type in folds:
@@ -253,7 +257,7 @@ def main() -> None:
         training = ~holdout.held_out.mask(meta)
         genes = top_variable(x[np.flatnonzero(training)], N_GENES)
         fold = args.out / "folds" / slug(holdout.name)
-        write_fold(fold / "data", values[:, genes], meta, [store.genes[g] for g in genes])
+        write_fold(fold / "data", counts[:, genes], meta, [store.genes[g] for g in genes])
         for seed in seeds:
             seed_started = time.time()
             scores = score_fold(args, overrides, holdout, fold, seed)

@@ -48,7 +48,7 @@ Precision = Literal["fp32", "bf16"]
 # An evaluation loss term (cae.train.cycle.GeneratorLosses.terms) that picks the best checkpoint.
 BestBy = Literal[
     "loss", "reconstruction", "integration", "target", "self_reconstruction", "parsimony",
-    "context_means", "none",
+    "context_means", "below_zero", "none",
 ]  # fmt: skip
 CheckpointChoice = Literal["last", "best"]
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own default experiment (id 0 in every store)
@@ -317,6 +317,12 @@ class LossWeights(_Section):
         ge=0.0,
         description="Mean of cells moved to a context combination vs the real cells there "
         "(ties the size of a shift to real cells; 0 = off, the seed's design).",
+    )
+    below_zero: float = Field(
+        0.3,
+        ge=0.0,
+        description="Mean square of the negative part of the decoded counterfactual passes "
+        "(expression is never negative; 0 = off, the seed's design).",
     )
     classifier: float = Field(1.0, ge=0.0, description="Classifier's supervised loss.")
 

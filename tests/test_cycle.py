@@ -81,6 +81,29 @@ def test_total_is_the_weighted_sum_of_the_terms(weights):
     assert all(torch.isfinite(v) and v >= 0 for v in losses.terms().values())
 
 
+def test_below_zero_is_the_negative_part_of_the_decoded_counterfactuals():
+    model, classifier = networks()
+    with torch.no_grad():
+        for head in model.heads:  # signed offsets: decoded passes below 0 in places
+            assert head.offsets is not None
+            head.offsets.normal_()
+    x = torch.rand(16, 10) * 3
+    source = torch.ones(16, 3, dtype=torch.long)
+    target = sample_targets(source, SIZES, torch.Generator().manual_seed(0))
+    weights = LossWeights(context_means=1.0, below_zero=2.0)
+    passes = FusedPasses(model)(x, source, target, moved_contexts(source, target, weights))
+    losses = generator_losses(passes, classifier, x, source, target, weights, residual=True)
+    assert passes.moved is not None and (passes.cycle1 < 0).any()
+    below = [p.clamp_max(0.0).square().mean() for p in (passes.cycle1, passes.moved)]
+    torch.testing.assert_close(losses.below_zero, (below[0] + below[1]) / 2)
+    off = weights.model_copy(update={"below_zero": 0.0})
+    without = generator_losses(passes, classifier, x, source, target, off, residual=True)
+    torch.testing.assert_close(losses.total - without.total, 2.0 * losses.below_zero)
+    passes = FusedPasses(model)(x.abs(), source, target, None)
+    alone = generator_losses(passes, classifier, x, source, target, LossWeights(context_means=0))
+    torch.testing.assert_close(alone.below_zero, passes.cycle1.clamp_max(0.0).square().mean())
+
+
 def test_classifier_loss_ignores_unknown_labels():
     _, classifier = networks()
     x = torch.rand(8, 10)

@@ -24,6 +24,13 @@ target)``, cycle 2 maps the result back ``(x_hat, target -> source)``. Losses:
   of the target context (the cycle and classifier terms only ask for its direction). Costs one
   more pass (decoding cycle 1's encoding once more, in :class:`~cae.train.passes.FusedPasses`)
   and one host sync (``torch.unique``) per step when on;
+* below zero (an extension, weight 0 restores the seed): the mean square of the negative part of the
+  decoded counterfactual passes (cycle 1, and the moved pass when there is one). Expression is
+  never negative, but field heads of either sign can decode it so, and the classifier reads a gene
+  pushed below 0 as a stronger target context: without it the decoded target pass of Kang's
+  preset is negative in half its entries, and a residual counterfactual (which subtracts the
+  source pass) moves such genes far below what the cells hold, erasing the cells that express
+  them (``docs/decisions.md``);
 * the classifier's own supervised loss on real cells (a separate optimiser).
 """
 
@@ -56,6 +63,7 @@ class GeneratorLosses:
     self_reconstruction: torch.Tensor
     parsimony: torch.Tensor
     context_means: torch.Tensor
+    below_zero: torch.Tensor
     passes: CyclePasses  # the outputs behind them
 
     def terms(self) -> dict[str, torch.Tensor]:
@@ -68,6 +76,7 @@ class GeneratorLosses:
             "self_reconstruction": self.self_reconstruction,
             "parsimony": self.parsimony,
             "context_means": self.context_means,
+            "below_zero": self.below_zero,
         }
 
 
@@ -269,6 +278,8 @@ def generator_losses(
     target_loss = _target_consistency(classifier(passes.cycle1), target, x)
     heads = list(passes.squares.values())
     parsimony = torch.stack(heads).sum() if heads else x.new_zeros(())
+    decoded = [passes.cycle1] if passes.moved is None else [passes.cycle1, passes.moved]
+    below_zero = torch.stack([d.clamp_max(0.0).square().mean() for d in decoded]).mean()
     context_means = x.new_zeros(())
     if passes.moved is not None:
         moved = passes.moved
@@ -283,10 +294,11 @@ def generator_losses(
         + weights.self_reconstruction * self_reconstruction
         + weights.parsimony * parsimony
         + weights.context_means * context_means
+        + weights.below_zero * below_zero
     )
     return GeneratorLosses(
         total, reconstruction, integration, target_loss, self_reconstruction, parsimony,
-        context_means, passes,
+        context_means, below_zero, passes,
     )  # fmt: skip
 
 

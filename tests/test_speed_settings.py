@@ -77,10 +77,13 @@ def test_a_chunk_pickles_through_tensors_and_back(small_data: Path):
         val_chunks=[], val_fraction=0.2, seed=0,
     )  # fmt: skip
     chunk = dataset[0]
-    reduced = chunk.__reduce__()
-    assert all(isinstance(a, torch.Tensor) for a in reduced[1][2:])  # shared memory in workers
+    *arrays, library = chunk.__reduce__()[1][2:]
+    assert all(isinstance(a, torch.Tensor) for a in arrays)  # shared memory in workers
+    assert library is None and pickle.loads(pickle.dumps(chunk)).library is None
+    chunk.library = np.arange(1.0, chunk.expression.shape[0] + 1)  # data.library_key's totals
+    assert isinstance(chunk.__reduce__()[1][-1], torch.Tensor)
     copy = pickle.loads(pickle.dumps(chunk))
     assert copy.chunk_id == chunk.chunk_id
     assert (copy.expression != chunk.expression).nnz == 0
-    for name in ("contexts", "train_rows", "val_rows"):
+    for name in ("contexts", "train_rows", "val_rows", "library"):
         np.testing.assert_array_equal(getattr(copy, name), getattr(chunk, name))

@@ -26,6 +26,10 @@ every seed and the spread is the training's). ``results.md`` then gives per fold
 mean over seeds, the standard deviation and the range, and ``<out>/seeds.csv`` the same in long
 form; the median over development folds is taken of the per-fold means: the number to choose a
 preset on.
+
+A rerun with the same ``--out`` scores every model that finished with the same settings again,
+without training it (after a change to the evaluation, or to finish an interrupted run); a model of
+other settings there is refused, naming them.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import scipy.sparse as sp
 from cae.config import load_settings
 from cae.data.store import DataStore
 from cae.evaluate.protocol import Holdout, collect_cells, score_holdout, slug, training_settings
-from cae.evaluate.run import evaluate
+from cae.evaluate.run import evaluate, finished_training
 from cae.train import load_checkpoint, train
 
 DEVELOPMENT = ["B", "CD4+ T cells", "CD8+ T cells", "NK cells", "T"]
@@ -158,8 +162,13 @@ def score_fold(
             fold_settings.evaluate, fold_settings.data.library_key,
         )  # fmt: skip
         return score_holdout(None, cells, holdout, fold_settings.evaluate)
-    result = train(fold_settings)
-    return evaluate(load_checkpoint(result.checkpoint), fold_settings, holdout, out).scores
+    fingerprint = DataStore.open(fold_settings.data).fingerprint()
+    if finished_training(fold_settings, fingerprint):
+        logging.info("%s: reusing the finished model of the same settings", out / "model")
+        checkpoint = out / "model" / "checkpoints" / "last.pt"
+    else:
+        checkpoint = train(fold_settings).checkpoint
+    return evaluate(load_checkpoint(checkpoint), fold_settings, holdout, out).scores
 
 
 def over_seeds(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

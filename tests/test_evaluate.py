@@ -291,6 +291,24 @@ def test_a_rerun_reuses_finished_folds(loo: tuple) -> None:
     pd.testing.assert_frame_equal(again.scores, result.scores)
 
 
+def test_a_rerun_with_other_settings_is_refused_not_scored_with_the_old_folds(loo: tuple) -> None:
+    """A finished fold of other training settings would score another model than asked for:
+    refused naming the setting, and the fold is left as it was."""
+    settings, _, out, _ = loo
+    folds = sorted((out / "report" / "folds").glob("*/checkpoints/last.pt"))
+    stamps = [os.stat(p).st_mtime_ns for p in folds]
+    weights = settings.train.weights.model_copy(update={"parsimony": 0.5})
+    other = settings.model_copy(
+        update={
+            "tracking": settings.tracking.model_copy(update={"enabled": False}),
+            "train": settings.train.model_copy(update={"weights": weights, "progress": True}),
+        }
+    )
+    with pytest.raises(ConfigError, match=r"other settings \(train\.weights: .*parsimony"):
+        leave_one_out(other, out / "report", read_truth(None, Path(settings.data.path)))
+    assert [os.stat(p).st_mtime_ns for p in folds] == stamps
+
+
 # --------------------------------------------------------------------------------------------------
 # the command
 

@@ -237,26 +237,76 @@ def evaluate(
     return _finish(out_dir, title, scored, truth, views)
 
 
-def _fold_checkpoint_done(out_dir: Path, epochs: int) -> bool:
-    """A fold's training already finished all its epochs (a rerun skips it)."""
-    path = out_dir / "checkpoints" / "last.pt"
+HOW_IT_RAN = {
+    "data": {"path", "num_workers", "prefetch_factor", "validate_values"},
+    "train": {
+        "epochs", "device", "threads", "progress", "keep_freed_memory", "torch_internals",
+        "compile", "context_maps",
+    },
+}  # fmt: skip
+"""Settings that change how a training ran (or where its data lies: the data's fingerprint is
+compared instead), not what it learned; :func:`finished_training` reuses a fold whatever they
+were."""
+
+
+def settings_changed(saved: Settings, given: Settings) -> dict[str, tuple[Any, Any]]:
+    """The data, model and training settings in which ``given`` differs from a saved training's,
+    other than :data:`HOW_IT_RAN`: ``{"train.ema": (saved, given)}``."""
+    changed = {}
+    for section in ("data", "model", "train"):
+        old = getattr(saved, section).model_dump(mode="json")
+        new = getattr(given, section).model_dump(mode="json")
+        for key in sorted(old.keys() | new.keys()):
+            if key not in HOW_IT_RAN.get(section, set()) and old.get(key) != new.get(key):
+                changed[f"{section}.{key}"] = (old.get(key), new.get(key))
+    return changed
+
+
+def finished_training(settings: Settings, fingerprint: str) -> bool:
+    """Whether ``settings.output.dir`` holds a training of ``settings`` that finished all its
+    epochs, so that a rerun of a protocol reuses it instead of training again.
+
+    Args:
+        settings: the training's settings (its output folder, data, model and training).
+        fingerprint: the data's :meth:`~cae.data.store.DataStore.fingerprint`.
+
+    Returns:
+        True for a finished training of these settings on this data; False where there is none,
+        or one that stopped early (its epochs are resumed).
+
+    Raises:
+        ConfigError: the folder holds a finished training of other settings or other data:
+            reusing it would score another model than asked for.
+    """
+    path = Path(settings.output.dir or ".") / "checkpoints" / "last.pt"
     if not path.is_file():
         return False
     try:
         saved = Checkpoint.read(path)
     except CheckpointError:
         return False
-    return saved.partial is None and saved.epoch >= epochs
+    if saved.partial is not None or saved.epoch < settings.train.epochs:
+        return False
+    changed = settings_changed(saved.settings, settings)
+    if saved.data_fingerprint not in (None, fingerprint):
+        changed["data (fingerprint)"] = (saved.data_fingerprint, fingerprint)
+    if changed:
+        listed = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"{path} is a finished training of other settings ({listed}); give another output "
+            "folder, or remove that one to train again"
+        )
+    return True
 
 
-def _train_fold(settings: Settings) -> tuple[Path, str | None]:
+def _train_fold(settings: Settings, fingerprint: str) -> tuple[Path, str | None]:
     """Train (or resume, or reuse) one fold; returns its checkpoint and MLflow run id."""
     from cae.tracking.callbacks import MLflowCallback, tracked
     from cae.train.trainer import train
 
     out_dir = Path(settings.output.dir or ".")
     checkpoint = out_dir / "checkpoints" / "last.pt"
-    if _fold_checkpoint_done(out_dir, settings.train.epochs):
+    if finished_training(settings, fingerprint):
         log.info("%s already trained: reusing it", out_dir)
         return checkpoint, None
     if checkpoint.is_file():
@@ -298,7 +348,9 @@ def leave_one_out(
     for number, holdout in enumerate(holdouts, 1):
         log.info("fold %d/%d: holding out %s", number, len(holdouts), holdout.held_out)
         fold_dir = out_dir / "folds" / slug(holdout.name)
-        checkpoint, run_id = _train_fold(training_settings(settings, holdout, fold_dir))
+        checkpoint, run_id = _train_fold(
+            training_settings(settings, holdout, fold_dir), store.fingerprint()
+        )
         trained = load_checkpoint(checkpoint)
         scored = _score_one(trained, store, holdout, settings, truth, views)
         all_scores.append(scored.scores)

@@ -16,6 +16,7 @@ from cae.evaluate.metrics import (
     fit_pca,
     r2_mean,
     r2_var,
+    response_slope,
     two_sample_auc,
 )
 
@@ -83,6 +84,16 @@ def test_de_genes_puts_constant_genes_last() -> None:
     source = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
     target = np.array([[1.0, 5.0], [1.0, 6.0], [1.0, 7.0]])
     assert de_genes(target, source, 2).tolist() == [1, 0]
+
+
+def test_response_slope_measures_how_far_along_the_real_shift() -> None:
+    source, real = cells_with_mean([1, 2, 3]), cells_with_mean([3, 2, 1])  # shift (2, 0, -2)
+    assert response_slope(real, source, real) == pytest.approx(1.0)
+    assert response_slope(cells_with_mean([2, 2, 2]), source, real) == pytest.approx(0.5)
+    # a shift across the real one (the middle gene) does not count as going along it
+    assert response_slope(cells_with_mean([2, 9, 2]), source, real) == pytest.approx(0.5)
+    assert response_slope(source, source, real) == 0.0  # identity
+    assert math.isnan(response_slope(real, source, source))  # no real shift to go along
 
 
 def test_delta_pearson() -> None:

@@ -9,6 +9,9 @@ Every function takes cells x genes arrays in the same space (log1p of counts per
   scanpy's ``rank_genes_groups`` (Wilcoxon, ranked by the absolute score: both directions);
 * :func:`delta_pearson`: the Pearson correlation of the predicted shift against the real shift,
   both relative to the mean of the source cells;
+* :func:`response_slope`: how far along the real shift the predicted one goes (1: as far; below 1
+  it falls short, as a model that takes a held-out cell type's response from weaker-responding
+  neighbours does);
 * :func:`energy_distance`: the energy distance between predicted and real cells in a PCA space
   fitted on real cells (:func:`fit_pca`, scikit-learn's PCA);
 * :func:`fit_classifier`: an independently trained classifier (scikit-learn's logistic regression
@@ -24,6 +27,7 @@ import), so importing this module stays cheap.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -131,6 +135,28 @@ def delta_pearson(
     if genes is not None:
         a, b = a[genes], b[genes]
     return _pearson(a, b)
+
+
+def response_slope(predicted: np.ndarray, source: np.ndarray, real: np.ndarray) -> float:
+    """How far along the real shift of the mean profile the predicted shift goes.
+
+    Args:
+        predicted: (n, G) predicted target cells.
+        source: (m, G) source cells the prediction started from.
+        real: (r, G) real target cells.
+
+    Returns:
+        The least-squares slope, through 0 and over genes, of ``mean(predicted) - mean(source)``
+        on ``mean(real) - mean(source)``: 1 when the prediction moves as far along the real
+        shift as the real cells (whatever it adds across it), 0 for identity, below 1 when it
+        falls short; NaN when the real cells do not differ from the source.
+    """
+    base = source.mean(axis=0, dtype=np.float64)
+    shift = real.mean(axis=0, dtype=np.float64) - base
+    norm = float(shift @ shift)
+    if norm == 0:
+        return math.nan
+    return float((predicted.mean(axis=0, dtype=np.float64) - base) @ shift / norm)
 
 
 def fit_pca(x: np.ndarray, n_components: int) -> PCA:

@@ -45,6 +45,7 @@ from cae.evaluate.metrics import (
     fit_pca,
     r2_mean,
     r2_var,
+    response_slope,
     two_sample_auc,
 )
 from cae.model.cae import contribution_l2
@@ -434,9 +435,9 @@ def score_holdout(
     Returns:
         One row per method (:data:`METHODS`) with columns ``context``, ``method``, ``r2_mean``,
         ``r2_mean_top{k}``, ``r2_var``, ``r2_var_top{K}``, ``delta_pearson_top{k}``,
-        ``energy_distance``, ``auc_two_sample``, ``classifier_accuracy`` and, with ``truth``,
-        ``truth_r2_mean``. K is the largest k. Every metric is a function of one method's
-        predicted cells and the real ones, whatever produced them.
+        ``response_slope``, ``energy_distance``, ``auc_two_sample``, ``classifier_accuracy``
+        and, with ``truth``, ``truth_r2_mean``. K is the largest k. Every metric is a function
+        of one method's predicted cells and the real ones, whatever produced them.
     """
     rng = np.random.default_rng([config.seed, 13])
     predicted = predictions(trained, cells, holdout, config.seed)
@@ -463,6 +464,7 @@ def score_holdout(
         row[f"r2_var_top{ks[-1]}"] = r2_var(x, cells.real, top[ks[-1]])
         for k in ks:
             row[f"delta_pearson_top{k}"] = delta_pearson(x, cells.source, cells.real, top[k])
+        row["response_slope"] = response_slope(x, cells.source, cells.real)
         sample = _subsample(x, config.max_cells, rng)
         row["energy_distance"] = energy_distance(pca.transform(sample), real_pcs)
         row["auc_two_sample"] = two_sample_auc(sample, real, config.seed, config.n_pcs)

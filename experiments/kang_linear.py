@@ -8,7 +8,9 @@ control). A ridge regression ``d = b + A (m - mean m)`` fitted on those seven pa
 held-out type's response from its control mean alone; the prediction is its control cells plus
 that response. This is what the model's condition term can express when it depends linearly on
 the cell (``model.nonnegative=base``); it is fitted to the baselines' own inputs (means), not
-trained on cells. Prints r2_mean_top100 beside the cell-type-averaged mean shift.
+trained on cells. Prints r2_mean_top100 beside the cell-type-averaged mean shift, and the size
+of the held-out type's response (L2 over the fold's genes of its stimulated minus control mean)
+with how far the responses of the two types nearest it (by control mean) go along it.
 """
 
 from __future__ import annotations
@@ -58,8 +60,26 @@ def main() -> None:
         predicted = response.mean(0) + (source.mean(0) - control.mean(0)) @ centred.T @ weights
         print(
             f"{held:16s} group mean shift {r2_mean(source + response.mean(0), real, top):.3f}  "
-            f"linear response {r2_mean(source + predicted, real, top):.3f}"
+            f"linear response {r2_mean(source + predicted, real, top):.3f}  "
+            f"{neighbours(held, others, control, response, source, real)}"
         )
+
+
+def neighbours(
+    held: str,
+    others: list[str],
+    control: np.ndarray,
+    response: np.ndarray,
+    source: np.ndarray,
+    real: np.ndarray,
+) -> str:
+    """How far the responses of the two cell types whose control means are nearest the held-out
+    type's go along its real response (the slope of :func:`cae.evaluate.metrics.response_slope`:
+    below 1, a model that takes the response from its neighbours falls short), and its size."""
+    shift = real.mean(0) - source.mean(0)
+    nearest = np.argsort(np.linalg.norm(control - source.mean(0), axis=1))[:2]
+    slopes = ", ".join(f"{others[t]} {response[t] @ shift / (shift @ shift):.2f}" for t in nearest)
+    return f"| response size {np.linalg.norm(shift):.2f}; nearest types' slope along it: {slopes}"
 
 
 if __name__ == "__main__":

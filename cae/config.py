@@ -335,12 +335,13 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
     classifier_lr: float = Field(1e-3, gt=0.0, description="Learning rate of the classifier.")
     ema: float = Field(
-        0.0,
+        0.99,
         ge=0.0,
         lt=1.0,
         description="Decay of an exponential moving average of the autoencoder's weights, "
         "updated every step; the average is what is evaluated, saved for inference and served "
-        "(0 = off: the last step's weights; 0.999 averages over about the last 1,000 steps).",
+        "(0 = off, the seed's design: the last step's weights; 0.99 averages over about the last "
+        "100 steps, and over about the last tenth of a shorter training).",
     )
     weights: LossWeights = LossWeights()
     context_means_reference: Literal["auto", "batch", "data"] = Field(

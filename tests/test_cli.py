@@ -308,12 +308,15 @@ def test_train_non_numeric_val_chunk(
 def test_resume_without_data_goes_on_with_the_checkpoints_data(
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """README's `cae train --out runs/x --epochs 20 --resume`: not the demo data, silently."""
+    """README's `cae train --out runs/x --epochs 20 --resume`: not the demo data, silently; and
+    without the moving average it was begun without (an older default), not refused."""
     out = tmp_path / "run"
     first = ["train", "--data", str(small_data), "--fields", "assay,sex", "--out", str(out),
              "--epochs", "1", "--latent-dim", "8", "--no-tracking", "--no-progress",
              "--num-workers", "0"]  # fmt: skip
+    monkeypatch.setenv("CAE_TRAIN__EMA", "0")
     assert main(first) in (None, 0)
+    monkeypatch.delenv("CAE_TRAIN__EMA")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -326,6 +329,7 @@ def test_resume_without_data_goes_on_with_the_checkpoints_data(
     saved = read_checkpoint(out)
     assert saved["epoch"] == 2 and saved["settings"]["data"]["path"] == str(small_data)
     assert saved["settings"]["data"]["fields"] == ["assay", "sex"]
+    assert saved["averaged"] is None and saved["settings"]["train"]["ema"] == 0.0
     capsys.readouterr()
     disagreeing = [
         ("--fields", "sex", "data.fields"),

@@ -17,6 +17,7 @@ from cae.data.synth import expected_expression
 from cae.errors import CheckpointError, ConfigError, MetadataError
 from cae.model.contributions import CONTEXT_COLUMNS
 from cae.train.checkpoint import load_checkpoint, read_checkpoint
+from cae.train.networks import ema_rate, ema_with_warmup
 from cae.train.trainer import Trainer, TrainResult, train
 from tests.conftest import EARLIER_MODEL, demo_settings, load_cells, quick_settings
 
@@ -164,6 +165,21 @@ def test_best_checkpoint_is_kept_beside_the_last(tiny: Path, tmp_path: Path):
     assert not (tmp_path / "off" / "checkpoints" / "best.pt").exists()
 
 
+def test_the_moving_average_of_a_short_training_is_of_its_recent_weights() -> None:
+    """At decay 0.99 a plain moving average of 20 updates would still be 0.99^20 = 82% the first
+    step's weights; the ramp (ema_rate) leaves them a negligible part, and reaches the decay."""
+    update = ema_with_warmup(0.99)
+    averaged = [torch.zeros(3)]  # the first step's weights (AveragedModel copies them)
+    for n in range(1, 21):
+        update(averaged, [torch.ones(3)], torch.tensor(n))
+    assert float(averaged[0].min()) > 0.999
+    assert ema_rate(0.99, 1) == pytest.approx(2 / 11)
+    assert ema_rate(0.99, 10_000) == 0.99
+    counts = [torch.tensor([10, 20])]  # integer buffers are the model's, not averaged
+    update(counts, [torch.tensor([20, 7])], torch.tensor(1))
+    assert counts[0].tolist() == [20, 7]
+
+
 def test_ema_is_what_is_evaluated_and_loaded_and_resumes_exactly(small_data: Path, tmp_path: Path):
     ema = {"train.ema": 0.9}
     straight = train(quick_settings(small_data, tmp_path / "a", **ema, **{"train.epochs": 2}))
@@ -175,7 +191,9 @@ def test_ema_is_what_is_evaluated_and_loaded_and_resumes_exactly(small_data: Pat
         torch.testing.assert_close(loaded[name], tensor)
     assert not all(torch.equal(averaged[k], payload["model"][k]) for k in averaged)
     # The validation losses are the average's: the last step's weights score otherwise.
-    plain = train(quick_settings(small_data, tmp_path / "plain", **{"train.epochs": 2}))
+    plain = train(
+        quick_settings(small_data, tmp_path / "plain", **{"train.epochs": 2, "train.ema": 0.0})
+    )
     assert read_checkpoint(plain.checkpoint)["averaged"] is None
     assert all(torch.equal(v, weights(plain)[k]) for k, v in payload["model"].items())
     assert straight.final["val/loss"] != pytest.approx(plain.final["val/loss"], rel=1e-4)

@@ -3,12 +3,13 @@ step and an evaluation call (several processes, compilation, the weights' moving
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from cae.config import Settings
 from cae.errors import ConfigError
@@ -57,6 +58,35 @@ class Networks:
         return self.model if self.averaged is None else cast(CAE, self.averaged.module)
 
 
+def ema_rate(decay: float, steps: int) -> float:
+    """The decay of the moving average's update after ``steps`` updates: ``decay``, but at most
+    ``(1 + steps) / (10 + steps)`` (TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``), so that a short training's average is of its recent weights rather than of
+    its first ones (at ``decay`` 0.99 the first step's weights would keep 0.99^n of the average
+    after n steps; with the ramp the average covers about the last tenth of the steps until
+    ``decay`` is reached, after about 900 steps at 0.99)."""
+    return min(decay, (1 + steps) / (10 + steps))
+
+
+def ema_with_warmup(
+    decay: float,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """``AveragedModel``'s ``multi_avg_fn`` for an exponential moving average of the weights with
+    the decay of :func:`ema_rate` (the update number is ``AveragedModel``'s own ``n_averaged``,
+    which the checkpoint keeps, so a resumed training averages exactly as an unbroken one)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        weight = 1.0 - ema_rate(decay, int(n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, weight)
+        else:  # integer buffers (counts, indices) are not averaged: the model's are kept
+            for mine, theirs in zip(averaged, current, strict=True):
+                mine.copy_(theirs)
+
+    return update
+
+
 def training_networks(
     settings: Settings, n_genes: int, sizes: dict[str, int], device: torch.device, ranks: Ranks
 ) -> Networks:
@@ -97,6 +127,5 @@ def training_networks(
         train_passes = cast(nn.Module, torch.compile(train_passes))
     averaged = None
     if train.ema > 0:
-        average = get_ema_multi_avg_fn(train.ema)
-        averaged = AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+        averaged = AveragedModel(model, multi_avg_fn=ema_with_warmup(train.ema), use_buffers=True)
     return Networks(model, classifier, train_passes, train_classifier, averaged)

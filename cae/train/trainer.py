@@ -940,16 +940,18 @@ class _SignalGuard:
 
 
 def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:
-    """The settings a resumed training goes on with: the data and model settings of the
-    checkpoint in ``settings.output.dir``, everything else (epochs, learning rate, tracking) as
-    given, so that a resume without ``--data`` trains on the checkpoint's data, not the default.
+    """The settings a resumed training goes on with: the data and model settings and the moving
+    average (``train.ema``) of the checkpoint in ``settings.output.dir``, everything else
+    (epochs, learning rate, tracking) as given, so that a resume without ``--data`` trains on
+    the checkpoint's data, not the default.
 
     Args:
         settings: the settings as given for the resume.
         given: the dotted names the user set explicitly (flags), e.g. ``data.path``.
 
     Returns:
-        ``settings`` with the checkpoint's ``data`` and ``model`` sections.
+        ``settings`` with the checkpoint's ``data`` and ``model`` sections and ``train.ema``
+        (unless given).
 
     Raises:
         ConfigError: no ``output.dir``, or a given data or model setting differs from the
@@ -978,7 +980,11 @@ def resume_settings(settings: Settings, given: Iterable[str]) -> Settings:
             f"--resume continues {path}, trained with {key} = {theirs!r}, but {mine!r} was "
             "given; leave the flag out to go on as it was, or train anew into another --out"
         )
-    return settings.model_copy(update={"data": saved.data, "model": saved.model})
+    # the moving average goes on as it was begun (a resume cannot start or stop it)
+    train = settings.train
+    if "train.ema" not in given:
+        train = train.model_copy(update={"ema": saved.train.ema})
+    return settings.model_copy(update={"data": saved.data, "model": saved.model, "train": train})
 
 
 def _same_place(a: str, b: str) -> bool:

@@ -68,15 +68,16 @@ def ema_rate(decay: float, steps: int) -> float:
     return min(decay, (1 + steps) / (10 + steps))
 
 
-def ema_with_warmup(
-    decay: float,
-) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+Tensors = list[torch.Tensor] | tuple[torch.Tensor, ...]
+
+
+def ema_with_warmup(decay: float) -> Callable[[Tensors, Tensors, torch.Tensor | int], None]:
     """``AveragedModel``'s ``multi_avg_fn`` for an exponential moving average of the weights with
     the decay of :func:`ema_rate` (the update number is ``AveragedModel``'s own ``n_averaged``,
     which the checkpoint keeps, so a resumed training averages exactly as an unbroken one)."""
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+    def update(averaged: Tensors, current: Tensors, n: torch.Tensor | int) -> None:
         weight = 1.0 - ema_rate(decay, int(n))
         if torch.is_floating_point(averaged[0]):
             torch._foreach_lerp_(averaged, current, weight)

@@ -28,7 +28,8 @@ form; the median over development folds is taken of the per-fold means: the numb
 preset on.
 
 A rerun with the same ``--out`` scores every model that finished with the same settings again,
-without training it (after a change to the evaluation, or to finish an interrupted run); a model of
+without training it (after a change to the evaluation), and resumes one that was interrupted, as
+``cae evaluate --protocol leave-one-out`` does (``cae.evaluate.run.train_or_reuse``); a model of
 other settings there is refused, naming them.
 """
 
@@ -47,8 +48,8 @@ import scipy.sparse as sp
 from cae.config import load_settings
 from cae.data.store import DataStore
 from cae.evaluate.protocol import Holdout, collect_cells, score_holdout, slug, training_settings
-from cae.evaluate.run import evaluate, finished_training
-from cae.train import load_checkpoint, train
+from cae.evaluate.run import evaluate, train_or_reuse
+from cae.train import load_checkpoint
 
 DEVELOPMENT = ["B", "CD4+ T cells", "CD8+ T cells", "NK cells", "T"]
 TEST = ["CD14+ Monocytes", "CD16+ Monocytes", "DC"]
@@ -163,11 +164,7 @@ def score_fold(
         )  # fmt: skip
         return score_holdout(None, cells, holdout, fold_settings.evaluate)
     fingerprint = DataStore.open(fold_settings.data).fingerprint()
-    if finished_training(fold_settings, fingerprint):
-        logging.info("%s: reusing the finished model of the same settings", out / "model")
-        checkpoint = out / "model" / "checkpoints" / "last.pt"
-    else:
-        checkpoint = train(fold_settings).checkpoint
+    checkpoint, _ = train_or_reuse(fold_settings, fingerprint)
     return evaluate(load_checkpoint(checkpoint), fold_settings, holdout, out).scores
 
 

@@ -299,8 +299,20 @@ def finished_training(settings: Settings, fingerprint: str) -> bool:
     return True
 
 
-def _train_fold(settings: Settings, fingerprint: str) -> tuple[Path, str | None]:
-    """Train (or resume, or reuse) one fold; returns its checkpoint and MLflow run id."""
+def train_or_reuse(settings: Settings, fingerprint: str) -> tuple[Path, str | None]:
+    """Train one fold of a protocol, resume it where it stopped, or reuse it where it finished
+    with these settings (:func:`finished_training`).
+
+    Args:
+        settings: the fold's settings (``output.dir`` its folder).
+        fingerprint: the data's :meth:`~cae.data.store.DataStore.fingerprint`.
+
+    Returns:
+        The fold's last checkpoint and its MLflow run id (None when reused or not tracked).
+
+    Raises:
+        ConfigError: the folder holds a finished training of other settings.
+    """
     from cae.tracking.callbacks import MLflowCallback, tracked
     from cae.train.trainer import train
 
@@ -348,7 +360,7 @@ def leave_one_out(
     for number, holdout in enumerate(holdouts, 1):
         log.info("fold %d/%d: holding out %s", number, len(holdouts), holdout.held_out)
         fold_dir = out_dir / "folds" / slug(holdout.name)
-        checkpoint, run_id = _train_fold(
+        checkpoint, run_id = train_or_reuse(
             training_settings(settings, holdout, fold_dir), store.fingerprint()
         )
         trained = load_checkpoint(checkpoint)

@@ -1,16 +1,24 @@
 """A reference for the Kang protocol: how far a response that is linear in the cell can go.
 
-    python experiments/kang_linear.py --data data/kang [--folds B,T] [--ridge 10]
+    python experiments/kang_linear.py --data data/kang [--folds B,T] [--ridge 10,100,1000]
 
 For each fold (the same held-out cells, genes and DE genes as ``experiments/kang.py``), every
 training cell type t gives its control mean ``m_t`` and its mean response ``d_t`` (stimulated minus
 control). A ridge regression ``d = b + A (m - mean m)`` fitted on those seven pairs predicts the
 held-out type's response from its control mean alone; the prediction is its control cells plus
-that response. This is what the model's condition term can express when it depends linearly on
-the cell (``model.nonnegative=base``); it is fitted to the baselines' own inputs (means), not
-trained on cells. Prints r2_mean_top100 beside the cell-type-averaged mean shift, and the size
-of the held-out type's response (L2 over the fold's genes of its stimulated minus control mean)
-with how far the responses of the two types nearest it (by control mean) go along it.
+that response, clamped at 0 as expression is (the model's residual counterfactuals are too). This
+is what the model's condition term can express when it depends linearly on the cell
+(``model.nonnegative=base``); it is fitted to the baselines' own inputs (means), not trained on
+cells. A larger penalty shrinks ``A`` and so moves the prediction toward the average response of
+the other types (the cell-type-averaged mean shift, penalty infinite).
+
+Prints, per fold, for mean shift (pooled over the other types' cells, ``cae.evaluate``'s
+baseline) and for the ridge at each penalty: r2_mean_top100, ``response_slope`` (how far along the
+held-out type's real response the prediction goes) and the energy distance to the real held-out
+cells (``docs/evaluation.md``; this script's own sample of at most 1,000 cells a side, so mean
+shift's value can differ a little from ``experiments/kang.py``'s); then the size of the held-out
+type's response (L2 over the fold's genes of its stimulated minus control mean) with how far the
+responses of the two types nearest it (by control mean) go along it.
 """
 
 from __future__ import annotations
@@ -25,14 +33,22 @@ from kang import DEVELOPMENT, N_GENES, log_normalise, top_variable
 
 from cae.config import load_settings
 from cae.data.store import DataStore
-from cae.evaluate.metrics import de_genes, r2_mean
+from cae.evaluate.metrics import de_genes, energy_distance, fit_pca, r2_mean, response_slope
+
+MAX_CELLS = 1000
+"""Cells a side in the energy distance, as ``cae evaluate``'s default ``evaluate.max_cells``."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/kang"))
     parser.add_argument("--folds", help="comma-separated cell types (default: development folds)")
-    parser.add_argument("--ridge", type=float, default=10.0, help="ridge penalty (default 10)")
+    parser.add_argument(
+        "--ridge",
+        type=penalty_list,
+        default=[10.0, 100.0, 1000.0],
+        help="comma-separated ridge penalties, each > 0 (default 10,100,1000)",
+    )
     args = parser.parse_args()
     store = DataStore.open(load_settings(None, {"data.path": str(args.data)}).data)
     x = log_normalise(sp.vstack([store.read_expression(c) for c in store.chunks]).tocsr())
@@ -53,15 +69,56 @@ def main() -> None:
                             for t in others])  # fmt: skip
         response = np.stack([dense[(meta["cell_type"] == t).to_numpy() & stimulated].mean(0)
                              for t in others]) - control  # fmt: skip
+        pooled = dense[~of_type & stimulated].mean(0) - dense[~of_type & ~stimulated].mean(0)
+        score = Scorer(source, real, top)
+        print(f"{held}: {neighbours(held, others, control, response, source, real)}")
+        print(f"  {'mean shift':16s} {score(source + pooled)}")
         centred = control - control.mean(0)
-        weights = np.linalg.solve(
-            centred @ centred.T + args.ridge * np.eye(len(others)), response - response.mean(0)
+        for penalty in args.ridge:
+            weights = np.linalg.solve(
+                centred @ centred.T + penalty * np.eye(len(others)), response - response.mean(0)
+            )
+            predicted = response.mean(0) + (source.mean(0) - control.mean(0)) @ centred.T @ weights
+            print(f"  {f'ridge {penalty:g}':16s} {score(np.clip(source + predicted, 0, None))}")
+        averaged = np.clip(source + response.mean(0), 0, None)  # the infinite penalty's limit
+        print(f"  {'types averaged':16s} {score(averaged)}")
+
+
+def penalty_list(text: str) -> list[float]:
+    """``--ridge``'s value: comma-separated penalties, each a number > 0."""
+    try:
+        values = [float(value) for value in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < value < np.inf for value in values):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a comma-separated list of penalties > 0, e.g. 10,100,1000"
         )
-        predicted = response.mean(0) + (source.mean(0) - control.mean(0)) @ centred.T @ weights
-        print(
-            f"{held:16s} group mean shift {r2_mean(source + response.mean(0), real, top):.3f}  "
-            f"linear response {r2_mean(source + predicted, real, top):.3f}  "
-            f"{neighbours(held, others, control, response, source, real)}"
+    return values
+
+
+class Scorer:
+    """The metrics of predicted cells against one fold's real held-out cells: r2_mean_top100,
+    ``response_slope`` and the energy distance in the PCA space of (at most ``MAX_CELLS`` of)
+    the real and source cells, each method's cells sampled from one seeded stream in turn as
+    ``cae.evaluate.protocol.score_holdout`` does."""
+
+    def __init__(self, source: np.ndarray, real: np.ndarray, top: np.ndarray) -> None:
+        self.source, self.real, self.top = source, real, top
+        self.rng = np.random.default_rng([0, 13])
+        real_sample = self.sample(real)
+        self.pca = fit_pca(np.concatenate([real_sample, self.sample(source)]), 50)
+        self.real_pcs = self.pca.transform(real_sample)
+
+    def sample(self, x: np.ndarray) -> np.ndarray:
+        """At most ``MAX_CELLS`` rows of ``x``, drawn without replacement."""
+        return x if len(x) <= MAX_CELLS else x[self.rng.choice(len(x), MAX_CELLS, replace=False)]
+
+    def __call__(self, predicted: np.ndarray) -> str:
+        energy = energy_distance(self.pca.transform(self.sample(predicted)), self.real_pcs)
+        return (
+            f"r2_mean_top100 {r2_mean(predicted, self.real, self.top):.3f}  "
+            f"slope {response_slope(predicted, self.source, self.real):.2f}  energy {energy:.3f}"
         )
 
 
@@ -79,7 +136,7 @@ def neighbours(
     shift = real.mean(0) - source.mean(0)
     nearest = np.argsort(np.linalg.norm(control - source.mean(0), axis=1))[:2]
     slopes = ", ".join(f"{others[t]} {response[t] @ shift / (shift @ shift):.2f}" for t in nearest)
-    return f"| response size {np.linalg.norm(shift):.2f}; nearest types' slope along it: {slopes}"
+    return f"response size {np.linalg.norm(shift):.2f}; nearest types' slope along it: {slopes}"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ import scipy.sparse as sp
 
 from cae.config import load_settings
 from cae.data.store import DataStore
+from cae.errors import CAEError
 from cae.evaluate.protocol import Holdout, collect_cells, score_holdout, slug, training_settings
 from cae.evaluate.run import evaluate, train_or_reuse
 from cae.train import load_checkpoint
@@ -133,6 +136,9 @@ def parse_arguments() -> argparse.Namespace:
         parser.error(f"--seeds {args.seeds}: give distinct non-negative seeds")
     if args.seeds and any(item.startswith("train.seed=") for item in args.set):
         parser.error("--seeds and --set train.seed=... both set the seed; give one of them")
+    malformed = [item for item in args.set if not item.split("=", 1)[0] or "=" not in item]
+    if malformed:
+        parser.error(f"--set {malformed[0]!r}: give KEY=VALUE, e.g. --set train.epochs=20")
     if len(args.seeds) > 1 and args.baselines_only:
         parser.error("--baselines-only trains no model, so --seeds has nothing to vary; drop it")
     return args
@@ -237,8 +243,26 @@ def write_results(args: argparse.Namespace, table: pd.DataFrame, seconds: float)
     return lines
 
 
-def main() -> None:
-    args = parse_arguments()
+def main() -> int:
+    """Run the protocol (:func:`run`); the exit status as :func:`exit_status` says."""
+    return exit_status("kang.py", run, parse_arguments())
+
+
+def exit_status(
+    program: str, command: Callable[[argparse.Namespace], None], args: argparse.Namespace
+) -> int:
+    """Run ``command(args)``: 0 when it ends, or 2 with an error in the user's input or settings
+    (:class:`cae.errors.CAEError`) printed as one line without a traceback, as ``cae`` does."""
+    try:
+        command(args)
+    except CAEError as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    """Write each fold, train or reuse its model per seed, score it, and write the results."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     overrides = dict(item.split("=", 1) for item in args.set)
     settings = load_settings(args.config, {**overrides, "data.path": str(args.data)})
@@ -278,4 +302,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

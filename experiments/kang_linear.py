@@ -24,12 +24,13 @@ responses of the two types nearest it (by control mean) go along it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from kang import DEVELOPMENT, N_GENES, log_normalise, top_variable
+from kang import DEVELOPMENT, N_GENES, exit_status, log_normalise, top_variable
 
 from cae.config import load_settings
 from cae.data.store import DataStore
@@ -39,7 +40,9 @@ MAX_CELLS = 1000
 """Cells a side in the energy distance, as ``cae evaluate``'s default ``evaluate.max_cells``."""
 
 
-def main() -> None:
+def main() -> int:
+    """Parse the command line and print the report (:func:`report`); exit status 2 with an error
+    in the input, printed as one line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/kang"))
     parser.add_argument("--folds", help="comma-separated cell types (default: development folds)")
@@ -49,7 +52,11 @@ def main() -> None:
         default=[10.0, 100.0, 1000.0],
         help="comma-separated ridge penalties, each > 0 (default 10,100,1000)",
     )
-    args = parser.parse_args()
+    return exit_status("kang_linear.py", report, parser.parse_args())
+
+
+def report(args: argparse.Namespace) -> None:
+    """Per fold of ``args.folds``: mean shift and the ridge at each penalty, scored."""
     store = DataStore.open(load_settings(None, {"data.path": str(args.data)}).data)
     x = log_normalise(sp.vstack([store.read_expression(c) for c in store.chunks]).tocsr())
     meta = pd.concat(
@@ -140,4 +147,4 @@ def neighbours(
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -296,3 +296,33 @@ def test_generate_refused_mid_way_leaves_no_file_and_no_folder(demo_run, demo_da
             "--set", "sex=female", "--out", str(out)]  # fmt: skip
     refused(argv, last.name, "non-finite")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "part"),
+    [
+        ("kang.py", ["--data", "no-such-folder"], "data path no-such-folder does not exist"),
+        ("kang.py", ["--set", "train.epochs"], "--set 'train.epochs': give KEY=VALUE"),
+        ("kang.py", ["--set", "=3"], "--set '=3': give KEY=VALUE"),
+        ("kang.py", ["--set", "model.latent_dim=0"], "model.latent_dim = '0'"),
+        ("kang.py", ["--seeds", "0,x"], "--seeds '0,x': give whole numbers"),
+        ("kang_linear.py", ["--data", "no-such-folder"], "data path no-such-folder does not exist"),
+        ("kang_linear.py", ["--ridge", "0"], "'0' is not a comma-separated list of penalties > 0"),
+        ("kang_linear.py", ["--ridge", "10,x"], "'10,x' is not a comma-separated list"),
+    ],
+)
+def test_the_kang_experiments_refuse_bad_input_in_one_line(
+    script: str, flags: list[str], part: str, tmp_path: Path
+) -> None:
+    """The experiment scripts refuse bad input as ``cae`` does: exit 2, the reason in one line
+    without a traceback, nothing written."""
+    root = Path(__file__).parents[1]
+    out = ["--out", str(tmp_path / "out")] if script == "kang.py" else []
+    result = subprocess.run(
+        [sys.executable, str(root / "experiments" / script), *flags, *out],
+        cwd=root, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert part in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not (tmp_path / "out").exists()

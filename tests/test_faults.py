@@ -148,6 +148,28 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(small_data
     assert read_checkpoint(out)["epoch"] == 2
 
 
+def test_a_diverged_training_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    """A loss that runs away but stays finite (ten times the lowest epoch's and more) stops the
+    training as the non-finite one does: one line, exit 2, nothing of the diverged epoch kept."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny), "--out", str(out), "--no-tracking", *SMALL]
+    assert main([*args, "--epochs", "1"]) == 0
+    checkpoint = out / "checkpoints" / "last.pt"
+    before, history = checkpoint.read_bytes(), (out / "history.json").read_text()
+    lowest = json.loads(history)[0]["train/loss"]
+    capsys.readouterr()
+
+    assert main([*args, "--epochs", "3", "--resume", "--lr", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    parts = [f"the training loss rose from {lowest:.4g} (epoch 1) to", "in epoch 2", "diverged",
+             str(checkpoint), "lower train.lr (--lr, now 1)", "--resume"]  # fmt: skip
+    for part in parts:
+        assert part in line, (part, line)
+    assert checkpoint.read_bytes() == before
+    assert (out / "history.json").read_text() == history
+    assert main([*args, "--epochs", "2", "--resume"]) == 0, "the kept checkpoint resumes"
+
+
 class _AtEpochEnd(Callback):
     """Runs ``actions[epoch]`` after that epoch (after the MLflow callback sent its metrics)."""
 

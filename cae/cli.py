@@ -63,6 +63,7 @@ _TRAIN_FLAGS = [
     Flag("--epochs", "train.epochs", int, "total epochs"),
     Flag("--batch-size", "train.batch_size", int, "cells per mini-batch"),
     Flag("--lr", "train.lr", float, "learning rate of the autoencoder"),
+    Flag("--lr-schedule", "train.lr_schedule", str, "constant or cosine (decays to ~0)"),
     Flag("--seed", "train.seed", int, "random seed"),
     Flag("--device", "train.device", str, "auto, cpu, cuda or cuda:N"),
     Flag("--latent-dim", "model.latent_dim", int, "latent size of every head"),

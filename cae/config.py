@@ -40,7 +40,7 @@ from pydantic_settings import (
 from cae.data.contexts import Selection
 from cae.data.vocabulary import DEFAULT_NULL_VALUES
 from cae.errors import ConfigError, describe_invalid
-from cae.types import ContextMapMethod, Likelihood, Nonnegative
+from cae.types import ContextMapMethod, Likelihood, LRSchedule, Nonnegative
 
 Transform = Literal["log1p_cp10k", "none"]
 ValidationMode = Literal["full", "headers"]
@@ -334,6 +334,13 @@ class TrainConfig(_Section):
     batch_size: int = Field(256, ge=1, description="Cells per mini-batch.")
     lr: float = Field(3e-3, gt=0.0, description="Learning rate of the autoencoder (Adam).")
     classifier_lr: float = Field(1e-3, gt=0.0, description="Learning rate of the classifier.")
+    lr_schedule: LRSchedule = Field(
+        "constant",
+        description="constant: train.lr and train.classifier_lr throughout (the seed's); cosine: "
+        "both decay along a half cosine over the epochs, full in the first and near 0 in the "
+        "last, which keeps long trainings steady (Kang's preset diverged in epoch 18 of 20 at a "
+        "constant rate, not with cosine: docs/decisions.md).",
+    )
     ema: float = Field(
         0.99,
         ge=0.0,

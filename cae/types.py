@@ -19,6 +19,9 @@ Nonnegative = Literal["all", "base"]
 # error of the log-normalised values (the seed's design).
 Likelihood = Literal["nb", "normal"]
 
+# How the learning rates change over the epochs (cae.train.optim.scheduled_lr).
+LRSchedule = Literal["constant", "cosine"]
+
 # Counts per cell that log1p_cp10k normalises to: log1p(counts / total * CP10K). The model-space
 # unit of both likelihoods' outputs, so data and model share it.
 CP10K = 1e4

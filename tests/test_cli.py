@@ -305,6 +305,34 @@ def test_train_non_numeric_val_chunk(
     error_line(capsys.readouterr().err, "train", "abc")
 
 
+def test_each_epoch_trains_at_its_scheduled_rate_and_resume_takes_the_settings_given(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--lr-schedule cosine``: epoch 2 of 2 runs at half the rates (the checkpoint's optimiser
+    state holds the last epoch's); a resume under ``constant`` goes back to the rates given."""
+    from cae.train.checkpoint import read_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny), "--out", str(out), "--latent-dim", "8", "--no-tracking",
+            "--no-progress", "--num-workers", "0", "--lr", "0.01"]  # fmt: skip
+
+    def rates() -> tuple[float, float]:
+        saved = read_checkpoint(out)
+        return tuple(
+            saved[k]["param_groups"][0]["lr"] for k in ("optimizer", "classifier_optimizer")
+        )
+
+    assert main([*args, "--epochs", "2", "--lr-schedule", "cosine"]) == 0
+    assert rates() == pytest.approx((0.005, 0.0005))
+    assert main([*args, "--epochs", "3", "--resume", "--lr-schedule", "constant"]) == 0
+    assert rates() == pytest.approx((0.01, 0.001))
+    capsys.readouterr()
+    assert main([*args, "--epochs", "4", "--resume", "--lr-schedule", "linear"]) == 2
+    error_line(
+        capsys.readouterr().err, "train", "train.lr_schedule = 'linear'", "'constant' or 'cosine'"
+    )
+
+
 def test_resume_without_data_goes_on_with_the_checkpoints_data(
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

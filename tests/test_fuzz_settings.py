@@ -58,6 +58,7 @@ FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--shuffle-chunks": st.one_of(INTS, HOSTILE_TEXT),
     "--batch-size": st.one_of(st.integers(1, 300).map(str), INTS, HOSTILE_TEXT),
     "--lr": st.one_of(FLOATS, HOSTILE_TEXT),
+    "--lr-schedule": st.one_of(st.sampled_from(["constant", "cosine", "Cosine", ""]), HOSTILE_TEXT),
     "--seed": st.one_of(INTS, HOSTILE_TEXT),
     "--device": st.one_of(st.sampled_from(["auto", "cpu", "cuda", "mps", "cuda:1"]), HOSTILE_TEXT),
     "--latent-dim": st.one_of(st.integers(1, 64).map(str), INTS, HOSTILE_TEXT),

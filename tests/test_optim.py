@@ -4,6 +4,8 @@ category, its state, and the trainer's fused optimisers."""
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 
 import pytest
 import torch
@@ -199,3 +201,12 @@ def test_context_adam_sums_a_gradient_of_several_applications(internals):
         optimizer.step()
         results.append(maps.detach())
     torch.testing.assert_close(results[0], results[1])
+
+
+def test_the_cosine_schedule_runs_from_the_full_rate_down_and_constant_stays():
+    epochs = 10
+    rates = [optim.scheduled_lr(0.1, "cosine", e, epochs) for e in range(1, epochs + 1)]
+    assert rates[0] == 0.1 and all(a > b > 0 for a, b in itertools.pairwise(rates))
+    assert rates[-1] == pytest.approx(0.1 * (1 - math.cos(math.pi / epochs)) / 2)
+    assert optim.scheduled_lr(0.1, "cosine", 6, epochs) == pytest.approx(0.05)
+    assert {optim.scheduled_lr(0.1, "constant", e, epochs) for e in range(1, 11)} == {0.1}

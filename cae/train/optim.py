@@ -10,6 +10,7 @@ each with its own step count (so its bias correction is a separate module's).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch.optim.adam import adam
 
 from cae.model.cae import CAE
 from cae.train.torch_internals import sparse_rows
+from cae.types import LRSchedule
 
 
 def build_optimizers(
@@ -44,6 +46,16 @@ def build_optimizers(
     optimizer = ContextAdam(model.parameters(), rows, lr=lr, fused=fused, internals=internals)
     classifier_optimizer = torch.optim.Adam(classifier.parameters(), lr=classifier_lr, fused=fused)
     return optimizer, classifier_optimizer
+
+
+def scheduled_lr(lr: float, schedule: LRSchedule, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (1-based) of ``epochs`` under ``train.lr_schedule``:
+    ``lr`` when constant; with cosine ``lr (1 + cos(pi (epoch - 1) / epochs)) / 2``, ``lr`` in the
+    first epoch and ``lr (1 - cos(pi / epochs)) / 2`` in the last. Per epoch, so that a resumed
+    training takes the rate its epoch had (a resume to more epochs stretches the curve)."""
+    if schedule == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
 
 
 class ContextAdam(torch.optim.Adam):

@@ -69,7 +69,7 @@ from cae.train.cycle import (
 from cae.train.folder import BEST_CHECKPOINT, CHECKPOINT, TrainingFolder, clean_training_leftovers
 from cae.train.host import configure_host
 from cae.train.networks import training_networks
-from cae.train.optim import build_optimizers
+from cae.train.optim import build_optimizers, scheduled_lr
 from cae.train.passes import FusedPasses
 
 log = logging.getLogger(__name__)
@@ -341,13 +341,6 @@ class Trainer:
         networks.classifier.load_state_dict(saved.classifier)
         self.optimizer.load_state_dict(saved.optimizer)
         self.classifier_optimizer.load_state_dict(saved.classifier_optimizer)
-        # The optimisers' saved state includes their learning rates: the settings now given win.
-        for optimizer, lr in [
-            (self.optimizer, self.settings.train.lr),
-            (self.classifier_optimizer, self.settings.train.classifier_lr),
-        ]:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
         self.history = saved.history
         self.start_epoch = saved.epoch + 1
         self.partial = saved.partial
@@ -652,6 +645,7 @@ class Trainer:
             means.counts = dict(self.partial.counts)
             self.partial = None
         self.order.set_epoch(epoch, skip_windows=skip)
+        self._set_learning_rates(epoch)
         self.steps_left = self._steps_per_rank(epoch)
         self.networks.model.train()
         self.networks.classifier.train()
@@ -679,6 +673,18 @@ class Trainer:
         metrics = means.read("train/")
         self._watch_mixing(metrics)
         return metrics
+
+    def _set_learning_rates(self, epoch: int) -> None:
+        """Give both optimisers this epoch's rates (:func:`cae.train.optim.scheduled_lr`). Also
+        on resume: a checkpoint's optimiser state holds the rates it had, and the settings now
+        given win."""
+        train = self.settings.train
+        for optimizer, lr in [
+            (self.optimizer, train.lr),
+            (self.classifier_optimizer, train.classifier_lr),
+        ]:
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(lr, train.lr_schedule, epoch, train.epochs)
 
     def _watch_mixing(self, metrics: dict[str, float]) -> None:
         """Warn once per field whose training batches took a single value far more often than a
@@ -723,10 +729,13 @@ class Trainer:
         best = min(earlier, key=lambda row: row["train/loss"])
         if now <= DIVERGED * best["train/loss"]:
             return
+        hint = ""
+        if self.settings.train.lr_schedule == "constant":
+            hint = ", or train with a decaying rate (train.lr_schedule = cosine, --lr-schedule)"
         raise TrainingError(
             f"the training loss rose from {best['train/loss']:.4g} (epoch {int(best['epoch'])}) "
             f"to {now:.4g} in epoch {epoch}: the training diverged; training stopped: "
-            f"{self._what_is_kept()}"
+            f"{self._what_is_kept()}{hint}"
         )
 
     def _check_evaluation(self, epoch: int, metrics: dict[str, float]) -> None:

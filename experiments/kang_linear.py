@@ -15,10 +15,11 @@ the other types (the cell-type-averaged mean shift, penalty infinite).
 Prints, per fold, for mean shift (pooled over the other types' cells, ``cae.evaluate``'s
 baseline) and for the ridge at each penalty: r2_mean_top100, ``response_slope`` (how far along the
 held-out type's real response the prediction goes) and the energy distance to the real held-out
-cells (``docs/evaluation.md``; this script's own sample of at most 1,000 cells a side, so mean
-shift's value can differ a little from ``experiments/kang.py``'s); then the size of the held-out
-type's response (L2 over the fold's genes of its stimulated minus control mean) with how far the
-responses of the two types nearest it (by control mean) go along it.
+cells (``docs/evaluation.md``; sampled with ``experiments/kang.toml``'s ``[evaluate]`` settings,
+but in its own order, so mean shift's value can differ a little from ``experiments/kang.py``'s);
+then the size of the held-out type's response (L2 over the fold's genes of its stimulated minus
+control mean) with how far the responses of the two types nearest it (by control mean) go along
+it.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ import pandas as pd
 import scipy.sparse as sp
 from kang import DEVELOPMENT, N_GENES, exit_status, log_normalise, top_variable
 
-from cae.config import load_settings
+from cae.config import EvaluateConfig, load_settings
 from cae.data.store import DataStore
 from cae.evaluate.metrics import de_genes, energy_distance, fit_pca, r2_mean, response_slope
 
-MAX_CELLS = 1000
-"""Cells a side in the energy distance, as ``cae evaluate``'s default ``evaluate.max_cells``."""
+PRESET = Path(__file__).with_name("kang.toml")
+"""``experiments/kang.py``'s preset, whose ``[evaluate]`` settings (cells a side, PCA components,
+seed) the scores here take."""
 
 
 def main() -> int:
@@ -57,7 +59,8 @@ def main() -> int:
 
 def report(args: argparse.Namespace) -> None:
     """Per fold of ``args.folds``: mean shift and the ridge at each penalty, scored."""
-    store = DataStore.open(load_settings(None, {"data.path": str(args.data)}).data)
+    settings = load_settings(PRESET, {"data.path": str(args.data)})
+    store = DataStore.open(settings.data)
     x = log_normalise(sp.vstack([store.read_expression(c) for c in store.chunks]).tocsr())
     meta = pd.concat(
         [store.read_metadata(c, ["condition", "cell_type"]) for c in store.chunks],
@@ -77,7 +80,7 @@ def report(args: argparse.Namespace) -> None:
         response = np.stack([dense[(meta["cell_type"] == t).to_numpy() & stimulated].mean(0)
                              for t in others]) - control  # fmt: skip
         pooled = dense[~of_type & stimulated].mean(0) - dense[~of_type & ~stimulated].mean(0)
-        score = Scorer(source, real, top)
+        score = Scorer(source, real, top, settings.evaluate)
         print(f"{held}: {neighbours(held, others, control, response, source, real)}")
         print(f"  {'mean shift':16s} {score(source + pooled)}")
         centred = control - control.mean(0)
@@ -106,20 +109,23 @@ def penalty_list(text: str) -> list[float]:
 
 class Scorer:
     """The metrics of predicted cells against one fold's real held-out cells: r2_mean_top100,
-    ``response_slope`` and the energy distance in the PCA space of (at most ``MAX_CELLS`` of)
+    ``response_slope`` and the energy distance in the PCA space of (at most ``max_cells`` of)
     the real and source cells, each method's cells sampled from one seeded stream in turn as
-    ``cae.evaluate.protocol.score_holdout`` does."""
+    ``cae.evaluate.protocol.score_holdout`` does with ``config``."""
 
-    def __init__(self, source: np.ndarray, real: np.ndarray, top: np.ndarray) -> None:
-        self.source, self.real, self.top = source, real, top
-        self.rng = np.random.default_rng([0, 13])
+    def __init__(
+        self, source: np.ndarray, real: np.ndarray, top: np.ndarray, config: EvaluateConfig
+    ) -> None:
+        self.source, self.real, self.top, self.max_cells = source, real, top, config.max_cells
+        self.rng = np.random.default_rng([config.seed, 13])
         real_sample = self.sample(real)
-        self.pca = fit_pca(np.concatenate([real_sample, self.sample(source)]), 50)
+        self.pca = fit_pca(np.concatenate([real_sample, self.sample(source)]), config.n_pcs)
         self.real_pcs = self.pca.transform(real_sample)
 
     def sample(self, x: np.ndarray) -> np.ndarray:
-        """At most ``MAX_CELLS`` rows of ``x``, drawn without replacement."""
-        return x if len(x) <= MAX_CELLS else x[self.rng.choice(len(x), MAX_CELLS, replace=False)]
+        """At most ``max_cells`` rows of ``x``, drawn without replacement."""
+        n = self.max_cells
+        return x if len(x) <= n else x[self.rng.choice(len(x), n, replace=False)]
 
     def __call__(self, predicted: np.ndarray) -> str:
         energy = energy_distance(self.pca.transform(self.sample(predicted)), self.real_pcs)
